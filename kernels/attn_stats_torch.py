@@ -1,0 +1,142 @@
+"""Attention statistics in torch, one query block at a time: the CPU path, same contract as the Triton kernels.
+
+Memory per call is O(B x H x block_q x L) for one block of scores, never O(L^2). Per block:
+
+    s   = scaling * q_blk @ k[kstart:i1]^T            (GQA by viewing q as [B, H_kv, group, ...])
+    lse = m + log sum exp(s - m)                       (masked entries are a large finite negative)
+    lp  = s - lse,  p = exp(lp)                        (log p is reused for the entropy and the log histogram)
+
+and every statistic is a reduction of p: row sums and maxima, column sums and maxima, gathers on the
+diagonal, and one cumulative sum along the keys that yields both the distance buckets and the pooled
+thumbnail as differences at cell edges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._cpu_hist import hist_block
+from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_edges
+
+__all__ = ["attn_stats_torch"]
+
+_NEG = -1.0e30  # finite "minus infinity": p = exp(_NEG - lse) == 0 and p * log p == 0, never NaN
+_POW2 = torch.tensor([2**k for k in range(N_DIST_BUCKETS + 1)], dtype=torch.long)  # [33]
+
+
+def attn_stats_torch(
+    q: torch.Tensor,  # [B, H, L, D]
+    k: torch.Tensor,  # [B, H_kv, L, D]
+    scaling: float,
+    ranges: KeyRanges,
+    spec: AttnStatsSpec = AttnStatsSpec(),
+    block_q: int = 128,
+    use_numba: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every attention statistic of the contract (see ``reference.attn_stats_ref`` for the outputs)."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (H must be a multiple of H_kv)")
+    if ranges.start.numel() != B:
+        raise ValueError(f"ranges describe {ranges.start.numel()} rows, the batch has {B}")
+    group = H // Hkv
+    dev = q.device
+    start = ranges.start.to(dev)  # [B]
+    end = ranges.end.to(dev)  # [B]
+    W = ranges.window
+    R = spec.thumb_size
+    f32 = dict(device=dev, dtype=torch.float32)
+
+    vec = {name: torch.zeros(B, H, L, **f32) for name in ATTN_VECTOR_STATS}
+    hist_all = torch.zeros(H, spec.bins, dtype=torch.long)
+    hist_log = torch.zeros(H, spec.bins, dtype=torch.long)
+    moments = torch.zeros(H, 3, dtype=torch.float64)
+    dist = torch.zeros(H, N_DIST_BUCKETS, dtype=torch.float64, device=dev)
+    thumb = torch.zeros(B, H, R, R, dtype=torch.float64, device=dev)
+
+    # thumbnail cells per row: absolute edges [B, R + 1] (padded with the last edge) and row -> cell maps
+    lengths = (end - start).clamp_min(0).tolist()
+    starts = start.tolist()
+    edges = torch.zeros(B, R + 1, dtype=torch.long)
+    cell_count = torch.zeros(B, R, R, dtype=torch.float64)
+    row_cell = torch.full((B, L), -1, dtype=torch.long)
+    for b in range(B):
+        e = torch.tensor(thumb_edges(lengths[b], R))
+        nc = len(e) - 1
+        edges[b, : nc + 1] = e + starts[b]
+        edges[b, nc + 1 :] = e[-1] + starts[b]
+        if nc:
+            sizes = (e[1:] - e[:-1]).double()
+            cell_count[b, :nc, :nc] = sizes[:, None] * sizes[None, :]
+            row_cell[b, starts[b] : starts[b] + lengths[b]] = torch.repeat_interleave(torch.arange(nc), e[1:] - e[:-1])
+    edges, row_cell = edges.to(dev), row_cell.to(dev)
+    final_row = end - 1  # [B]
+
+    kf = k.float()  # [B, Hkv, L, D]
+    for i0 in range(0, L, block_q):
+        i1 = min(L, i0 + block_q)
+        kstart = 0 if W is None else max(0, i0 - W + 1)
+        Lk = i1 - kstart
+        rows = torch.arange(i0, i1, device=dev)  # [R_blk] absolute query positions
+        cols = torch.arange(kstart, i1, device=dev)  # [Lk] absolute key positions
+
+        # -- allowed key range per (batch, row) --
+        row_ok = (rows[None, :] >= start[:, None]) & (rows[None, :] < end[:, None])  # [B, R_blk]
+        lo = start[:, None].expand(B, i1 - i0)  # [B, R_blk]
+        if W is not None:
+            lo = torch.maximum(lo, rows[None, :] - W + 1)
+        hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
+        allowed = (cols >= lo[:, :, None]) & (cols < hi[:, :, None])  # [B, R_blk, Lk]
+
+        # -- scores, log-sum-exp, p --
+        qb = q[:, :, i0:i1].float().view(B, Hkv, group, i1 - i0, D)  # [B, Hkv, G, R_blk, D]
+        s = torch.matmul(qb, kf[:, :, None, kstart:i1].transpose(-1, -2))  # [B, Hkv, G, R_blk, Lk]
+        s = s.view(B, H, i1 - i0, Lk).mul_(scaling)  # [B, H, R_blk, Lk]
+        s.masked_fill_(~allowed[:, None], _NEG)
+        m = s.amax(-1, keepdim=True)  # [B, H, R_blk, 1]
+        z = torch.exp(s - m).sum(-1, keepdim=True)  # [B, H, R_blk, 1]
+        lse = torch.where(row_ok[:, None, :, None], m + torch.log(z), -_NEG)  # no key: p = 0 everywhere
+        lp = s.sub_(lse)  # [B, H, R_blk, Lk] log p (in place of s)
+        p = torch.exp(lp)  # [B, H, R_blk, Lk]
+
+        # -- row statistics --
+        vec["entropy"][:, :, i0:i1] = -torch.linalg.vecdot(p, lp)
+        vec["rowmax"][:, :, i0:i1] = torch.exp(m - lse).squeeze(-1)
+        vec["diag"][:, :, i0:i1] = torch.diagonal(p, offset=i0 - kstart, dim1=-2, dim2=-1)
+        prev_col = (rows - 1 - kstart).clamp_min(0)  # [R_blk]
+        prev = p.gather(-1, prev_col.view(1, 1, -1, 1).expand(B, H, -1, 1)).squeeze(-1)  # [B, H, R_blk]
+        vec["prev"][:, :, i0:i1] = torch.where((rows - 1 >= kstart)[None, None], prev, 0.0)
+        sink_col = (start - kstart).clamp(0, Lk - 1)  # [B]
+        sink = p.gather(-1, sink_col.view(B, 1, 1, 1).expand(B, H, i1 - i0, 1)).squeeze(-1)  # [B, H, R_blk]
+        vec["sink"][:, :, i0:i1] = torch.where((start >= kstart)[:, None, None], sink, 0.0)
+        for b in torch.nonzero((final_row >= i0) & (final_row < i1)).flatten().tolist():
+            vec["final"][b, :, kstart:i1] = p[b, :, int(final_row[b]) - i0]
+
+        # -- column statistics (attention received) --
+        vec["recv_sum"][:, :, kstart:i1] += p.sum(2)
+        torch.maximum(vec["recv_max"][:, :, kstart:i1], p.amax(2), out=vec["recv_max"][:, :, kstart:i1])
+
+        # -- histograms and moments --
+        hist_block(p.cpu(), lp.cpu(), lo.contiguous().cpu(), hi.contiguous().cpu(), kstart, spec.bins, spec.log_min, hist_all, hist_log,
+                   moments, use_numba=use_numba)  # fmt: skip
+
+        # -- distance buckets and thumbnail: differences of one prefix sum along the keys --
+        cs = torch.nn.functional.pad(p.cumsum(-1), (1, 0))  # [B, H, R_blk, Lk + 1]; cs[..., c] = sum of cols < c
+        # bucket k holds keys j with i - j + 1 in [2^k, 2^(k+1)): j in [i + 2 - 2^(k+1), i + 2 - 2^k)
+        dedge = (rows[:, None] + 2 - _POW2.to(dev)[None, :] - kstart).clamp(0, Lk)  # [R_blk, 33], decreasing
+        at = cs.gather(-1, dedge[None, None].expand(B, H, -1, -1))  # [B, H, R_blk, 33]
+        dist += (at[..., :-1] - at[..., 1:]).double().sum(dim=(0, 2))  # [H, 32]
+        tedge = (edges - kstart).clamp(0, Lk)  # [B, R + 1]
+        at = cs.gather(-1, tedge[:, None, None, :].expand(B, H, i1 - i0, R + 1))  # [B, H, R_blk, R + 1]
+        colpool = (at[..., 1:] - at[..., :-1]).double()  # [B, H, R_blk, R] row sums per column cell
+        rc = row_cell[:, i0:i1]  # [B, R_blk]
+        for b in range(B):
+            ok = rc[b] >= 0
+            if bool(ok.any()):
+                thumb[b].index_add_(1, rc[b][ok], colpool[b][:, ok])
+
+    out = {"hist_all": hist_all, "hist_log": hist_log, "moments": moments, "dist": dist.cpu()}
+    out["thumb"] = (thumb.cpu() / cell_count.clamp_min(1)[:, None]).float()
+    out.update({name: v for name, v in vec.items()})
+    return out

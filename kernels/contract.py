@@ -1,0 +1,150 @@
+"""The statistics contract shared by the float64 reference, the torch path and the Triton kernels.
+
+Everything here defines *what* is computed (bin edges, masks, pooling cells, output names and shapes); the
+implementations in ``reference.py``, ``attn_stats.py`` and ``qk_stats.py`` decide *how*.
+
+For one (batch row b, head h), query i and key j of a padded batch of length L:
+
+    allowed(b, i, j)  <=>  start[b] <= j <= i < end[b]  and  (window is None or i - j < window)
+    s_ij  = scaling * q_i . k_j
+    p_ij  = exp(s_ij - lse_i),  lse_i = log sum_{allowed j} exp(s_ij)
+    H_i   = -sum_j p_ij log p_ij
+
+``start[b]`` is the number of left-padding tokens and ``end[b]`` the end of the real tokens, so right and left
+padding are both described by two integers per row: the mask is never materialised as an L x L tensor.
+A query with no allowed key (padding) has every statistic equal to zero, never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "ATTN_VECTOR_STATS",
+    "N_DIST_BUCKETS",
+    "AttnStatsSpec",
+    "KeyRanges",
+    "linear_bin",
+    "log_bin",
+    "thumb_edges",
+]
+
+N_DIST_BUCKETS = 32  # distance buckets floor(log2(i - j + 1)): enough for 2**32 tokens
+
+# Per-position vectors every implementation returns, each [batch, heads, L] float32 (zero outside the valid rows):
+ATTN_VECTOR_STATS = (
+    "diag",  # p_ii
+    "final",  # p_{end-1, j}: the last real token's row, indexed by key j
+    "entropy",  # H_i
+    "rowmax",  # max_j p_ij
+    "recv_sum",  # sum_i p_ij, indexed by key j
+    "recv_max",  # max_i p_ij, indexed by key j
+    "sink",  # p_{i, start}: attention to the first real token
+    "prev",  # p_{i, i-1}
+)
+
+
+@dataclass(frozen=True)
+class AttnStatsSpec:
+    """Resolution of the reduced attention statistics."""
+
+    bins: int = 4096  # linear bins of p on [0, 1] and of log10 p on [log_min, 0]
+    log_min: float = -12.0  # lower edge of the log10 histogram; smaller p (and p == 0) land in bin 0
+    thumb_size: int = 64  # R: pooled thumbnails are R x R (or L x L when L < R)
+
+    def __post_init__(self) -> None:
+        if self.bins < 2 or self.bins & (self.bins - 1):
+            raise ValueError(f"bins must be a power of two >= 2, got {self.bins}")
+        if not self.log_min < 0:
+            raise ValueError(f"log_min must be negative, got {self.log_min}")
+        if not 1 <= self.thumb_size <= 256:
+            raise ValueError(f"thumb_size must lie in [1, 256], got {self.thumb_size}")
+
+    def to_dict(self) -> dict:
+        return {"bins": self.bins, "log_min": self.log_min, "thumb_size": self.thumb_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AttnStatsSpec:
+        return cls(bins=int(d["bins"]), log_min=float(d["log_min"]), thumb_size=int(d["thumb_size"]))
+
+
+@dataclass(frozen=True)
+class KeyRanges:
+    """Which keys each query may see, as two integers per batch row plus an optional sliding window.
+
+    Attributes:
+        start: [batch] int64, first real token (number of left-padding tokens).
+        end: [batch] int64, one past the last real token.
+        window: sliding-window size (a query sees itself and the window - 1 keys before it), or None.
+    """
+
+    start: torch.Tensor
+    end: torch.Tensor
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.start.shape != self.end.shape or self.start.ndim != 1:
+            raise ValueError(
+                f"start and end must be 1-D of equal shape, got {tuple(self.start.shape)}, {tuple(self.end.shape)}"
+            )
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {self.window}")
+
+    @classmethod
+    def full(cls, batch: int, length: int, window: int | None = None) -> KeyRanges:
+        """Unpadded batch: every row holds ``length`` real tokens."""
+        return cls(torch.zeros(batch, dtype=torch.long), torch.full((batch,), length, dtype=torch.long), window)
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor, window: int | None = None) -> KeyRanges:
+        """From a 2-D [batch, L] 0/1 padding mask whose real tokens are contiguous (left or right padding)."""
+        if attention_mask.ndim != 2:
+            raise ValueError(f"attention_mask must be [batch, L], got shape {tuple(attention_mask.shape)}")
+        m = attention_mask.detach().to("cpu", torch.bool)  # [batch, L]
+        lengths = m.sum(1)  # [batch]
+        pos = torch.arange(m.shape[1])
+        first = torch.where(m, pos, m.shape[1]).amin(1)  # [batch]
+        first = torch.where(lengths > 0, first, 0)
+        contiguous = (m == ((pos >= first[:, None]) & (pos < (first + lengths)[:, None]))).all()
+        if not bool(contiguous):
+            raise ValueError(
+                "attention_mask must mark one contiguous run of real tokens per row (left or right padding)"
+            )
+        return cls(first.long(), (first + lengths).long(), window)
+
+    def with_window(self, window: int | None) -> KeyRanges:
+        return KeyRanges(self.start, self.end, window)
+
+    def allowed(self, length: int) -> torch.Tensor:
+        """The dense [batch, 1, L, L] bool mask (for references and tests only: O(L^2))."""
+        i = torch.arange(length)[:, None]  # [L, 1] queries
+        j = torch.arange(length)[None, :]  # [1, L] keys
+        st = self.start.cpu()[:, None, None, None]
+        en = self.end.cpu()[:, None, None, None]
+        ok = (j <= i) & (j >= st) & (i < en)  # [batch, 1, L, L]
+        if self.window is not None:
+            ok = ok & (i - j < self.window)
+        return ok
+
+
+def linear_bin(p: torch.Tensor, bins: int) -> torch.Tensor:
+    """Bin of p in ``bins`` equal bins on [0, 1]; p == 1 lands in the last bin."""
+    return (p * bins).floor().clamp(0, bins - 1).long()
+
+
+def log_bin(log10_p: torch.Tensor, bins: int, log_min: float) -> torch.Tensor:
+    """Bin of log10 p in ``bins`` equal bins on [log_min, 0]; smaller values (and -inf) land in bin 0."""
+    x = (log10_p - log_min) * (bins / -log_min)
+    return torch.nan_to_num(x, neginf=0.0).floor().clamp(0, bins - 1).long()
+
+
+def thumb_edges(length: int, thumb_size: int) -> list[int]:
+    """Edges of the pooled-thumbnail cells along one axis of a prompt of ``length`` real tokens.
+
+    Cell t covers relative positions [edges[t], edges[t + 1]); there are min(thumb_size, length) cells, and
+    position r lies in cell floor(r * R / length).
+    """
+    r = min(thumb_size, length)
+    return [-(-t * length // r) for t in range(r + 1)] if r > 0 else [0]

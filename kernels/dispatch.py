@@ -1,0 +1,61 @@
+"""Choose the implementation of each statistic: Triton on CUDA, torch on the CPU."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .attn_stats_torch import attn_stats_torch
+from .contract import AttnStatsSpec, KeyRanges
+from .reference import down_proj_stats_ref
+
+__all__ = ["Impl", "attn_stats", "down_proj_stats"]
+
+Impl = Literal["auto", "torch", "triton"]
+
+
+def _resolve(impl: Impl, device: torch.device) -> str:
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_ok() else "torch"
+    return impl
+
+
+def _triton_ok() -> bool:
+    try:
+        from . import qk_stats  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attn_stats(
+    q: torch.Tensor,  # [B, H, L, D]
+    k: torch.Tensor,  # [B, H_kv, L, D]
+    scaling: float,
+    ranges: KeyRanges,
+    spec: AttnStatsSpec = AttnStatsSpec(),
+    impl: Impl = "auto",
+) -> dict[str, torch.Tensor]:
+    """Every attention statistic of the contract for one layer (outputs as ``reference.attn_stats_ref``)."""
+    if _resolve(impl, q.device) == "triton":
+        from .qk_stats import qk_stats
+
+        return qk_stats(q, k, scaling, ranges, spec)
+    return attn_stats_torch(q, k, scaling, ranges, spec)
+
+
+def down_proj_stats(
+    x: torch.Tensor,  # [T, d_ff]
+    y: torch.Tensor,  # [T, d_model]
+    top_k: int = 8,
+    impl: Impl = "auto",
+) -> dict[str, torch.Tensor]:
+    """Down-projection statistics of T tokens (outputs as ``reference.down_proj_stats_ref``)."""
+    if _resolve(impl, x.device) == "triton":
+        from .down_proj import down_proj_stats_triton
+
+        return down_proj_stats_triton(x, y, top_k)
+    return down_proj_stats_ref(x, y, top_k, upcast=False)

@@ -1,0 +1,142 @@
+"""Plain torch references that materialise the attention (small shapes only).
+
+They are written the obvious way, one statistic at a time, so that the blocked torch path and the Triton
+kernels are checked against something that shares none of their tricks. Tests, benchmarks and the profiler
+import them from here; nothing re-implements them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, linear_bin, log_bin, thumb_edges
+
+__all__ = ["attention_probs_ref", "attn_stats_ref", "down_proj_stats_ref"]
+
+
+def attention_probs_ref(
+    q: torch.Tensor,  # [B, H, L, D]
+    k: torch.Tensor,  # [B, H_kv, L, D]
+    scaling: float,
+    ranges: KeyRanges,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """The full attention probabilities [B, H, L, L]; rows with no allowed key are all zero."""
+    dt = torch.float64 if upcast else torch.float32
+    B, H, L, _ = q.shape
+    group = H // k.shape[1]
+    kk = k.to(dt).repeat_interleave(group, dim=1)  # [B, H, L, D]
+    s = torch.matmul(q.to(dt), kk.transpose(-1, -2)) * scaling  # [B, H, L, L]
+    allowed = ranges.allowed(L).to(q.device)  # [B, 1, L, L]
+    s = s.masked_fill(~allowed, -math.inf)
+    p = torch.softmax(s, dim=-1)  # [B, H, L, L]
+    return torch.nan_to_num(p, nan=0.0)  # fully masked rows -> 0
+
+
+def attn_stats_ref(
+    q: torch.Tensor,  # [B, H, L, D]
+    k: torch.Tensor,  # [B, H_kv, L, D]
+    scaling: float,
+    ranges: KeyRanges,
+    spec: AttnStatsSpec = AttnStatsSpec(),
+    upcast: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Every attention statistic of the contract, from the materialised probabilities.
+
+    Returns:
+        ``hist_all``/``hist_log`` [H, bins] int64, ``moments`` [H, 3] float64 (n pairs, sum p, sum p^2),
+        ``dist`` [H, 32] float64 (sum of p by floor(log2(i - j + 1))), ``thumb`` [B, H, R, R] (average-pooled p,
+        cells past min(R, length) zero), and each name of ``ATTN_VECTOR_STATS`` as [B, H, L].
+    """
+    B, H, L, _ = q.shape
+    p = attention_probs_ref(q, k, scaling, ranges, upcast).cpu()  # [B, H, L, L]
+    allowed = ranges.allowed(L).expand(B, H, L, L)  # [B, H, L, L]
+    start, end = ranges.start.tolist(), ranges.end.tolist()
+    out: dict[str, torch.Tensor] = {}
+
+    vals = [p[:, h][allowed[:, h]] for h in range(H)]  # per head: the p of every allowed pair
+    out["hist_all"] = torch.stack([torch.bincount(linear_bin(v, spec.bins), minlength=spec.bins) for v in vals])
+    out["hist_log"] = torch.stack(
+        [torch.bincount(log_bin(torch.log10(v), spec.bins, spec.log_min), minlength=spec.bins) for v in vals]
+    )
+    out["moments"] = torch.stack(
+        [
+            torch.stack(
+                [torch.tensor(float(v.numel()), dtype=torch.float64), v.double().sum(), (v.double() ** 2).sum()]
+            )
+            for v in vals
+        ]
+    )
+
+    i = torch.arange(L)[:, None]
+    j = torch.arange(L)[None, :]
+    bucket = torch.floor(torch.log2((i - j + 1).clamp(min=1).double())).long()  # [L, L]
+    dist = torch.zeros(H, N_DIST_BUCKETS, dtype=torch.float64)
+    for h in range(H):
+        for b in range(B):
+            sel = allowed[b, h]
+            dist[h].index_add_(0, bucket[sel], p[b, h][sel].double())
+    out["dist"] = dist
+
+    vec = {name: torch.zeros(B, H, L, dtype=p.dtype) for name in ATTN_VECTOR_STATS}
+    logp = torch.where(p > 0, torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))
+    for b in range(B):
+        lo, hi = start[b], end[b]
+        if hi <= lo:
+            continue
+        pb = p[b]  # [H, L, L]
+        rows = torch.arange(lo, hi)
+        vec["diag"][b, :, lo:hi] = pb[:, rows, rows]
+        vec["final"][b, :, :hi] = pb[:, hi - 1, :hi]
+        vec["entropy"][b, :, lo:hi] = -(pb[:, lo:hi] * logp[b][:, lo:hi]).sum(-1)
+        vec["rowmax"][b, :, lo:hi] = pb[:, lo:hi].amax(-1)
+        vec["recv_sum"][b, :, lo:hi] = pb[:, lo:hi, lo:hi].sum(1)
+        vec["recv_max"][b, :, lo:hi] = pb[:, lo:hi, lo:hi].amax(1)
+        vec["sink"][b, :, lo:hi] = pb[:, lo:hi, lo]
+        if hi - lo > 1:
+            vec["prev"][b, :, lo + 1 : hi] = pb[:, rows[1:], rows[1:] - 1]
+    out.update(vec)
+
+    R = spec.thumb_size
+    thumb = torch.zeros(B, H, R, R, dtype=p.dtype)
+    for b in range(B):
+        lo, n = start[b], end[b] - start[b]
+        e = thumb_edges(n, R)
+        for a in range(len(e) - 1):
+            for c in range(len(e) - 1):
+                cell = p[b, :, lo + e[a] : lo + e[a + 1], lo + e[c] : lo + e[c + 1]]  # [H, rows, cols]
+                thumb[b, :, a, c] = cell.mean(dim=(-1, -2))
+    out["thumb"] = thumb
+    return out
+
+
+def down_proj_stats_ref(
+    x: torch.Tensor,  # [T, d_ff] down_proj input (neuron activations)
+    y: torch.Tensor,  # [T, d_model] down_proj output
+    top_k: int = 8,
+    upcast: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Down-projection statistics of T tokens.
+
+    Returns:
+        ``in_norm`` [T], ``out_norm`` [T] (L2 norms), ``topk_idx`` [T, k] int64 and ``topk_val`` [T, k] (neurons
+        of largest |x|, signed values), ``neuron_max`` [d_ff] and ``neuron_argmax`` [d_ff] int64 (max of x over tokens
+        and the token holding it), ``neuron_sum`` and ``neuron_sumsq`` [d_ff] float64.
+    """
+    dt = torch.float64 if upcast else torch.float32
+    xf, yf = x.to(dt), y.to(dt)
+    k = min(top_k, x.shape[-1])
+    _, idx = xf.abs().topk(k, dim=-1)  # [T, k]
+    mx, amx = xf.max(dim=0)  # [d_ff]
+    return {
+        "in_norm": torch.linalg.vector_norm(xf, dim=-1),
+        "out_norm": torch.linalg.vector_norm(yf, dim=-1),
+        "topk_idx": idx,
+        "topk_val": xf.gather(-1, idx),
+        "neuron_max": mx,
+        "neuron_argmax": amx,
+        "neuron_sum": x.double().sum(0),
+        "neuron_sumsq": (x.double() ** 2).sum(0),
+    }

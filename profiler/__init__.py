@@ -1,0 +1,47 @@
+"""attnscope.profiler: capture q/k and down_proj activations from Hugging Face models and build a ``Profile``.
+
+``Profile`` (``attnscope.profiler.data``) needs numpy only; the capture and run modules load torch and
+transformers on first use, so renderers can read profiles without them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SUPPORTED_MODEL_TYPES",
+    "Profile",
+    "ProfileConfig",
+    "ProfileError",
+    "PromptError",
+    "UnsupportedModelError",
+    "capture",
+    "down_proj_modules",
+    "load",
+    "model_geometry",
+    "profile",
+    "run_with_stats",
+]
+
+_WHERE = {
+    "SCHEMA_VERSION": "data",
+    "Profile": "data",
+    "ProfileError": "data",
+    "load": "data",
+    "SUPPORTED_MODEL_TYPES": "capture",
+    "UnsupportedModelError": "capture",
+    "capture": "capture",
+    "down_proj_modules": "capture",
+    "model_geometry": "capture",
+    "ProfileConfig": "run",
+    "PromptError": "run",
+    "profile": "run",
+    "run_with_stats": "run",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

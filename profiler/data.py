@@ -1,0 +1,263 @@
+"""``Profile``: the reduced statistics of one or more prompts, mergeable, saved and loaded atomically.
+
+This module imports numpy and safetensors only (no torch), so renderers can read a profile anywhere.
+
+On disk (one directory): ``profile.safetensors`` holds every array, ``profile.json`` the metadata, the prompt
+list and a SHA-256 of the arrays file (a profile whose two files disagree is refused). Arrays, with
+Ly layers, H heads, T tokens of all prompts concatenated (prompt p owns ``offsets[p]:offsets[p+1]``):
+
+    attn.hist_all, attn.hist_log    [Ly, H, bins] int64   p and log10 p of every allowed pair
+    attn.moments                    [Ly, H, 3] float64    n pairs, sum p, sum p^2
+    attn.dist                       [Ly, H, 32] float64   sum p by floor(log2(i - j + 1))
+    attn.<vector>                   [Ly, H, T] float32    diag, final, entropy, rowmax, recv_sum, recv_max, sink, prev
+    attn.thumb.p<i>                 [Ly, H, R, R] float32 average-pooled p of prompt i (R = min(thumb, L_i))
+    attn.full.p<i>.l<l>.h<h>        [L_i, L_i] float32    full matrices of the heads the user chose to keep
+    mlp.in_norm, mlp.out_norm       [Ly, T] float32       L2 norm of the down_proj input and output per token
+    mlp.topk_idx, mlp.topk_val      [Ly, T, k]            neurons of largest |x| per token
+    mlp.neuron_max                  [Ly, F] float32       max over tokens, with mlp.neuron_argmax (global token)
+    mlp.neuron_sum, mlp.neuron_sumsq [Ly, F] float64
+    tokens.ids                      [T] int64
+    tokens.logit_entropy            [T] float32           entropy of the next-token distribution (nats)
+    prompts.offsets                 [P + 1] int64
+
+The final-token row of prompt p is ``attn.final[..., offsets[p]:offsets[p+1]]`` (one value per key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SCHEMA_VERSION", "Profile", "ProfileError", "load"]
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "attnscope-profile"
+ARRAYS_FILE = "profile.safetensors"
+META_FILE = "profile.json"
+
+ATTN_VECTORS = ("diag", "final", "entropy", "rowmax", "recv_sum", "recv_max", "sink", "prev")
+_ADDITIVE = ("attn.hist_all", "attn.hist_log", "attn.moments", "attn.dist", "mlp.neuron_sum", "mlp.neuron_sumsq")
+_TOKEN_AXIS = {f"attn.{v}": 2 for v in ATTN_VECTORS} | {
+    "mlp.in_norm": 1,
+    "mlp.out_norm": 1,
+    "mlp.topk_idx": 1,
+    "mlp.topk_val": 1,
+    "tokens.ids": 0,
+    "tokens.logit_entropy": 0,
+}
+# metadata that must agree for two profiles to be merged
+_IDENTITY_KEYS = ("model_id", "config_digest", "weights_digest", "spec", "top_k")
+
+
+class ProfileError(ValueError):
+    """A profile directory is missing, corrupted, foreign, or incompatible with another profile."""
+
+
+@dataclass
+class Profile:
+    """Reduced attention and down_proj statistics of a set of prompts for one model.
+
+    Attributes:
+        meta: model id, config and weights digests, geometry, dtypes, tokenizer, statistics spec, versions.
+        prompts: one dict per prompt: ``sha256``, ``n_tokens``, ``preview`` and the decoded ``tokens``.
+        arrays: name -> numpy array (see the module docstring for names and shapes).
+    """
+
+    meta: dict
+    prompts: list[dict] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    # -- shape helpers --
+    @property
+    def n_layers(self) -> int:
+        return int(self.meta["n_layers"])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.meta["n_heads"])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.arrays["prompts.offsets"]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def prompt_slice(self, i: int) -> slice:
+        """Token-axis slice of prompt ``i``."""
+        if not 0 <= i < len(self.prompts):
+            raise IndexError(f"prompt index {i} out of range: the profile holds {len(self.prompts)} prompts")
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    # -- laminar profiles --
+    def laminar(self, which: str = "self", points: int = 300, head: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-layer KDE of attention weights (the "laminar" profile).
+
+        Args:
+            which: ``"self"`` (diagonal p_ii), ``"final"`` (last token's row) or ``"all"`` (every causal pair).
+            points: grid size on [0, 1].
+            head: one head, or None to pool every head of a layer.
+
+        Returns:
+            ``(grid [points], density [layers, points])``: Gaussian KDE with Scott's bandwidth, equal to
+            scipy.stats.gaussian_kde on the materialised weights (exactly for self/final; from the
+            histogram for all, see ``attnscope.render.kde.binned_kde`` for its error bound).
+        """
+        from attnscope.render.kde import BinnedKDE, ExactKDE
+
+        if head is not None and not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head} out of range: the model has {self.n_heads} heads")
+        grid = np.linspace(0.0, 1.0, points)
+        if which in ("self", "final"):
+            heads = slice(None) if head is None else slice(head, head + 1)
+            name = "attn.diag" if which == "self" else "attn.final"
+            samples = [self.arrays[name][layer, heads].reshape(-1).astype(np.float64) for layer in range(self.n_layers)]
+            return grid, ExactKDE(grid)(samples)
+        if which == "all":
+            heads = slice(None) if head is None else slice(head, head + 1)
+            hist = self.arrays["attn.hist_all"][:, heads].sum(1)  # [Ly, bins]
+            mom = self.arrays["attn.moments"][:, heads].sum(1)  # [Ly, 3]
+            return grid, BinnedKDE(grid)(hist, mom)
+        raise ValueError(f"which must be 'self', 'final' or 'all', got {which!r}")
+
+    # -- merge --
+    def check_compatible(self, other: Profile) -> None:
+        for key in _IDENTITY_KEYS:
+            if self.meta.get(key) != other.meta.get(key):
+                raise ProfileError(
+                    f"cannot combine profiles of different models or settings: {key} differs "
+                    f"({self.meta.get(key)!r} vs {other.meta.get(key)!r})"
+                )
+
+    def merge(self, other: Profile) -> Profile:
+        """The profile of both prompt sets, equal to profiling them together (self's prompts first)."""
+        self.check_compatible(other)
+        a, b = self.arrays, other.arrays
+        out: dict[str, np.ndarray] = {}
+        n_self = len(self.prompts)
+        for name in a:
+            if name in _ADDITIVE:
+                out[name] = a[name] + b[name]
+            elif name in _TOKEN_AXIS:
+                out[name] = np.concatenate([a[name], b[name]], axis=_TOKEN_AXIS[name])
+        out["prompts.offsets"] = np.concatenate([a["prompts.offsets"], b["prompts.offsets"][1:] + self.n_tokens])
+        take_b = b["mlp.neuron_max"] > a["mlp.neuron_max"]  # ties keep the earlier token, like one pass would
+        out["mlp.neuron_max"] = np.where(take_b, b["mlp.neuron_max"], a["mlp.neuron_max"])
+        out["mlp.neuron_argmax"] = np.where(take_b, b["mlp.neuron_argmax"] + self.n_tokens, a["mlp.neuron_argmax"])
+        for name, arr in a.items():
+            if name.startswith(("attn.thumb.", "attn.full.")):
+                out[name] = arr
+        for name, arr in b.items():
+            if name.startswith(("attn.thumb.", "attn.full.")):
+                head, rest = name.split(".p", 1)
+                idx, _, tail = rest.partition(".")
+                out[f"{head}.p{int(idx) + n_self}" + (f".{tail}" if tail else "")] = arr
+        meta = dict(self.meta)
+        return Profile(meta=meta, prompts=self.prompts + other.prompts, arrays=out)
+
+    # -- disk --
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write the profile directory atomically: a crash leaves either the old directory or the new one.
+
+        Refuses (``ProfileError``) to replace a directory that holds another model's profile, or anything that is
+        not a profile; ``overwrite=False`` refuses any existing profile.
+        """
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        if path.exists():
+            if not path.is_dir():
+                raise ProfileError(f"{path} exists and is not a directory")
+            if any(path.iterdir()):
+                try:
+                    old = load(path)
+                except ProfileError as e:
+                    raise ProfileError(
+                        f"refusing to overwrite {path}: it is not empty and not a profile ({e})"
+                    ) from None
+                if not overwrite:
+                    raise ProfileError(f"{path} already holds a profile")
+                try:
+                    old.check_compatible(self)
+                except ProfileError as e:
+                    raise ProfileError(
+                        f"refusing to overwrite {path}: it holds another model's profile ({e})"
+                    ) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
+            save_file(arrays, str(tmp / ARRAYS_FILE))
+            meta = {
+                "format": FORMAT_NAME,
+                "schema_version": SCHEMA_VERSION,
+                "arrays_sha256": _sha256(tmp / ARRAYS_FILE),
+                "meta": self.meta,
+                "prompts": self.prompts,
+            }
+            with open(tmp / META_FILE, "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            if path.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, trash / "old")
+                os.replace(tmp, path)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        return load(path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load(path: str | os.PathLike) -> Profile:
+    """Load a profile directory written by ``Profile.save``; ``ProfileError`` if it is not a valid one."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ProfileError(f"{path} is not a profile directory (it does not exist or is not a directory)")
+    meta_path, arrays_path = path / META_FILE, path / ARRAYS_FILE
+    if not meta_path.is_file() or not arrays_path.is_file():
+        raise ProfileError(f"{path} is not a profile directory: {META_FILE} or {ARRAYS_FILE} is missing")
+    try:
+        with open(meta_path) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ProfileError(f"{meta_path} is corrupted: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise ProfileError(f"{path} is not an attnscope profile ({META_FILE} has no format {FORMAT_NAME!r})")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ProfileError(
+            f"{path} has schema version {doc.get('schema_version')}, this attnscope reads version {SCHEMA_VERSION}"
+        )
+    if _sha256(arrays_path) != doc.get("arrays_sha256"):
+        raise ProfileError(f"{arrays_path} is corrupted or does not belong to {meta_path} (checksum mismatch)")
+    try:
+        arrays = load_file(str(arrays_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ProfileError(f"{arrays_path} is corrupted: {e}") from None
+    return Profile(meta=doc["meta"], prompts=doc["prompts"], arrays=arrays)
