@@ -164,16 +164,18 @@ class Profile:
         return Profile(meta=meta, prompts=self.prompts + other.prompts, arrays=out)
 
     # -- disk --
-    def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = True, force: bool = False) -> Path:
         """Write the profile directory atomically: a crash leaves either the old directory or the new one.
 
         Refuses (``ProfileError``) to replace a directory that holds another model's profile, or anything that is
-        not a profile; ``overwrite=False`` refuses any existing profile.
+        not a profile; ``overwrite=False`` refuses any existing profile; ``force=True`` replaces whatever is there.
         """
         from safetensors.numpy import save_file
 
         path = Path(path)
-        if path.exists():
+        if path.exists() and force and not path.is_dir():
+            path.unlink()
+        if path.exists() and not force:
             if not path.is_dir():
                 raise ProfileError(f"{path} exists and is not a directory")
             if any(path.iterdir()):
@@ -193,6 +195,8 @@ class Profile:
                     ) from None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
         try:
             arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
             save_file(arrays, str(tmp / ARRAYS_FILE))
@@ -207,6 +211,9 @@ class Profile:
                 json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
+            for f in (tmp / ARRAYS_FILE, tmp / META_FILE):  # mkdtemp and the writers create them private
+                os.chmod(f, 0o666 & ~umask)
+            os.chmod(tmp, 0o777 & ~umask)
             if path.exists():
                 trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
                 os.replace(path, trash / "old")
