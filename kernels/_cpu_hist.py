@@ -1,7 +1,7 @@
 """Histogram of one block of attention probabilities on the CPU (Numba when present, torch otherwise).
 
 torch's bincount/histc cost ~8 ns an element on one core, more than every other statistic together;
-this loop reads p and log p once and fills both histograms and the moments at ~1 ns an element.
+this loop reads p and s - max once and fills both histograms and the moments at ~4 ns an element on one core.
 """
 
 from __future__ import annotations
@@ -23,31 +23,37 @@ __all__ = ["HAS_NUMBA", "hist_block"]
 _LN10 = math.log(10.0)
 
 
-def _hist_block_py(p, lp, lo, hi, kstart, bins, log_min, hist_lin, hist_log, mom):  # pragma: no cover - jitted
+def _hist_block_py(p, d, logz, lo, hi, kstart, bins, log_min, hist_lin, hist_log, mom):  # pragma: no cover - jitted
     B, H, R, _ = p.shape
-    log_scale = bins / (-log_min)
+    log_scale = bins / (-log_min) / _LN10  # log10 p -> bin units
     for h in numba.prange(H) if HAS_NUMBA else range(H):
-        n = 0.0
+        # neighbouring pairs often share a bin (most p sit in bin 0): spreading the increments over 4 (2)
+        # private copies breaks the store-to-load chain on one counter, ~2x faster than one histogram
+        lin = np.zeros((4, bins), np.int64)
+        lg = np.zeros((2, bins), np.int64)
+        n = 0
         s1 = 0.0
         s2 = 0.0
         for b in range(B):
             for r in range(R):
-                for j in range(lo[b, r] - kstart, hi[b, r] - kstart):
-                    v = np.float64(p[b, h, r, j])
-                    a = int(v * bins)
-                    if a > bins - 1:
-                        a = bins - 1
-                    hist_lin[h, a] += 1
-                    x = (lp[b, h, r, j] / _LN10 - log_min) * log_scale
-                    c = 0
-                    if x > 0.0:
-                        c = int(x)
-                        if c > bins - 1:
-                            c = bins - 1
-                    hist_log[h, c] += 1
-                    n += 1.0
-                    s1 += v
-                    s2 += v * v
+                lz = logz[b, h, r]
+                prow = p[b, h, r]
+                drow = d[b, h, r]
+                j0 = lo[b, r] - kstart
+                j1 = hi[b, r] - kstart
+                if j1 > j0:
+                    n += j1 - j0
+                for j in range(j0, j1):
+                    v = prow[j]
+                    lin[j & 3, min(int(v * bins), bins - 1)] += 1
+                    x = max((drow[j] - lz) * log_scale - log_min * (bins / -log_min), 0.0)
+                    lg[j & 1, min(int(x), bins - 1)] += 1
+                    vv = np.float64(v)
+                    s1 += vv
+                    s2 += vv * vv
+        for k in range(bins):
+            hist_lin[h, k] += lin[0, k] + lin[1, k] + lin[2, k] + lin[3, k]
+            hist_log[h, k] += lg[0, k] + lg[1, k]
         mom[h, 0] += n
         mom[h, 1] += s1
         mom[h, 2] += s2
@@ -58,7 +64,8 @@ _hist_block_nb = numba.njit(parallel=True, cache=True, nogil=True)(_hist_block_p
 
 def hist_block(
     p: torch.Tensor,  # [B, H, R, Lk] float32 probabilities of one query block
-    lp: torch.Tensor,  # [B, H, R, Lk] float32 natural log of p
+    d: torch.Tensor,  # [B, H, R, Lk] float32 with log p = d - logz
+    logz: torch.Tensor,  # [B, H, R] float32
     lo: torch.Tensor,  # [B, R] int64 first allowed key of each row (absolute)
     hi: torch.Tensor,  # [B, R] int64 one past the last allowed key (absolute; hi <= lo: none)
     kstart: int,  # absolute position of column 0 of the block
@@ -76,7 +83,7 @@ def hist_block(
         if not HAS_NUMBA:
             raise RuntimeError("use_numba=True but numba is not installed")
         _hist_block_nb(
-            p.numpy(), lp.numpy(), lo.numpy(), hi.numpy(), kstart, bins, log_min,
+            p.numpy(), d.numpy(), logz.contiguous().numpy(), lo.numpy(), hi.numpy(), kstart, bins, log_min,
             hist_lin.numpy(), hist_log.numpy(), mom.numpy(),
         )  # fmt: skip
         return
@@ -85,7 +92,7 @@ def hist_block(
     allowed = (col >= lo[:, :, None]) & (col < hi[:, :, None])  # [B, R, Lk]
     for h in range(H):
         v = p[:, h][allowed]  # [n] float32
-        lv = lp[:, h][allowed]
+        lv = (d[:, h] - logz[:, h, :, None])[allowed]
         hist_lin[h] += torch.bincount((v * bins).long().clamp_max(bins - 1), minlength=bins)
         x = (lv / _LN10 - log_min) * (bins / -log_min)
         hist_log[h] += torch.bincount(torch.where(x > 0, x, 0).long().clamp_max(bins - 1), minlength=bins)

@@ -3,8 +3,8 @@
 Memory per call is O(B x H x block_q x L) for one block of scores, never O(L^2). Per block:
 
     s   = scaling * q_blk @ k[kstart:i1]^T            (GQA by viewing q as [B, H_kv, group, ...])
-    lse = m + log sum exp(s - m)                       (masked entries are a large finite negative)
-    lp  = s - lse,  p = exp(lp)                        (log p is reused for the entropy and the log histogram)
+    d   = s - m,  z = sum exp(d),  p = exp(d) / z      (masked entries are a large finite negative)
+    H   = log z - sum p d,  max p = 1 / z,  log p = d - log z
 
 and every statistic is a reduction of p: row sums and maxima, column sums and maxima, gathers on the
 diagonal, and one cumulative sum along the keys that yields both the distance buckets and the pooled
@@ -22,6 +22,12 @@ __all__ = ["attn_stats_torch"]
 
 _NEG = -1.0e30  # finite "minus infinity": p = exp(_NEG - lse) == 0 and p * log p == 0, never NaN
 _POW2 = torch.tensor([2**k for k in range(N_DIST_BUCKETS + 1)], dtype=torch.long)  # [33]
+
+
+def _prefix(cs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Sum of the first ``idx`` columns of each row, from the inclusive prefix sum ``cs`` (idx in [0, Lk])."""
+    got = cs.gather(-1, (idx - 1).clamp_min(0))
+    return torch.where(idx > 0, got, 0.0)
 
 
 def attn_stats_torch(
@@ -93,16 +99,33 @@ def attn_stats_torch(
         qb = q[:, :, i0:i1].float().view(B, Hkv, group, i1 - i0, D)  # [B, Hkv, G, R_blk, D]
         s = torch.matmul(qb, kf[:, :, None, kstart:i1].transpose(-1, -2))  # [B, Hkv, G, R_blk, Lk]
         s = s.view(B, H, i1 - i0, Lk).mul_(scaling)  # [B, H, R_blk, Lk]
-        s.masked_fill_(~allowed[:, None], _NEG)
+        # only two column bands can hold a masked entry: the causal square on the right, and on the left the
+        # columns before the latest padding start or window start of any row
+        c0 = i0 - kstart
+        s[..., c0:].masked_fill_(~allowed[:, None, :, c0:], _NEG)
+        left = max(int(start.max()) - kstart, 0 if W is None else i1 - W - kstart)
+        left = min(max(left, 0), c0)
+        if left:
+            s[..., :left].masked_fill_(~allowed[:, None, :, :left], _NEG)
+        all_rows = bool(row_ok.all())
+        if not all_rows:
+            s.masked_fill_(~row_ok[:, None, :, None], _NEG)
         m = s.amax(-1, keepdim=True)  # [B, H, R_blk, 1]
-        z = torch.exp(s - m).sum(-1, keepdim=True)  # [B, H, R_blk, 1]
-        lse = torch.where(row_ok[:, None, :, None], m + torch.log(z), -_NEG)  # no key: p = 0 everywhere
-        lp = s.sub_(lse)  # [B, H, R_blk, Lk] log p (in place of s)
-        p = torch.exp(lp)  # [B, H, R_blk, Lk]
+        d = s.sub_(m)  # [B, H, R_blk, Lk] s - m, in place; masked: ~_NEG
+        p = torch.exp(d)  # [B, H, R_blk, Lk] unnormalised
+        z = p.sum(-1, keepdim=True)  # [B, H, R_blk, 1]
+        p.div_(z)
+        logz = torch.log(z)  # [B, H, R_blk, 1]; log p = d - logz
+        ent = logz.squeeze(-1) - torch.linalg.vecdot(p, d)  # H = log z - sum p (s - m)
+        rowmax = z.reciprocal().squeeze(-1)  # max p = exp(0) / z
+        if not all_rows:  # a row with no allowed key: every statistic is 0
+            p.mul_(row_ok[:, None, :, None])
+            ent = torch.where(row_ok[:, None], ent, 0.0)
+            rowmax = torch.where(row_ok[:, None], rowmax, 0.0)
 
         # -- row statistics --
-        vec["entropy"][:, :, i0:i1] = -torch.linalg.vecdot(p, lp)
-        vec["rowmax"][:, :, i0:i1] = torch.exp(m - lse).squeeze(-1)
+        vec["entropy"][:, :, i0:i1] = ent
+        vec["rowmax"][:, :, i0:i1] = rowmax
         vec["diag"][:, :, i0:i1] = torch.diagonal(p, offset=i0 - kstart, dim1=-2, dim2=-1)
         prev_col = (rows - 1 - kstart).clamp_min(0)  # [R_blk]
         prev = p.gather(-1, prev_col.view(1, 1, -1, 1).expand(B, H, -1, 1)).squeeze(-1)  # [B, H, R_blk]
@@ -118,17 +141,18 @@ def attn_stats_torch(
         torch.maximum(vec["recv_max"][:, :, kstart:i1], p.amax(2), out=vec["recv_max"][:, :, kstart:i1])
 
         # -- histograms and moments --
-        hist_block(p.cpu(), lp.cpu(), lo.contiguous().cpu(), hi.contiguous().cpu(), kstart, spec.bins, spec.log_min, hist_all, hist_log,
+        lo_c, hi_c = lo.contiguous().cpu(), hi.contiguous().cpu()
+        hist_block(p.cpu(), d.cpu(), logz.squeeze(-1).cpu(), lo_c, hi_c, kstart, spec.bins, spec.log_min, hist_all, hist_log,
                    moments, use_numba=use_numba)  # fmt: skip
 
         # -- distance buckets and thumbnail: differences of one prefix sum along the keys --
-        cs = torch.nn.functional.pad(p.cumsum(-1), (1, 0))  # [B, H, R_blk, Lk + 1]; cs[..., c] = sum of cols < c
+        cs = p.cumsum(-1)  # [B, H, R_blk, Lk]; sum of the columns < c is cs[..., c - 1] (0 for c == 0)
         # bucket k holds keys j with i - j + 1 in [2^k, 2^(k+1)): j in [i + 2 - 2^(k+1), i + 2 - 2^k)
         dedge = (rows[:, None] + 2 - _POW2.to(dev)[None, :] - kstart).clamp(0, Lk)  # [R_blk, 33], decreasing
-        at = cs.gather(-1, dedge[None, None].expand(B, H, -1, -1))  # [B, H, R_blk, 33]
-        dist += (at[..., :-1] - at[..., 1:]).double().sum(dim=(0, 2))  # [H, 32]
+        at = _prefix(cs, dedge[None, None].expand(B, H, -1, -1))  # [B, H, R_blk, 33]
+        dist += (at[..., :-1] - at[..., 1:]).sum(dim=(0, 2)).double()  # [H, 32]
         tedge = (edges - kstart).clamp(0, Lk)  # [B, R + 1]
-        at = cs.gather(-1, tedge[:, None, None, :].expand(B, H, i1 - i0, R + 1))  # [B, H, R_blk, R + 1]
+        at = _prefix(cs, tedge[:, None, None, :].expand(B, H, i1 - i0, R + 1))  # [B, H, R_blk, R + 1]
         colpool = (at[..., 1:] - at[..., :-1]).double()  # [B, H, R_blk, R] row sums per column cell
         rc = row_cell[:, i0:i1]  # [B, R_blk]
         for b in range(B):

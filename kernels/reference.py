@@ -13,7 +13,7 @@ import torch
 
 from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, linear_bin, log_bin, thumb_edges
 
-__all__ = ["attention_probs_ref", "attn_stats_ref", "down_proj_stats_ref"]
+__all__ = ["attention_probs_ref", "attn_stats_from_probs_ref", "attn_stats_ref", "down_proj_stats_ref"]
 
 
 def attention_probs_ref(
@@ -50,8 +50,18 @@ def attn_stats_ref(
         ``dist`` [H, 32] float64 (sum of p by floor(log2(i - j + 1))), ``thumb`` [B, H, R, R] (average-pooled p,
         cells past min(R, length) zero), and each name of ``ATTN_VECTOR_STATS`` as [B, H, L].
     """
-    B, H, L, _ = q.shape
     p = attention_probs_ref(q, k, scaling, ranges, upcast).cpu()  # [B, H, L, L]
+    return attn_stats_from_probs_ref(p, ranges, spec)
+
+
+def attn_stats_from_probs_ref(
+    p: torch.Tensor,  # [B, H, L, L] attention probabilities (e.g. a model's own output_attentions)
+    ranges: KeyRanges,
+    spec: AttnStatsSpec = AttnStatsSpec(),
+) -> dict[str, torch.Tensor]:
+    """The statistics of ``attn_stats_ref`` from already materialised probabilities."""
+    B, H, L, _ = p.shape
+    p = p.cpu()
     allowed = ranges.allowed(L).expand(B, H, L, L)  # [B, H, L, L]
     start, end = ranges.start.tolist(), ranges.end.tolist()
     out: dict[str, torch.Tensor] = {}

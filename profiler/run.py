@@ -14,7 +14,7 @@ import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats
 from attnscope.kernels.reference import attention_probs_ref
 
-from .capture import capture, model_geometry
+from .hooks import capture, model_geometry
 from .data import ATTN_VECTORS, SCHEMA_VERSION, Profile
 
 __all__ = ["ProfileConfig", "PromptError", "profile", "run_with_stats"]
@@ -35,6 +35,7 @@ class ProfileConfig:
     full_max_tokens: int = 4096  # refuse to keep a full matrix of a longer prompt (L^2 * 4 bytes each)
     top_k: int = 8  # down_proj neurons kept per token
     impl: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "torch" or "triton"
+    block_q: int = 128  # query block of the torch path: memory O(heads * block_q * L) per layer
     progress: bool = True  # tqdm bars on prompts and layers
     model_id: str | None = None  # recorded in the profile; default: the model's name_or_path
 
@@ -43,6 +44,8 @@ class ProfileConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.block_q < 1:
+            raise ValueError(f"block_q must be >= 1, got {self.block_q}")
         if self.full_max_tokens < 1:
             raise ValueError(f"full_max_tokens must be >= 1, got {self.full_max_tokens}")
         object.__setattr__(self, "keep_full", tuple((int(a), int(b)) for a, b in self.keep_full))
@@ -56,6 +59,7 @@ class ProfileConfig:
             "full_max_tokens": self.full_max_tokens,
             "top_k": self.top_k,
             "impl": self.impl,
+            "block_q": self.block_q,
         }
 
 
@@ -65,6 +69,7 @@ def run_with_stats(
     spec: AttnStatsSpec = AttnStatsSpec(),
     top_k: int = 8,
     impl: str = "auto",
+    block_q: int = 128,
 ) -> tuple[object, dict]:
     """Run ``model(**batch)`` once and return ``(output, stats)``; the output is the model's own.
 
@@ -79,7 +84,9 @@ def run_with_stats(
     stats: dict = {"attn": {}, "mlp": {}}
 
     def on_attention(layer, q, k, scaling, window):
-        stats["attn"][layer] = attn_stats(q.detach(), k.detach(), scaling, ranges.with_window(window), spec, impl)
+        stats["attn"][layer] = attn_stats(
+            q.detach(), k.detach(), scaling, ranges.with_window(window), spec, impl, block_q
+        )
 
     def on_down_proj(layer, x, y):
         sel = valid.to(x.device)
@@ -311,7 +318,7 @@ def profile(
 
             def on_attention(layer, q, k, scaling, window, _first=first, _ranges=ranges):
                 r = _ranges.with_window(window)
-                st = attn_stats(q.detach(), k.detach(), scaling, r, cfg.spec, cfg.impl)  # noqa: B023
+                st = attn_stats(q.detach(), k.detach(), scaling, r, cfg.spec, cfg.impl, cfg.block_q)
                 builder.add_attention(layer, st, _first, r)
                 for lyr, head in cfg.keep_full:  # noqa: B023
                     if lyr == layer:

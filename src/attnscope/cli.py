@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     expected: tuple[type[BaseException], ...] = (CLIError, ProfileError)
     if args.command == "profile":
-        from attnscope.profiler.capture import UnsupportedModelError
+        from attnscope.profiler.hooks import UnsupportedModelError
         from attnscope.profiler.models import ModelLoadError
         from attnscope.profiler.run import PromptError
 

@@ -1,0 +1,130 @@
+"""The blocked torch path (the CPU implementation) against the float64 materialising reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_hist_close, assert_verbose_allclose, near_edge_count
+
+from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges, attn_stats, attn_stats_torch
+from attnscope.kernels._cpu_hist import HAS_NUMBA
+from attnscope.kernels.reference import attention_probs_ref, attn_stats_ref
+
+# (batch, heads, kv heads, L, d_head, window, padded, block_q)
+SHAPES = [
+    (1, 1, 1, 1, 16, None, False, 16),  # a single token
+    (1, 2, 2, 33, 80, None, False, 16),  # d_head 80, L not a multiple of the block
+    (2, 4, 2, 37, 16, None, True, 16),  # GQA, left+right padding
+    (1, 3, 1, 50, 32, 7, False, 16),  # MQA, sliding window shorter than a block
+    (2, 4, 1, 45, 64, 20, True, 8),  # window + padding, many blocks
+    (1, 2, 1, 70, 24, None, False, 128),  # one block wider than L
+]
+
+
+def _inputs(B, H, Hkv, L, D, window, padded, dtype=torch.float32, scale=1.0):
+    q = (torch.randn(B, H, L, D) * scale).to(dtype)
+    k = (torch.randn(B, Hkv, L, D) * scale).to(dtype)
+    if padded and B > 1:
+        start = torch.tensor([0] + [int(torch.randint(1, max(2, L // 3), ())) for _ in range(B - 1)])
+        end = torch.tensor([L - int(torch.randint(0, max(1, L // 4), ())) for _ in range(B)])
+        end[0] = L
+        end = torch.maximum(end, start + 1)
+        ranges = KeyRanges(start, end, window)
+    else:
+        ranges = KeyRanges.full(B, L, window)
+    return q, k, ranges
+
+
+def _check(out, ref, spec, q, k, scaling, ranges, name=""):
+    for v in ATTN_VECTOR_STATS:
+        assert_verbose_allclose(out[v], ref[v], atol=1e-5, rtol=1e-5, name=f"{name}{v}")
+    assert_verbose_allclose(out["thumb"], ref["thumb"], atol=1e-5, rtol=1e-5, name=f"{name}thumb")
+    assert_verbose_allclose(out["dist"], ref["dist"], atol=1e-5, rtol=1e-5, name=f"{name}dist")
+    assert_verbose_allclose(out["moments"], ref["moments"], atol=1e-5, rtol=1e-6, name=f"{name}moments")
+    # bin edges: fp32 p differs from fp64 p by ~1e-7; a value within 1e-2 of a bin of an edge may cross it
+    p = attention_probs_ref(q, k, scaling, ranges)
+    vals = p[ranges.allowed(q.shape[2]).expand_as(p)]
+    nb = spec.bins
+    slack_lin = near_edge_count(vals, nb, lambda x: x * nb, 1e-2)
+    slack_log = near_edge_count(vals, nb, lambda x: (torch.log10(x) - spec.log_min) * nb / -spec.log_min, 1e-2)
+    assert_hist_close(out["hist_all"], ref["hist_all"], slack_lin, name=f"{name}hist_all")
+    assert_hist_close(out["hist_log"], ref["hist_log"], slack_log, name=f"{name}hist_log")
+
+
+@pytest.mark.parametrize("use_numba", [True, False] if HAS_NUMBA else [False], ids=lambda x: f"numba={x}")
+@pytest.mark.parametrize("B, H, Hkv, L, D, window, padded, block_q", SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 3.0], ids=["smooth", "peaked"])
+def test_torch_path_matches_reference(B, H, Hkv, L, D, window, padded, block_q, scale, use_numba):
+    q, k, ranges = _inputs(B, H, Hkv, L, D, window, padded, scale=scale)
+    spec = AttnStatsSpec(bins=256, thumb_size=8)
+    scaling = D**-0.5
+    out = attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, use_numba=use_numba)
+    ref = attn_stats_ref(q, k, scaling, ranges, spec)
+    _check(out, ref, spec, q, k, scaling, ranges)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs(dtype):
+    # the statistics upcast to fp32 inside; against the fp64 reference on the same rounded inputs
+    q, k, ranges = _inputs(2, 4, 2, 41, 64, None, True, dtype=dtype)
+    spec = AttnStatsSpec(bins=128, thumb_size=16)
+    out = attn_stats(q, k, 0.125, ranges, spec)
+    _check(out, attn_stats_ref(q, k, 0.125, ranges, spec), spec, q, k, 0.125, ranges)
+
+
+def test_invariants():
+    q, k, ranges = _inputs(2, 3, 3, 60, 16, None, True, scale=2.0)
+    out = attn_stats(q, k, 0.25, ranges, AttnStatsSpec(bins=64, thumb_size=64))
+    rows = (ranges.end - ranges.start).sum().item()
+    # every real query's row sums to one, so attention received sums to the number of rows
+    assert out["recv_sum"].sum(-1).sum(0).double() == pytest.approx([rows] * 3, rel=1e-5)
+    assert out["moments"][:, 1] == pytest.approx([rows] * 3, rel=1e-6)
+    assert out["dist"].sum(-1) == pytest.approx([rows] * 3, rel=1e-5)
+    n_keys = (torch.arange(60) - ranges.start[:, None] + 1).clamp(min=1)  # [B, L] allowed keys per query
+    assert (out["entropy"] >= -1e-6).all()
+    assert (out["entropy"] <= torch.log(n_keys.float())[:, None] + 1e-5).all()
+    assert (out["rowmax"] <= 1 + 1e-6).all() and (out["diag"] <= out["rowmax"] + 1e-6).all()
+    # padding queries: exactly zero, never NaN
+    for b in range(2):
+        lo, hi = ranges.start[b].item(), ranges.end[b].item()
+        for v in ("diag", "entropy", "rowmax", "sink", "prev"):
+            assert not out[v].isnan().any()
+            assert (out[v][b, :, :lo] == 0).all() and (out[v][b, :, hi:] == 0).all()
+    # thumbnail with R >= L: one cell per (query, key), i.e. p itself
+    p = attention_probs_ref(q, k, 0.25, ranges)
+    for b in range(2):
+        lo, hi = ranges.start[b].item(), ranges.end[b].item()
+        n = hi - lo
+        assert_verbose_allclose(out["thumb"][b, :, :n, :n], p[b, :, lo:hi, lo:hi], name="thumb")
+        assert (out["thumb"][b, :, n:] == 0).all()
+
+
+def test_fully_masked_batch_row():
+    # a row with no real token at all (an empty prompt slot) gives zeros, not NaN
+    q, k, _ = _inputs(2, 2, 2, 12, 16, None, False)
+    ranges = KeyRanges(torch.tensor([0, 0]), torch.tensor([12, 0]))
+    out = attn_stats(q, k, 0.25, ranges, AttnStatsSpec(bins=32, thumb_size=4))
+    for v in ATTN_VECTOR_STATS:
+        assert not out[v].isnan().any(), v
+        assert (out[v][1] == 0).all(), v
+    assert out["moments"][:, 1] == pytest.approx([12, 12])
+
+
+def test_bin_edges_of_the_contract():
+    from attnscope.kernels import linear_bin, log_bin
+
+    assert linear_bin(torch.tensor([0.0, 0.2499, 0.25, 0.99, 1.0]), 4).tolist() == [0, 0, 1, 3, 3]
+    lb = log_bin(torch.log10(torch.tensor([0.0, 1e-13, 1e-12, 1e-6, 0.5, 1.0], dtype=torch.float64)), 12, -12.0)
+    assert lb.tolist() == [0, 0, 0, 6, 11, 11]
+
+
+def test_bad_inputs():
+    q, k, ranges = _inputs(1, 3, 2, 8, 16, None, False)
+    with pytest.raises(ValueError, match="multiple of H_kv"):
+        attn_stats(q, k, 0.25, ranges)
+    with pytest.raises(ValueError, match="bins must be a power of two"):
+        AttnStatsSpec(bins=100)
+    with pytest.raises(ValueError, match="impl"):
+        attn_stats(q, k[:, :1], 0.25, ranges, impl="cuda")
+    with pytest.raises(ValueError, match="contiguous"):
+        KeyRanges.from_attention_mask(torch.tensor([[1, 0, 1, 1]]))

@@ -1,0 +1,115 @@
+"""Capture through the registered attention implementation against each model's own eager attentions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_KINDS, assert_hist_close, assert_verbose_allclose, near_edge_count, tiny_model
+
+from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges
+from attnscope.kernels.reference import attn_stats_from_probs_ref, down_proj_stats_ref
+from attnscope.profiler import UnsupportedModelError, capture, down_proj_modules, run_with_stats
+
+SPEC = AttnStatsSpec(bins=128, thumb_size=8)
+
+
+def _batch(vocab=128, L=23):
+    ids = torch.randint(2, vocab, (3, L))
+    mask = torch.ones_like(ids)
+    mask[1, L - 6 :] = 0  # right padding
+    mask[2, L - 1 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_capture_matches_eager_attentions(kind):
+    model = tiny_model(kind)
+    batch = _batch()
+    with torch.no_grad():
+        plain = model(**batch).logits
+    out, stats = run_with_stats(model, batch, spec=SPEC, block_q=8)  # L = 23: three blocks, the last partial
+    assert torch.equal(out.logits, plain), "capturing changed the model's output"
+    assert model.config._attn_implementation == "sdpa", "the model's own implementation was not restored"
+
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(**batch, output_attentions=True)
+    window = getattr(model.config, "sliding_window", None)
+    ranges = KeyRanges.from_attention_mask(batch["attention_mask"], window)
+    assert sorted(stats["attn"]) == list(range(len(eager.attentions)))
+    for layer, probs in enumerate(eager.attentions):
+        ref = attn_stats_from_probs_ref(probs.double(), ranges, SPEC)
+        got = stats["attn"][layer]
+        for v in ATTN_VECTOR_STATS:
+            assert_verbose_allclose(got[v], ref[v], atol=1e-5, rtol=1e-5, name=f"{kind} layer {layer} {v}")
+        assert_verbose_allclose(got["dist"], ref["dist"], atol=1e-5, rtol=1e-5, name="dist")
+        assert_verbose_allclose(got["thumb"], ref["thumb"], atol=1e-5, rtol=1e-5, name="thumb")
+        vals = probs.double()[ranges.allowed(probs.shape[-1]).expand_as(probs)]
+        slack = near_edge_count(vals, SPEC.bins, lambda x: x * SPEC.bins, 1e-2)
+        assert_hist_close(got["hist_all"], ref["hist_all"], slack, name="hist_all")
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "llama", "gpt2"])
+def test_down_proj_hooks_match_module_io(kind):
+    model = tiny_model(kind)
+    batch = _batch()
+    seen = {}
+    mods = down_proj_modules(model)
+    assert sorted(mods) == [0, 1]
+    handles = [m.register_forward_hook(lambda mod, a, o, i=i: seen.__setitem__(i, (a[0], o))) for i, m in mods.items()]
+    try:
+        _, stats = run_with_stats(model, batch, top_k=4)
+    finally:
+        for h in handles:
+            h.remove()
+    sel = batch["attention_mask"].bool()
+    for layer, (x, y) in seen.items():
+        ref = down_proj_stats_ref(x[sel], y[sel], top_k=4)
+        for name in ("in_norm", "out_norm", "topk_val", "neuron_max", "neuron_sum", "neuron_sumsq"):
+            assert_verbose_allclose(stats["mlp"][layer][name], ref[name], atol=1e-4, rtol=1e-5, name=name)
+        assert torch.equal(stats["mlp"][layer]["neuron_argmax"], ref["neuron_argmax"])
+
+
+def test_hooks_removed_and_implementation_restored_on_error():
+    model = tiny_model("llama")
+
+    def boom(*args):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        with capture(model, boom, lambda *a: None):
+            model(torch.randint(0, 100, (1, 5)))
+    assert model.config._attn_implementation == "sdpa"
+    assert all(not m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 5)))  # still runs normally
+
+
+def test_unsupported_architecture_is_named():
+    import transformers as tf
+
+    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'bloom'.*supports .*gpt_neox.*llama"):
+        run_with_stats(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
+
+
+def test_padded_batch_equals_one_prompt_at_a_time(rng):
+    from helpers import random_text, word_tokenizer
+
+    from attnscope.profiler import profile
+
+    model = tiny_model("llama", vocab=200)
+    tok = word_tokenizer()
+    prompts = [random_text(int(n), rng) for n in rng.integers(5, 40, size=4)]
+    one = profile(model, tok, prompts, batch_size=1, spec=SPEC, progress=False, block_q=16)
+    many = profile(model, tok, prompts, batch_size=3, spec=SPEC, progress=False, block_q=16)
+    assert one.prompts == many.prompts
+    for name, a in one.arrays.items():
+        b = many.arrays[name]
+        if name in ("attn.hist_all", "attn.hist_log"):
+            assert np.abs(a - b).sum() <= 0.001 * a.sum() + 4, name  # fp32 rounding moves a few edge values
+        elif a.dtype.kind in "iu":
+            assert np.array_equal(a, b), name
+        else:
+            assert_verbose_allclose(a, b, atol=1e-5, rtol=1e-4, name=name)
