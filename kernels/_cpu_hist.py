@@ -83,9 +83,18 @@ def hist_block(
         if not HAS_NUMBA:
             raise RuntimeError("use_numba=True but numba is not installed")
         _hist_block_nb(
-            p.numpy(), d.numpy(), logz.contiguous().numpy(), lo.numpy(), hi.numpy(), kstart, bins, log_min,
-            hist_lin.numpy(), hist_log.numpy(), mom.numpy(),
-        )  # fmt: skip
+            p.numpy(),
+            d.numpy(),
+            logz.contiguous().numpy(),
+            lo.numpy(),
+            hi.numpy(),
+            kstart,
+            bins,
+            log_min,
+            hist_lin.numpy(),
+            hist_log.numpy(),
+            mom.numpy(),
+        )
         return
     B, H, R, Lk = p.shape
     col = torch.arange(kstart, kstart + Lk)  # [Lk]

@@ -142,8 +142,20 @@ def attn_stats_torch(
 
         # -- histograms and moments --
         lo_c, hi_c = lo.contiguous().cpu(), hi.contiguous().cpu()
-        hist_block(p.cpu(), d.cpu(), logz.squeeze(-1).cpu(), lo_c, hi_c, kstart, spec.bins, spec.log_min, hist_all, hist_log,
-                   moments, use_numba=use_numba)  # fmt: skip
+        hist_block(
+            p.cpu(),
+            d.cpu(),
+            logz.squeeze(-1).cpu(),
+            lo_c,
+            hi_c,
+            kstart,
+            spec.bins,
+            spec.log_min,
+            hist_all,
+            hist_log,
+            moments,
+            use_numba=use_numba,
+        )
 
         # -- distance buckets and thumbnail: differences of one prefix sum along the keys --
         cs = p.cumsum(-1)  # [B, H, R_blk, Lk]; sum of the columns < c is cs[..., c - 1] (0 for c == 0)

@@ -98,13 +98,17 @@ class Profile:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     # -- laminar profiles --
-    def laminar(self, which: str = "self", points: int = 300, head: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def laminar(
+        self, which: str = "self", points: int = 300, head: int | None = None, lo: float = 0.0, hi: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per-layer KDE of attention weights (the "laminar" profile).
 
         Args:
             which: ``"self"`` (diagonal p_ii), ``"final"`` (last token's row) or ``"all"`` (every causal pair).
-            points: grid size on [0, 1].
+            points: grid size, ``np.linspace(lo, hi, points)``.
             head: one head, or None to pool every head of a layer.
+            lo, hi: grid range; [0, 1] as the seed draws it (part of the kernel mass of weights near 0 or 1
+                falls outside it, so a curve integrates to 1 only over a wider range).
 
         Returns:
             ``(grid [points], density [layers, points])``: Gaussian KDE with Scott's bandwidth, equal to
@@ -115,7 +119,7 @@ class Profile:
 
         if head is not None and not 0 <= head < self.n_heads:
             raise IndexError(f"head {head} out of range: the model has {self.n_heads} heads")
-        grid = np.linspace(0.0, 1.0, points)
+        grid = np.linspace(lo, hi, points)
         if which in ("self", "final"):
             heads = slice(None) if head is None else slice(head, head + 1)
             name = "attn.diag" if which == "self" else "attn.final"
@@ -135,6 +139,15 @@ class Profile:
                 raise ProfileError(
                     f"cannot combine profiles of different models or settings: {key} differs "
                     f"({self.meta.get(key)!r} vs {other.meta.get(key)!r})"
+                )
+
+    def check_compatible_model(self, other: Profile) -> None:
+        """``ProfileError`` unless both profiles come from the same model (config and weights), e.g. to compare."""
+        for key in ("config_digest", "weights_digest"):
+            if self.meta.get(key) != other.meta.get(key):
+                raise ProfileError(
+                    f"profiles of different models: {self.meta.get('model_id')!r} and {other.meta.get('model_id')!r} "
+                    f"differ in {key.replace('_', ' ')}"
                 )
 
     def merge(self, other: Profile) -> Profile:

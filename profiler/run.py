@@ -14,8 +14,8 @@ import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats
 from attnscope.kernels.reference import attention_probs_ref
 
-from .hooks import capture, model_geometry
 from .data import ATTN_VECTORS, SCHEMA_VERSION, Profile
+from .hooks import capture, model_geometry
 
 __all__ = ["ProfileConfig", "PromptError", "profile", "run_with_stats"]
 
@@ -103,8 +103,17 @@ def _digest(obj) -> str:
 
 def _config_digest(model) -> str:
     d = model.config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "_attn_implementation", "_attn_implementation_internal",
-                "dtype", "torch_dtype", "quantization_config", "architectures", "use_cache"):  # fmt: skip
+    for key in (
+        "_name_or_path",
+        "transformers_version",
+        "_attn_implementation",
+        "_attn_implementation_internal",
+        "dtype",
+        "torch_dtype",
+        "quantization_config",
+        "architectures",
+        "use_cache",
+    ):
         d.pop(key, None)
     return _digest(d)
 
@@ -217,8 +226,11 @@ class _Builder:
             "attn.dist": self.dist,
         }
         for name, axis in [(f"attn.{v}", 2) for v in ATTN_VECTORS] + [
-            ("mlp.in_norm", 1), ("mlp.out_norm", 1), ("mlp.topk_idx", 1), ("mlp.topk_val", 1)
-        ]:  # fmt: skip
+            ("mlp.in_norm", 1),
+            ("mlp.out_norm", 1),
+            ("mlp.topk_idx", 1),
+            ("mlp.topk_val", 1),
+        ]:
             arrays[name] = np.concatenate([p[name] for p in self.prompt_arrays], axis=axis)
         arrays["mlp.neuron_max"] = self.neuron_max
         arrays["mlp.neuron_argmax"] = self.neuron_argmax

@@ -44,8 +44,15 @@ class LaminarRenderer(Renderer):
         cmap: matplotlib colour map.
     """
 
-    def __init__(self, kinds=("self", "final", "all"), points: int = 300, per_head: bool = False, fmt: str = "png",
-                 cmap: str = "magma", dpi: int = 120):  # fmt: skip
+    def __init__(
+        self,
+        kinds=("self", "final", "all"),
+        points: int = 300,
+        per_head: bool = False,
+        fmt: str = "png",
+        cmap: str = "magma",
+        dpi: int = 120,
+    ):
         unknown = [k for k in kinds if k not in LAMINAR_KINDS]
         if unknown:
             raise ValueError(f"unknown laminar kind(s) {unknown}: choose from {', '.join(LAMINAR_KINDS)}")
@@ -68,8 +75,13 @@ class LaminarRenderer(Renderer):
         for kind in self.kinds:
             grid, density = profile.laminar(kind, points=self.points)
             fig, ax = plt.subplots(figsize=(max(5.0, 0.22 * profile.n_layers + 2), 4.2))
-            im = _draw(ax, grid, density, f"{model}: {LAMINAR_KINDS[kind]}\n{len(profile.prompts)} prompt(s), "
-                       f"{n_tok} tokens, all heads pooled", self.cmap)  # fmt: skip
+            im = _draw(
+                ax,
+                grid,
+                density,
+                f"{model}: {LAMINAR_KINDS[kind]}\n{len(profile.prompts)} prompt(s), {n_tok} tokens, all heads pooled",
+                self.cmap,
+            )
             fig.colorbar(im, ax=ax, label="density")
             fig.tight_layout()
             path = out_dir / f"laminar_{kind}.{self.output_file_extension}"

@@ -54,7 +54,8 @@ def _cuda_cache():
 
 
 def pytest_report_header(config):
-    return f"ATTNSCOPE_TEST_SEED unset: random seeds per test (set it to reproduce); TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
+    seed = os.environ.get("ATTNSCOPE_TEST_SEED", "unset: fresh random seed per test")
+    return f"ATTNSCOPE_TEST_SEED={seed}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

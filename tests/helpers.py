@@ -54,25 +54,54 @@ def tiny_model(kind: str, seed: int = 0, vocab: int = 128):
 
     torch.manual_seed(seed)
     if kind == "gpt_neox":  # Pythia's shape in miniature: d_head 80, rotary_pct 0.25
-        cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=160, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=2, rotary_pct=0.25, max_position_embeddings=256)  # fmt: skip
+        cfg = tf.GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=160,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            rotary_pct=0.25,
+            max_position_embeddings=256,
+        )
         cls = tf.GPTNeoXForCausalLM
     elif kind == "llama":  # GQA: 4 heads, 2 KV heads
-        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+        cfg = tf.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
         cls = tf.LlamaForCausalLM
     elif kind == "mistral":  # sliding window shorter than the prompts
-        cfg = tf.MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=1, sliding_window=7,
-                               max_position_embeddings=256)  # fmt: skip
+        cfg = tf.MistralConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            sliding_window=7,
+            max_position_embeddings=256,
+        )
         cls = tf.MistralForCausalLM
     elif kind == "qwen2":
-        cfg = tf.Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+        cfg = tf.Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
         cls = tf.Qwen2ForCausalLM
     elif kind == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                            bos_token_id=0, eos_token_id=0)  # fmt: skip
+        cfg = tf.GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0
+        )
         cls = tf.GPT2LMHeadModel
     else:
         raise ValueError(kind)

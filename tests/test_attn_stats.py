@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_hist_close, assert_verbose_allclose, near_edge_count
-
 from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges, attn_stats, attn_stats_torch
 from attnscope.kernels._cpu_hist import HAS_NUMBA
 from attnscope.kernels.reference import attention_probs_ref, attn_stats_ref
+from helpers import assert_hist_close, assert_verbose_allclose, near_edge_count
 
 # (batch, heads, kv heads, L, d_head, window, padded, block_q)
 SHAPES = [

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_KINDS, assert_hist_close, assert_verbose_allclose, near_edge_count, tiny_model
-
 from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges
 from attnscope.kernels.reference import attn_stats_from_probs_ref, down_proj_stats_ref
 from attnscope.profiler import UnsupportedModelError, capture, down_proj_modules, run_with_stats
+from helpers import TINY_KINDS, assert_hist_close, assert_verbose_allclose, near_edge_count, tiny_model
 
 SPEC = AttnStatsSpec(bins=128, thumb_size=8)
 
@@ -95,9 +94,8 @@ def test_unsupported_architecture_is_named():
 
 
 def test_padded_batch_equals_one_prompt_at_a_time(rng):
-    from helpers import random_text, word_tokenizer
-
     from attnscope.profiler import profile
+    from helpers import random_text, word_tokenizer
 
     model = tiny_model("llama", vocab=200)
     tok = word_tokenizer()

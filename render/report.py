@@ -1,0 +1,179 @@
+"""One self-contained HTML report of a profile (plotly.js embedded, images inline): opens without a network.
+
+Everything in it is drawn from pooled data (laminar KDEs, thumbnails, per-head summaries, per-token norms), so
+its size does not grow with L^2.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .base import Renderer
+from .summary import HEAD_COLUMNS, head_summary, high_entropy_positions, token_labels
+
+__all__ = ["ReportRenderer", "write_report"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222}
+h1{font-size:22px} h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4;cursor:pointer;user-select:none} td.l,th.l{text-align:left}
+.card td{text-align:left} .scroll{max-height:480px;overflow:auto;display:inline-block}
+img{max-width:100%} .note{color:#666;font-size:12px}
+"""
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable').forEach(function(t){
+  t.querySelectorAll('th').forEach(function(th, col){
+    th.addEventListener('click', function(){
+      var body = t.tBodies[0], rows = Array.from(body.rows);
+      var asc = th.dataset.dir !== 'asc'; th.dataset.dir = asc ? 'asc' : 'desc';
+      rows.sort(function(a, b){
+        var x = a.cells[col].dataset.v || a.cells[col].textContent;
+        var y = b.cells[col].dataset.v || b.cells[col].textContent;
+        var nx = parseFloat(x), ny = parseFloat(y);
+        var c = (isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny;
+        return asc ? c : -c;
+      });
+      rows.forEach(function(r){ body.appendChild(r); });
+    });
+  });
+});
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _card(prof) -> str:
+    m = prof.meta
+    rows = [
+        ("model", m.get("model_id")),
+        ("architecture", m.get("model_type")),
+        ("layers x heads (KV heads)", f"{m.get('n_layers')} x {m.get('n_heads')} ({m.get('n_kv_heads')})"),
+        ("head size, d_ff", f"{m.get('head_dim')}, {m.get('d_ff')}"),
+        ("model dtype, statistics dtype", f"{m.get('model_dtype')}, {m.get('stats_dtype')}"),
+        ("device, attention backend", f"{m.get('device')}, {m.get('attn_implementation')}"),
+        ("tokenizer", json.dumps(m.get("tokenizer"))),
+        ("prompts, tokens", f"{len(prof.prompts)}, {prof.n_tokens}"),
+        ("statistics", json.dumps(m.get("spec"))),
+        ("config / weights digest", f"{m.get('config_digest')} / {m.get('weights_digest')}"),
+        ("versions", json.dumps(m.get("versions"))),
+    ]
+    body = "".join(f"<tr><th class=l>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table class=card>{body}</table>"
+
+
+def _head_table(prof) -> str:
+    s = head_summary(prof)
+    cols = list(HEAD_COLUMNS)
+    head = (
+        "<tr><th>layer</th><th>head</th>"
+        + "".join(f'<th title="{html.escape(HEAD_COLUMNS[c])}">{c}</th>' for c in cols)
+        + "</tr>"
+    )
+    rows = []
+    for layer in range(prof.n_layers):
+        for h in range(prof.n_heads):
+            cells = "".join(f"<td data-v='{s[c][layer, h]:.6g}'>{s[c][layer, h]:.4f}</td>" for c in cols)
+            rows.append(f"<tr><td>{layer}</td><td>{h}</td>{cells}</tr>")
+    legend = "; ".join(f"<b>{c}</b>: {html.escape(d)}" for c, d in HEAD_COLUMNS.items())
+    return (
+        f"<p class=note>Click a column to sort. {legend}.</p><div class=scroll><table class=sortable id=heads>"
+        f"<thead>{head}</thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _entropy_table(prof, prompt: int, top: int = 10) -> str:
+    labels = token_labels(prof, prompt)
+    ent = prof.arrays["tokens.logit_entropy"][prof.prompt_slice(prompt)]
+    rows = "".join(
+        f"<tr><td>{p}</td><td class=l>{html.escape(repr(labels[p]))}</td><td>{ent[p]:.3f}</td></tr>"
+        for p in high_entropy_positions(prof, prompt, top)
+    )
+    return (
+        f"<table class=sortable id=entropy><thead><tr><th>position</th><th class=l>token</th>"
+        f"<th>next-token entropy (nats)</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _grid_layers(n_layers: int, k: int = 8) -> list[int]:
+    return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, min(k, n_layers))})
+
+
+class ReportRenderer(Renderer):
+    """The HTML report; with ``compare`` (another profile of the same model), a comparison section too."""
+
+    output_file_extension = "html"
+    output_is_binary = False
+
+    def __init__(self, compare=None, names=("A", "B"), prompt: int = 0):
+        self.compare, self.names, self.prompt = compare, names, prompt
+
+    def render(self, prof, out_path) -> list[Path]:
+        from plotly.offline import get_plotlyjs
+
+        from .interactive import down_proj_scatter, laminar_figure
+        from .views import plot_compare, plot_down_proj, plot_layer_grid
+
+        if self.compare is not None:
+            prof.check_compatible_model(self.compare)
+        prof.prompt_slice(self.prompt)
+        out_path = Path(out_path)
+        parts: list[str] = []
+        title = f"attnscope report: {prof.meta.get('model_id')}"
+        parts.append(f"<h1>{html.escape(title)}</h1>")
+        parts.append("<h2>Model</h2>" + _card(prof))
+        parts.append(
+            "<h2>Laminar profiles</h2><p class=note>Per layer, the KDE of attention weights of all heads "
+            "pooled: self-attention p(i,i), the final token's row, and every causal pair (from the "
+            "histogram).</p>"
+        )
+        for kind in ("self", "final", "all"):
+            fig = laminar_figure(prof, kind)
+            parts.append(
+                f'<div class="plot" id="laminar-{kind}">{fig.to_html(full_html=False, include_plotlyjs=False)}</div>'
+            )
+        layers = _grid_layers(prof.n_layers)
+        parts.append(
+            f"<h2>Layer grid</h2><p class=note>Prompt {self.prompt}, layers {layers}, heads averaged, one "
+            "shared colour scale; yellow cross-hairs mark the tokens of highest next-token entropy.</p>"
+        )
+        parts.append(_png(plot_layer_grid(prof, layers, None, self.prompt)))
+        parts.append("<h2>Heads</h2>" + _head_table(prof))
+        parts.append("<h2>down_proj</h2>" + _png(plot_down_proj(prof, self.prompt)))
+        fig = down_proj_scatter(prof, self.prompt)
+        parts.append(f'<div class="plot" id="downproj-3d">{fig.to_html(full_html=False, include_plotlyjs=False)}</div>')
+        parts.append(
+            f"<h2>High-entropy tokens</h2><p class=note>Prompt {self.prompt}.</p>" + _entropy_table(prof, self.prompt)
+        )
+        if self.compare is not None:
+            parts.append(f"<h2>Comparison: {html.escape(self.names[0])} vs {html.escape(self.names[1])}</h2>")
+            parts.append(_png(plot_compare(prof, self.compare, self.names)))
+        doc = (
+            f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head><body>{''.join(parts)}"
+            f"<script>{_SORT_JS}</script></body></html>"
+        )
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp")
+        tmp.write_text(doc, encoding="utf-8")
+        tmp.replace(out_path)
+        return [out_path]
+
+
+def write_report(prof, out_path, compare=None, names=("A", "B"), prompt: int = 0) -> Path:
+    """Shorthand for ``ReportRenderer(compare, names, prompt).render(prof, out_path)[0]``."""
+    return ReportRenderer(compare, names, prompt).render(prof, out_path)[0]

@@ -1,0 +1,145 @@
+"""Tables derived from a ``Profile``: per-head summaries and per-token rows (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "HEAD_COLUMNS",
+    "ViewError",
+    "TOKEN_COLUMNS",
+    "attention_matrix",
+    "check_layer_head",
+    "head_summary",
+    "high_entropy_positions",
+    "received",
+    "token_labels",
+    "token_table",
+]
+
+HEAD_COLUMNS = {
+    "entropy": "mean row entropy (nats)",
+    "sink": "mean attention to the first token",
+    "prev": "mean attention to the previous token",
+    "self": "mean self-attention p(i, i)",
+    "distance": "mean attention distance (tokens, bucket midpoints)",
+    "rowmax": "mean of the largest weight per row",
+}
+
+TOKEN_COLUMNS = ("prompt", "position", "token_id", "token", "logit_entropy")
+
+
+class ViewError(ValueError):
+    """A view was asked for something the profile does not hold (index out of range, a matrix not kept)."""
+
+
+def check_layer_head(prof, layer: int, head: int | None = None) -> None:
+    """``IndexError`` naming the valid range when a layer or head index is out of range."""
+    if not 0 <= layer < prof.n_layers:
+        raise ViewError(f"layer {layer} is out of range: the profile has layers 0..{prof.n_layers - 1}")
+    if head is not None and not 0 <= head < prof.n_heads:
+        raise ViewError(f"head {head} is out of range: the profile has heads 0..{prof.n_heads - 1}")
+
+
+def head_summary(prof) -> dict[str, np.ndarray]:
+    """Per (layer, head) summary statistics over every token of the profile, each [layers, heads]."""
+    a = prof.arrays
+    out = {
+        "entropy": a["attn.entropy"].mean(-1),
+        "sink": a["attn.sink"].mean(-1),
+        "prev": a["attn.prev"].mean(-1),
+        "self": a["attn.diag"].mean(-1),
+        "rowmax": a["attn.rowmax"].mean(-1),
+    }
+    dist = a["attn.dist"]  # [Ly, H, 32]: bucket k holds distances d with d + 1 in [2^k, 2^(k+1))
+    k = np.arange(dist.shape[-1])
+    mid = 1.5 * 2.0**k - 1.5  # midpoint of [2^k - 1, 2^(k+1) - 2]
+    mass = dist.sum(-1)
+    out["distance"] = np.divide((dist * mid).sum(-1), mass, out=np.zeros_like(mass), where=mass > 0)
+    return {name: np.asarray(v, dtype=np.float64) for name, v in out.items()}
+
+
+def token_labels(prof, prompt: int) -> list[str]:
+    """The decoded tokens of one prompt, as stored in the profile."""
+    if not 0 <= prompt < len(prof.prompts):
+        raise ViewError(f"prompt {prompt} is out of range: the profile holds prompts 0..{len(prof.prompts) - 1}")
+    return list(
+        prof.prompts[prompt].get("tokens") or [str(t) for t in prof.arrays["tokens.ids"][prof.prompt_slice(prompt)]]
+    )
+
+
+def high_entropy_positions(prof, prompt: int, top: int = 5) -> np.ndarray:
+    """Positions (within the prompt) of the ``top`` highest next-token entropies, highest first."""
+    ent = prof.arrays["tokens.logit_entropy"][prof.prompt_slice(prompt)]
+    order = np.argsort(-ent, kind="stable")
+    return order[: min(top, ent.size)]
+
+
+def attention_matrix(prof, prompt: int, layer: int, head: int | None) -> tuple[np.ndarray, bool, int]:
+    """The attention of one head (or the mean of all heads) of one prompt.
+
+    Returns ``(matrix, is_full, length)``: the kept full L x L matrix when the user kept it (all heads kept
+    for a mean), else the pooled R x R thumbnail; ``length`` is the prompt's token count, so a thumbnail's
+    cells map back to token positions.
+    """
+    check_layer_head(prof, layer, head)
+    sl = prof.prompt_slice(prompt)
+    L = sl.stop - sl.start
+    heads = range(prof.n_heads) if head is None else [head]
+    names = [f"attn.full.p{prompt}.l{layer}.h{h}" for h in heads]
+    if all(n in prof.arrays for n in names):
+        return np.mean([prof.arrays[n] for n in names], axis=0), True, L
+    thumb = prof.arrays[f"attn.thumb.p{prompt}"][layer]  # [H, R, R]
+    return (thumb.mean(0) if head is None else thumb[head]), False, L
+
+
+def received(prof, prompt: int, layer: int, head: int, mode: str = "mean", token: int | None = None) -> np.ndarray:
+    """Attention per key position of one prompt.
+
+    ``mode``: ``"mean"`` (attention received, averaged over the queries that can see the key), ``"max"``
+    (largest weight any query gives it), or ``"token"`` (the row of query ``token``: the final token's row is
+    always kept; other rows need the head's full matrix, kept with ``--keep-head LAYER:HEAD``).
+    """
+    check_layer_head(prof, layer, head)
+    sl = prof.prompt_slice(prompt)
+    L = sl.stop - sl.start
+    if mode == "mean":
+        n_queries = L - np.arange(L)  # causal: queries j..L-1 see key j
+        return prof.arrays["attn.recv_sum"][layer, head, sl] / n_queries
+    if mode == "max":
+        return prof.arrays["attn.recv_max"][layer, head, sl]
+    if mode == "token":
+        t = L - 1 if token is None else (token + L if token < 0 else token)
+        if not 0 <= t < L:
+            raise ViewError(f"token {token} is out of range: prompt {prompt} has {L} tokens")
+        if t == L - 1:
+            return prof.arrays["attn.final"][layer, head, sl]
+        name = f"attn.full.p{prompt}.l{layer}.h{head}"
+        if name not in prof.arrays:
+            raise ViewError(
+                f"the row of token {t} needs the full matrix of layer {layer} head {head}, which this profile did "
+                f"not keep: profile again with --keep-head {layer}:{head} (or use the final token, mean or max)"
+            )
+        return prof.arrays[name][t, :L]
+    raise ValueError(f"mode must be 'mean', 'max' or 'token', got {mode!r}")
+
+
+def token_table(prof) -> dict[str, np.ndarray]:
+    """One row per token of every prompt: prompt, position, token id and text, next-token entropy, and per layer
+    the down_proj input/output norms (``mlp_in_norm_l{L}``, ``mlp_out_norm_l{L}``)."""
+    off = prof.offsets
+    n = prof.n_tokens
+    prompt = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    position = np.arange(n) - off[prompt]
+    tokens = [t for p in prof.prompts for t in (p.get("tokens") or [])]
+    out: dict[str, np.ndarray] = {
+        "prompt": prompt,
+        "position": position,
+        "token_id": prof.arrays["tokens.ids"],
+        "token": np.array(tokens if len(tokens) == n else [""] * n, dtype=object),
+        "logit_entropy": prof.arrays["tokens.logit_entropy"],
+    }
+    for layer in range(prof.n_layers):
+        out[f"mlp_in_norm_l{layer}"] = prof.arrays["mlp.in_norm"][layer]
+        out[f"mlp_out_norm_l{layer}"] = prof.arrays["mlp.out_norm"][layer]
+    return out

@@ -1,0 +1,59 @@
+"""A plain (non-editable) install imports from outside the repository and installs only `attnscope`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plain_install_imports_from_outside(tmp_path):
+    target = tmp_path / "site"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    top = sorted(
+        p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")) and p.name != "bin"
+    )
+    assert top == ["attnscope"], f"installed top-level names {top}: never install kernels/profiler/render"
+    code = (
+        "import sys, attnscope; assert 'torch' not in sys.modules;"
+        "import attnscope.kernels, attnscope.profiler, attnscope.render, attnscope.cli;"
+        "from attnscope.profiler.data import Profile; from attnscope.kernels.reference import attn_stats_ref;"
+        "import importlib.util as u; assert u.find_spec('kernels') is None, 'a top-level kernels module is visible';"
+        "print(attnscope.__file__)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().startswith(str(target))
+
+
+def test_render_package_does_not_import_torch():
+    code = (
+        "import sys; import attnscope.render.kde, attnscope.render.laminar, attnscope.profiler.data; "
+        "assert 'torch' not in sys.modules and 'triton' not in sys.modules, sorted(sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -1,0 +1,76 @@
+"""The real SmolLM2-135M-Instruct (Llama architecture, GQA 9/3, d_head 64) end to end, on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges
+from attnscope.kernels.reference import attn_stats_from_probs_ref
+from helpers import assert_verbose_allclose
+
+import attnscope
+
+TEXT = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is"
+
+
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / "smol"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    exe = [sys.executable, "-m", "attnscope.cli"]
+    res = subprocess.run(
+        [*exe, "profile", "--prompt", TEXT, "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "profile.json").is_file() and (out / "profile.safetensors").is_file()
+    res = subprocess.run([*exe, "render", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for kind in ("self", "final", "all"):
+        png = out / "figures" / f"laminar_{kind}.png"
+        assert png.is_file() and png.stat().st_size > 10_000
+    prof = attnscope.load(out)
+    assert prof.meta["model_id"] == "SmolLM2-135M-Instruct" and prof.n_layers == 30 and prof.n_heads == 9
+    for kind in ("self", "final", "all"):
+        grid, dens = prof.laminar(kind, points=2001, lo=-1.0, hi=2.0)
+        mass = np.trapezoid(dens, grid, axis=1)  # [layers]
+        assert mass == pytest.approx(np.ones(30), abs=1e-3), kind
+
+
+def test_capture_matches_eager_on_real_weights(smollm2):
+    model, tok, _ = smollm2
+    batch = tok([TEXT, "Hello there"], return_tensors="pt", padding=True)
+    spec = AttnStatsSpec(bins=512, thumb_size=16)
+    _, stats = attnscope.run_with_stats(model, dict(batch), spec=spec, block_q=16)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            eager = model(**batch, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    ranges = KeyRanges.from_attention_mask(batch["attention_mask"])
+    for layer in (0, 14, 29):
+        ref = attn_stats_from_probs_ref(eager.attentions[layer].double(), ranges, spec)
+        for v in ATTN_VECTOR_STATS:
+            assert_verbose_allclose(stats["attn"][layer][v], ref[v], atol=2e-5, rtol=1e-4, name=f"l{layer} {v}")
+
+
+def test_python_api(smollm2, tmp_path):
+    model, tok, model_id = smollm2
+    a = attnscope.profile(model, tok, [TEXT], progress=False, model_id=model_id)
+    b = attnscope.profile(model, tok, ["A second, shorter prompt."], progress=False, model_id=model_id)
+    ab = a.merge(b)
+    ab.save(tmp_path / "x")
+    back = attnscope.load(tmp_path / "x")
+    grid, density = back.laminar("self", points=300)
+    assert grid.shape == (300,) and density.shape == (30, 300)
+    assert len(back.prompts) == 2 and back.arrays["tokens.logit_entropy"].shape == (back.n_tokens,)
+    ent = back.arrays["tokens.logit_entropy"]
+    assert (ent >= 0).all() and (ent <= np.log(model.config.vocab_size) + 1e-3).all()
