@@ -133,7 +133,7 @@ def down_proj_stats_ref(
     Returns:
         ``in_norm`` [T], ``out_norm`` [T] (L2 norms), ``topk_idx`` [T, k] int64 and ``topk_val`` [T, k] (neurons
         of largest |x|, signed values), ``neuron_max`` [d_ff] and ``neuron_argmax`` [d_ff] int64 (max of x over tokens
-        and the token holding it), ``neuron_sum`` and ``neuron_sumsq`` [d_ff] float64.
+        and the token holding it), ``neuron_sum`` and ``neuron_sumsq`` [d_ff] float64 (summed in the working dtype).
     """
     dt = torch.float64 if upcast else torch.float32
     xf, yf = x.to(dt), y.to(dt)
@@ -147,6 +147,6 @@ def down_proj_stats_ref(
         "topk_val": xf.gather(-1, idx),
         "neuron_max": mx,
         "neuron_argmax": amx,
-        "neuron_sum": x.double().sum(0),
-        "neuron_sumsq": (x.double() ** 2).sum(0),
+        "neuron_sum": xf.sum(0).double(),
+        "neuron_sumsq": (xf * xf).sum(0).double(),
     }

@@ -1,0 +1,41 @@
+"""Launch heuristics and limits of the Triton kernels, in one place."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+__all__ = ["MAX_HEAD_DIM", "MAX_SEQ", "down_proj_settings", "is_interpreter", "qk_stats_settings"]
+
+MAX_HEAD_DIM = 256
+MAX_SEQ = 1 << 24  # distance buckets use the float32 exponent of (i - j + 1): exact below 2^24
+MAX_BINS = 8192  # the two histograms live in registers for a whole query tile
+
+
+def is_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def qk_stats_settings(head_dim: int, seq_len: int, bins: int, thumb_size: int) -> dict:
+    """Padded sizes for the attention-statistics kernel; ``RuntimeError`` with the limit when unsupported."""
+    if head_dim > MAX_HEAD_DIM:
+        raise RuntimeError(f"qk_stats supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    if seq_len >= MAX_SEQ:
+        raise RuntimeError(f"qk_stats supports sequences shorter than {MAX_SEQ} tokens, got {seq_len}")
+    if bins > MAX_BINS:
+        raise RuntimeError(f"qk_stats supports at most {MAX_BINS} histogram bins, got {bins}")
+    return {
+        "HEAD_DIM_PAD": max(16, triton.next_power_of_2(head_dim)),  # d_head 80 -> 128 with masked loads
+        "R_PAD": max(16, triton.next_power_of_2(thumb_size)),  # tl.dot needs >= 16
+    }
+
+
+def down_proj_settings(d_ff: int, d_model: int, top_k: int) -> dict:
+    """Chunk sizes for the down_proj statistics kernel."""
+    if top_k > 64:
+        raise RuntimeError(f"down_proj_stats supports top_k <= 64, got {top_k}")
+    block_f = min(256, triton.next_power_of_2(d_ff))
+    if top_k > block_f:
+        raise RuntimeError(f"top_k {top_k} exceeds the neuron chunk {block_f}")
+    return {"BLOCK_T": 16, "BLOCK_F": block_f, "BLOCK_O": min(256, triton.next_power_of_2(d_model))}

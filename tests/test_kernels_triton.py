@@ -1,0 +1,116 @@
+"""Triton kernels against the torch path and the float64 reference.
+
+They run under ``TRITON_INTERPRET=1`` on the CPU (tiny shapes, in CI) and compiled on CUDA with
+``pytest --device cuda``; without either they skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attnscope.kernels import AttnStatsSpec, attn_stats, attn_stats_torch
+from attnscope.kernels.reference import attn_stats_ref, down_proj_stats_ref
+from helpers import assert_verbose_allclose
+from test_attn_stats import _check, _inputs
+
+triton = pytest.importorskip("triton")
+from attnscope.kernels._settings import is_interpreter  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture
+def kdev(device):
+    if is_interpreter():
+        return "cpu"
+    if not device.startswith("cuda"):
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    return device
+
+
+# (batch, heads, kv heads, L, d_head, window, padded, block_m, block_n)
+SHAPES = [
+    (1, 1, 1, 1, 16, None, False, 16, 16),  # one token
+    (1, 2, 1, 37, 80, None, False, 16, 16),  # d_head 80 padded to 128, L not a multiple of the tile
+    (2, 4, 2, 45, 64, None, True, 16, 32),  # GQA, left and right padding
+    (1, 3, 1, 50, 32, 7, False, 32, 16),  # MQA, sliding window
+    (2, 2, 2, 40, 128, 19, True, 16, 16),  # window + padding, d_head 128
+]
+
+
+@pytest.mark.parametrize("B, H, Hkv, L, D, window, padded, bm, bn", SHAPES)
+def test_qk_stats_matches_reference(kdev, B, H, Hkv, L, D, window, padded, bm, bn):
+    from attnscope.kernels.qk_stats import qk_stats
+
+    q, k, ranges = _inputs(B, H, Hkv, L, D, window, padded, scale=2.0)
+    spec = AttnStatsSpec(bins=64, thumb_size=8)
+    scaling = D**-0.5
+    out = qk_stats(q.to(kdev), k.to(kdev), scaling, ranges, spec, block_m=bm, block_n=bn, poison=True)
+    out = {n: v.cpu() for n, v in out.items()}
+    _check(out, attn_stats_ref(q, k, scaling, ranges, spec), spec, q, k, scaling, ranges, name="triton ")
+    # and against the CPU path, the implementation it replaces on CUDA
+    cpu = attn_stats_torch(q, k, scaling, ranges, spec)
+    for name in ("diag", "entropy", "recv_sum", "thumb", "dist"):
+        assert_verbose_allclose(out[name], cpu[name], atol=1e-5, rtol=1e-5, name=f"triton vs torch {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qk_stats_low_precision(kdev, dtype):
+    from attnscope.kernels.qk_stats import qk_stats
+
+    q, k, ranges = _inputs(1, 2, 1, 33, 64, None, False, dtype=dtype)
+    spec = AttnStatsSpec(bins=64, thumb_size=8)
+    out = {n: v.cpu() for n, v in qk_stats(q.to(kdev), k.to(kdev), 0.125, ranges, spec, 16, 16, poison=True).items()}
+    # low-precision products are exact in fp32 accumulation, so the fp32 tolerance still holds
+    _check(out, attn_stats_ref(q, k, 0.125, ranges, spec), spec, q, k, 0.125, ranges, name=f"{dtype} ")
+
+
+def test_dispatch_forces_triton(kdev):
+    q, k, ranges = _inputs(1, 2, 2, 20, 16, None, False)
+    spec = AttnStatsSpec(bins=32, thumb_size=4)
+    a = attn_stats(q.to(kdev), k.to(kdev), 0.25, ranges, spec, impl="triton")
+    b = attn_stats(q, k, 0.25, ranges, spec, impl="torch")
+    assert_verbose_allclose(a["entropy"].cpu(), b["entropy"], name="entropy")
+
+
+@pytest.mark.parametrize("T, F, O, k", [(1, 20, 7, 8), (37, 300, 70, 8), (16, 512, 64, 4)])
+def test_down_proj_matches_reference(kdev, T, F, O, k):
+    from attnscope.kernels.down_proj import down_proj_stats_triton
+
+    x, y = torch.randn(T, F), torch.randn(T, O)
+    out = {n: v.cpu() for n, v in down_proj_stats_triton(x.to(kdev), y.to(kdev), k).items()}
+    ref = down_proj_stats_ref(x, y, k)
+    for name in ("in_norm", "out_norm", "topk_val", "neuron_max", "neuron_sum", "neuron_sumsq"):
+        assert_verbose_allclose(out[name], ref[name], atol=1e-5, rtol=1e-5, name=name)
+    assert torch.equal(out["topk_idx"], ref["topk_idx"])
+    assert torch.equal(out["neuron_argmax"], ref["neuron_argmax"])
+
+
+def test_kernel_limits_are_clear():
+    from attnscope.kernels._settings import down_proj_settings, qk_stats_settings
+
+    with pytest.raises(RuntimeError, match="head_dim <= 256"):
+        qk_stats_settings(512, 100, 64, 8)
+    with pytest.raises(RuntimeError, match="top_k <= 64"):
+        down_proj_settings(1024, 64, 100)
+
+
+def test_profile_with_triton_equals_torch_path(kdev, rng):
+    # the profiler's two implementations stay in sync end to end (tiny GPT-NeoX: d_head 80, partial rotary)
+    import numpy as np
+    from attnscope.profiler import profile
+    from helpers import random_text, tiny_model, word_tokenizer
+
+    model, tok = tiny_model("gpt_neox", vocab=200).to(kdev), word_tokenizer()
+    prompts = [random_text(int(n), rng) for n in (17, 9)]
+    kw = dict(spec=AttnStatsSpec(bins=128, thumb_size=8), progress=False, batch_size=2, top_k=4)
+    a = profile(model, tok, prompts, impl="triton", **kw)
+    b = profile(model, tok, prompts, impl="torch", **kw)
+    for name, x in a.arrays.items():
+        y = b.arrays[name]
+        if name.startswith("attn.hist"):
+            assert np.abs(x - y).sum() <= 2e-3 * x.sum() + 4, name  # edge values may move one bin
+        elif x.dtype.kind in "iu":
+            assert np.array_equal(x, y), name
+        else:
+            assert_verbose_allclose(x, y, atol=1e-5, rtol=1e-4, name=name)
