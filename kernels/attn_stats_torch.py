@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu_hist import hist_block
-from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_edges
+from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_layout
 
 __all__ = ["attn_stats_torch"]
 
@@ -61,21 +61,7 @@ def attn_stats_torch(
     dist = torch.zeros(H, N_DIST_BUCKETS, dtype=torch.float64, device=dev)
     thumb = torch.zeros(B, H, R, R, dtype=torch.float64, device=dev)
 
-    # thumbnail cells per row: absolute edges [B, R + 1] (padded with the last edge) and row -> cell maps
-    lengths = (end - start).clamp_min(0).tolist()
-    starts = start.tolist()
-    edges = torch.zeros(B, R + 1, dtype=torch.long)
-    cell_count = torch.zeros(B, R, R, dtype=torch.float64)
-    row_cell = torch.full((B, L), -1, dtype=torch.long)
-    for b in range(B):
-        e = torch.tensor(thumb_edges(lengths[b], R))
-        nc = len(e) - 1
-        edges[b, : nc + 1] = e + starts[b]
-        edges[b, nc + 1 :] = e[-1] + starts[b]
-        if nc:
-            sizes = (e[1:] - e[:-1]).double()
-            cell_count[b, :nc, :nc] = sizes[:, None] * sizes[None, :]
-            row_cell[b, starts[b] : starts[b] + lengths[b]] = torch.repeat_interleave(torch.arange(nc), e[1:] - e[:-1])
+    edges, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, R + 1], [B, L], [B, R, R]
     edges, row_cell = edges.to(dev), row_cell.to(dev)
     final_row = end - 1  # [B]
 
@@ -173,6 +159,6 @@ def attn_stats_torch(
                 thumb[b].index_add_(1, rc[b][ok], colpool[b][:, ok])
 
     out = {"hist_all": hist_all, "hist_log": hist_log, "moments": moments, "dist": dist.cpu()}
-    out["thumb"] = (thumb.cpu() / cell_count.clamp_min(1)[:, None]).float()
+    out["thumb"] = (thumb.cpu() / cell_count[:, None]).float()
     out.update({name: v for name, v in vec.items()})
     return out

@@ -29,6 +29,7 @@ __all__ = [
     "linear_bin",
     "log_bin",
     "thumb_edges",
+    "thumb_layout",
 ]
 
 N_DIST_BUCKETS = 32  # distance buckets floor(log2(i - j + 1)): enough for 2**32 tokens
@@ -148,3 +149,28 @@ def thumb_edges(length: int, thumb_size: int) -> list[int]:
     """
     r = min(thumb_size, length)
     return [-(-t * length // r) for t in range(r + 1)] if r > 0 else [0]
+
+
+def thumb_layout(ranges: KeyRanges, length: int, thumb_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each position of a padded batch falls in its prompt's thumbnail.
+
+    Returns:
+        ``edges`` [B, R + 1] int64 absolute cell edges (past the prompt's last cell, repeated),
+        ``cell`` [B, L] int64 cell of each position (-1 for padding),
+        ``count`` [B, R, R] float64 number of (query, key) pairs pooled into each cell (1 where none, so a
+        division by it leaves empty cells at 0).
+    """
+    B, R = ranges.start.numel(), thumb_size
+    edges = torch.zeros(B, R + 1, dtype=torch.long)
+    cell = torch.full((B, length), -1, dtype=torch.long)
+    count = torch.ones(B, R, R, dtype=torch.float64)
+    for b, (lo, hi) in enumerate(zip(ranges.start.tolist(), ranges.end.tolist())):
+        e = torch.tensor(thumb_edges(max(hi - lo, 0), R))
+        nc = len(e) - 1
+        edges[b, : nc + 1] = e + lo
+        edges[b, nc + 1 :] = e[-1] + lo
+        if nc:
+            sizes = e[1:] - e[:-1]
+            count[b, :nc, :nc] = (sizes[:, None] * sizes[None, :]).double()
+            cell[b, lo:hi] = torch.repeat_interleave(torch.arange(nc), sizes)
+    return edges, cell, count

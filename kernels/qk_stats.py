@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._settings import is_interpreter, qk_stats_settings
-from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_edges
+from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_layout
 
 __all__ = ["qk_stats"]
 
@@ -35,6 +35,23 @@ def _floor_log2(x):
     """floor(log2(x)) of positive integers below 2^24, exactly, from the float32 exponent."""
     bits = x.to(tl.float32).to(tl.int32, bitcast=True)
     return (bits >> 23) - 127
+
+
+@triton.jit
+def _score_tile(q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """One key tile: its positions, q . k for every (row, key) pair, and which pairs are allowed."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=(offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # fmt: skip
+    if UPCAST:
+        k = k.to(tl.float32)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
+    return offs_n, qk, allowed
 
 
 @triton.jit
@@ -89,16 +106,8 @@ def _qk_stats_fused_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a_i = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(k_begin, k_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=(offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
+        offs_n, qk, allowed = _score_tile(q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L,
+                                          HEAD_DIM, BLOCK_N, IEEE, UPCAST)  # fmt: skip
         t = tl.where(allowed, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,16 +141,8 @@ def _qk_stats_fused_kernel(
     bh = b * H + h
     log_scale = NB / -log_min
     for n0 in range(k_begin, k_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=(offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
+        offs_n, qk, allowed = _score_tile(q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L,
+                                          HEAD_DIM, BLOCK_N, IEEE, UPCAST)  # fmt: skip
         lp2 = qk * qk_scale - lse2[:, None]  # log2 p
         p = tl.where(allowed, tl.exp2(lp2), 0.0)
         # -- histograms and moments --
@@ -273,16 +274,8 @@ def qk_stats(
     dist = torch.zeros(B, H, N_DIST_BUCKETS, device=dev, dtype=torch.float64)
     thumb = torch.zeros(B, H, R, R, **f32)
 
-    # thumbnail cell of each position and the number of (query, key) cells pooled into each
-    cell = torch.full((B, L), -1, dtype=torch.int32)
-    count = torch.ones(B, R, R, dtype=torch.float64)
-    for b, (lo, hi) in enumerate(zip(ranges.start.tolist(), ranges.end.tolist())):
-        e = torch.tensor(thumb_edges(max(hi - lo, 0), R))
-        if len(e) > 1:
-            sizes = e[1:] - e[:-1]
-            cell[b, lo:hi] = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), sizes)
-            nc = len(sizes)
-            count[b, :nc, :nc] = (sizes[:, None] * sizes[None, :]).double()
+    _, cell, count = thumb_layout(ranges, L, R)  # [B, L] cell of each position, [B, R, R] pairs per cell
+    cell = cell.to(torch.int32)
     start = ranges.start.to(dev, torch.int64)
     end = ranges.end.to(dev, torch.int64)
 
