@@ -28,9 +28,15 @@ def pythia_config(layers: int | None):
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        vocab_size=50304, hidden_size=2560, num_hidden_layers=layers or 32, num_attention_heads=32,
-        intermediate_size=10240, rotary_pct=0.25, max_position_embeddings=32768, use_parallel_residual=True,
-    )  # fmt: skip
+        vocab_size=50304,
+        hidden_size=2560,
+        num_hidden_layers=layers or 32,
+        num_attention_heads=32,
+        intermediate_size=10240,
+        rotary_pct=0.25,
+        max_position_embeddings=32768,
+        use_parallel_residual=True,
+    )
 
 
 def _sync(dev):
@@ -90,8 +96,9 @@ def kernel_rate(L: int, dev, dtype) -> dict:
 
         fn()
         med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True),
-                        quantiles=[0.5, 0.2, 0.8])  # fmt: skip
+        sdpa = do_bench(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True), quantiles=[0.5, 0.2, 0.8]
+        )
         return {"ms": med, "ms_p20": p20, "ms_p80": p80, "tflops": flops / (med * 1e-3) / 1e12, "sdpa_ms": sdpa[0]}
     t = time.perf_counter()
     fn()
@@ -120,8 +127,14 @@ def main() -> None:
     with torch.device(dev):
         model = GPTNeoXForCausalLM(cfg).to(dtype).eval()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    result = {"device": name, "dtype": str(dtype), "layers": cfg.num_hidden_layers, "torch": torch.__version__,
-              "bf16_matmul_tflops": matmul_tflops(dev), "runs": []}  # fmt: skip
+    result = {
+        "device": name,
+        "dtype": str(dtype),
+        "layers": cfg.num_hidden_layers,
+        "torch": torch.__version__,
+        "bf16_matmul_tflops": matmul_tflops(dev),
+        "runs": [],
+    }
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
 
     class Tok:  # ids are random; the profiler tokenises text, so hand it a tokenizer that maps words to ids

@@ -19,14 +19,27 @@ __all__ = ["down_proj_stats_triton"]
 
 @triton.jit
 def _down_proj_act_norm_kernel(
-    IN_SQ, OUT_SQ,  # [T] float32 sums of squares of x and y per token
-    CAND_VAL, CAND_IDX,  # [T, n_chunks, K] top-K candidates per neuron chunk (signed value, neuron index)
-    P_MAX, P_ARG, P_SUM, P_SQ,  # [n_tblocks, F] per-block neuron partials
-    X, stride_xt,  # [T, F]
-    Y, stride_yt,  # [T, O]
-    T, F, O, N_CHUNKS,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_O: tl.constexpr,
-):  # fmt: skip
+    IN_SQ,
+    OUT_SQ,  # [T] float32 sums of squares of x and y per token
+    CAND_VAL,
+    CAND_IDX,  # [T, n_chunks, K] top-K candidates per neuron chunk (signed value, neuron index)
+    P_MAX,
+    P_ARG,
+    P_SUM,
+    P_SQ,  # [n_tblocks, F] per-block neuron partials
+    X,
+    stride_xt,  # [T, F]
+    Y,
+    stride_yt,  # [T, O]
+    T,
+    F,
+    O,
+    N_CHUNKS,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+):
     """Per-token norms and top-K neurons, per-neuron partials of one block of tokens; see the module docstring."""
     pid = tl.program_id(0).to(tl.int64)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -58,8 +71,9 @@ def _down_proj_act_norm_kernel(
     osq = tl.zeros([BLOCK_T], tl.float32)
     for o0 in range(0, O, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
-        y = tl.load(Y + offs_t[:, None] * stride_yt + offs_o[None, :], mask=t_ok[:, None] & (offs_o < O)[None, :],
-                    other=0.0).to(tl.float32)  # fmt: skip
+        y = tl.load(
+            Y + offs_t[:, None] * stride_yt + offs_o[None, :], mask=t_ok[:, None] & (offs_o < O)[None, :], other=0.0
+        ).to(tl.float32)
         osq += tl.sum(y * y, 1)
     tl.store(OUT_SQ + offs_t, osq, mask=t_ok)
 
@@ -92,10 +106,27 @@ def down_proj_stats_triton(
     p_arg = torch.empty(n_tb, F, device=dev, dtype=torch.int64)
     if T:
         _down_proj_act_norm_kernel[(n_tb,)](
-            in_sq, out_sq, cand_val, cand_idx, p_max, p_arg, p_sum, p_sq,
-            x, x.stride(0), y, y.stride(0), T, F, O, n_chunks,
-            K=k, BLOCK_T=BT, BLOCK_F=BF, BLOCK_O=st["BLOCK_O"],
-        )  # fmt: skip
+            in_sq,
+            out_sq,
+            cand_val,
+            cand_idx,
+            p_max,
+            p_arg,
+            p_sum,
+            p_sq,
+            x,
+            x.stride(0),
+            y,
+            y.stride(0),
+            T,
+            F,
+            O,
+            n_chunks,
+            K=k,
+            BLOCK_T=BT,
+            BLOCK_F=BF,
+            BLOCK_O=st["BLOCK_O"],
+        )
     # -- reduce the candidates and partials (small) --
     cv = cand_val.reshape(T, -1)  # [T, n_chunks * k]
     top = cv.abs().topk(k, dim=-1).indices

@@ -38,12 +38,28 @@ def _floor_log2(x):
 
 
 @triton.jit
-def _score_tile(q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L,
-                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+def _score_tile(
+    q,
+    k_base,
+    stride_kn,
+    n0,
+    offs_m,
+    offs_d,
+    row_ok,
+    lo_row,
+    L,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One key tile: its positions, q . k for every (row, key) pair, and which pairs are allowed."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=(offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # fmt: skip
+    k = tl.load(
+        k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+        mask=(offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
     if UPCAST:
         k = k.to(tl.float32)
     if IEEE:
@@ -56,20 +72,46 @@ def _score_tile(q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L,
 
 @triton.jit
 def _qk_stats_fused_kernel(
-    HIST_ALL, HIST_LOG,  # [B, H, NB] int32 (atomic add)
+    HIST_ALL,
+    HIST_LOG,  # [B, H, NB] int32 (atomic add)
     MOM,  # [B, H, 2] float64: sum p, sum p^2 (atomic add)
     DIST,  # [B, H, 32] float64 (atomic add)
     THUMB,  # [B, H, R, R] float32 sums of p per cell (atomic add)
-    DIAG, ENT, ROWMAX, SINK, PREV,  # [B, H, L] float32, every element stored
-    FINAL, RECV_SUM, RECV_MAX,  # [B, H, L] float32, zero-initialised
-    Q, stride_qb, stride_qh, stride_qm,  # [B, H, L, D]
-    K, stride_kb, stride_kh, stride_kn,  # [B, H_kv, L, D]
-    START, END,  # [B] int64 key ranges
+    DIAG,
+    ENT,
+    ROWMAX,
+    SINK,
+    PREV,  # [B, H, L] float32, every element stored
+    FINAL,
+    RECV_SUM,
+    RECV_MAX,  # [B, H, L] float32, zero-initialised
+    Q,
+    stride_qb,
+    stride_qh,
+    stride_qm,  # [B, H, L, D]
+    K,
+    stride_kb,
+    stride_kh,
+    stride_kn,  # [B, H_kv, L, D]
+    START,
+    END,  # [B] int64 key ranges
     CELL,  # [B, L] int32 thumbnail cell of each position (-1: padding)
-    L, H, GROUP, WINDOW, R, qk_scale, log_min,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NB: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
+    L,
+    H,
+    GROUP,
+    WINDOW,
+    R,
+    qk_scale,
+    log_min,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NB: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Every attention statistic of one (query tile, batch row, head); see the module docstring."""
     tl.static_assert(BLOCK_N >= 16 and BLOCK_M >= 16)
     tl.static_assert(R_PAD >= 16)
@@ -87,8 +129,11 @@ def _qk_stats_fused_kernel(
     lo_row = tl.zeros([BLOCK_M], dtype=tl.int64) + start
     if WINDOW > 0:
         lo_row = tl.maximum(lo_row, offs_m - WINDOW + 1)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # fmt: skip
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=(offs_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
     if UPCAST:  # the interpreter's tl.dot mishandles bfloat16; the compiled kernel keeps the bf16 dot
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -106,8 +151,9 @@ def _qk_stats_fused_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a_i = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(k_begin, k_end, BLOCK_N):
-        offs_n, qk, allowed = _score_tile(q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L,
-                                          HEAD_DIM, BLOCK_N, IEEE, UPCAST)  # fmt: skip
+        offs_n, qk, allowed = _score_tile(
+            q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L, HEAD_DIM, BLOCK_N, IEEE, UPCAST
+        )
         t = tl.where(allowed, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -141,8 +187,9 @@ def _qk_stats_fused_kernel(
     bh = b * H + h
     log_scale = NB / -log_min
     for n0 in range(k_begin, k_end, BLOCK_N):
-        offs_n, qk, allowed = _score_tile(q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L,
-                                          HEAD_DIM, BLOCK_N, IEEE, UPCAST)  # fmt: skip
+        offs_n, qk, allowed = _score_tile(
+            q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L, HEAD_DIM, BLOCK_N, IEEE, UPCAST
+        )
         lp2 = qk * qk_scale - lse2[:, None]  # log2 p
         p = tl.where(allowed, tl.exp2(lp2), 0.0)
         # -- histograms and moments --
@@ -191,8 +238,9 @@ def _qk_stats_fused_kernel(
     tl.atomic_add(MOM + bh * 2 + 1, tl.sum(s2, 0).to(tl.float64))
     tl.atomic_add(DIST + bh * 32 + bucket_ids, dist.to(tl.float64))
     rc = tl.load(CELL + b * L + offs_m, mask=rmask, other=-1)
-    tl.atomic_add(THUMB + bh * R * R + rc[:, None] * R + cells[None, :], pool,
-                  mask=(rc >= 0)[:, None] & (cells < R)[None, :])  # fmt: skip
+    tl.atomic_add(
+        THUMB + bh * R * R + rc[:, None] * R + cells[None, :], pool, mask=(rc >= 0)[:, None] & (cells < R)[None, :]
+    )
 
 
 def _keep(conf: triton.Config) -> bool:
@@ -280,17 +328,47 @@ def qk_stats(
     end = ranges.end.to(dev, torch.int64)
 
     args = (
-        hist_all, hist_log, mom, dist, thumb,
-        stored["diag"], stored["entropy"], stored["rowmax"], stored["sink"], stored["prev"],
-        final, recv_sum, recv_max,
-        q, q.stride(0), q.stride(1), q.stride(2),
-        k, k.stride(0), k.stride(1), k.stride(2),
-        start, end, cell.to(dev),
-        L, H, H // k.shape[1], ranges.window or 0, R, scaling * _LOG2E, spec.log_min,
-    )  # fmt: skip
+        hist_all,
+        hist_log,
+        mom,
+        dist,
+        thumb,
+        stored["diag"],
+        stored["entropy"],
+        stored["rowmax"],
+        stored["sink"],
+        stored["prev"],
+        final,
+        recv_sum,
+        recv_max,
+        q,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        start,
+        end,
+        cell.to(dev),
+        L,
+        H,
+        H // k.shape[1],
+        ranges.window or 0,
+        R,
+        scaling * _LOG2E,
+        spec.log_min,
+    )
     upcast = q.dtype == torch.bfloat16 and is_interpreter()
-    meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=st["HEAD_DIM_PAD"], NB=spec.bins, R_PAD=st["R_PAD"],
-                IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast)  # fmt: skip
+    meta = dict(
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=st["HEAD_DIM_PAD"],
+        NB=spec.bins,
+        R_PAD=st["R_PAD"],
+        IEEE=q.dtype == torch.float32 or upcast,
+        UPCAST=upcast,
+    )
     if block_m is None and block_n is None and not is_interpreter():
         grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)  # noqa: E731
         _qk_stats_autotuned[grid](*args, **meta)

@@ -164,23 +164,33 @@ CHROME_FLAGS = [
 ]
 
 
-def test_report_in_headless_chromium(run_dirs, tmp_path):
-    exe = _chromium()
-    report = tmp_path / "report.html"
-    assert main(["report", str(run_dirs[0]), "--compare", str(run_dirs[1]), "--out", str(report)]) == 0
-    text = report.read_text()
-    assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*\shref=", text), "the report must not load anything remotely"
-    profile_dir = tmp_path / "chrome-profile"
+def _dump_dom(exe, page, profile_dir):
+    """The DOM after scripts ran, and the console messages that reported an error."""
     res = subprocess.run(
-        [exe, *CHROME_FLAGS, f"--user-data-dir={profile_dir}", "--dump-dom", report.as_uri()],
+        [exe, *CHROME_FLAGS, f"--user-data-dir={profile_dir}", "--dump-dom", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    dom = res.stdout
-    console = [line for line in res.stderr.splitlines() if "CONSOLE" in line]
-    assert not [c for c in console if "rror" in c], console
+    errors = [line for line in res.stderr.splitlines() if "CONSOLE" in line and "rror" in line]
+    return res.stdout, errors
+
+
+def test_report_in_headless_chromium(run_dirs, tmp_path):
+    exe = _chromium()
+    # the harness sees a console error when there is one
+    broken = tmp_path / "broken.html"
+    broken.write_text("<html><body><script>undefinedFunction();</script></body></html>")
+    assert _dump_dom(exe, broken, tmp_path / "chrome-check")[1], "console errors are not being captured"
+
+    report = tmp_path / "report.html"
+    assert main(["report", str(run_dirs[0]), "--compare", str(run_dirs[1]), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*\shref=", text), "the report must not load anything remotely"
+    profile_dir = tmp_path / "chrome-profile"
+    dom, errors = _dump_dom(exe, report, profile_dir)
+    assert not errors, errors
     assert dom.count('class="plot-container plotly"') >= 4, "plotly figures missing from the DOM"
     assert 'id="heads"' in dom and "<svg" in dom
     shot = tmp_path / "shot.png"
