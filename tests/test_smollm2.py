@@ -74,3 +74,18 @@ def test_python_api(smollm2, tmp_path):
     assert len(back.prompts) == 2 and back.arrays["tokens.logit_entropy"].shape == (back.n_tokens,)
     ent = back.arrays["tokens.logit_entropy"]
     assert (ent >= 0).all() and (ent <= np.log(model.config.vocab_size) + 1e-3).all()
+
+
+def test_gguf_file_loads_to_the_same_weights(smollm2, tmp_path):
+    # the default model's cache keeps the GGUF it was converted from: loading it directly (as
+    # `attnscope profile path/to/model.gguf` does) must give the very weights of the cached conversion
+    from attnscope.profiler.models import cache_dir, load_model
+    from attnscope.profiler.run import _config_digest, _weights_digest
+
+    gguf = next((cache_dir() / "smollm2").glob("*.gguf"))
+    model, tok, model_id = load_model(str(gguf), device="cpu", dtype="float32")
+    assert model_id == str(gguf) and model.config.model_type == "llama"
+    ref_model, ref_tok, _ = smollm2
+    assert _weights_digest(model) == _weights_digest(ref_model)
+    assert _config_digest(model) == _config_digest(ref_model)
+    assert tok(TEXT)["input_ids"] == ref_tok(TEXT)["input_ids"]
