@@ -9,6 +9,7 @@ __all__ = [
     "ViewError",
     "TOKEN_COLUMNS",
     "attention_matrix",
+    "down_proj_by_position",
     "check_layer_head",
     "head_summary",
     "high_entropy_positions",
@@ -143,3 +144,20 @@ def token_table(prof) -> dict[str, np.ndarray]:
         out[f"mlp_in_norm_l{layer}"] = prof.arrays["mlp.in_norm"][layer]
         out[f"mlp_out_norm_l{layer}"] = prof.arrays["mlp.out_norm"][layer]
     return out
+
+
+def down_proj_by_position(prof, which: str = "in", bins: int = 50) -> np.ndarray:
+    """Mean down_proj norm per (layer, relative position bin) over every prompt: [layers, bins].
+
+    Positions are scaled to [0, 1) by each prompt's length, so prompt sets of different lengths compare.
+    """
+    norms = prof.arrays[f"mlp.{which}_norm"]  # [layers, tokens]
+    off = prof.offsets
+    lengths = np.diff(off)
+    prompt = np.repeat(np.arange(len(lengths)), lengths)
+    rel = (np.arange(prof.n_tokens) - off[prompt]) / lengths[prompt]  # [tokens] in [0, 1)
+    b = np.minimum((rel * bins).astype(int), bins - 1)
+    total = np.zeros((norms.shape[0], bins))
+    np.add.at(total.T, b, norms.T)
+    count = np.bincount(b, minlength=bins)
+    return np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)

@@ -11,6 +11,7 @@ from .summary import (
     HEAD_COLUMNS,
     attention_matrix,
     check_layer_head,
+    down_proj_by_position,
     head_summary,
     high_entropy_positions,
     received,
@@ -169,74 +170,47 @@ def plot_down_proj(prof, prompt: int = 0, mark_top: int = 5):
     return fig
 
 
+def _triple(fig, row, ma, mb, names, what, cmap, ylabel, extent=None):
+    """A and B on one colour scale and B - A on a symmetric one, as [layers, y] heatmaps."""
+    vmin = min(0.0, np.nanmin([np.nanmin(ma), np.nanmin(mb)]))
+    vmax = np.nanmax([np.nanmax(ma), np.nanmax(mb)])
+    diff = mb - ma
+    lim = np.nanmax(np.abs(diff)) or 1.0
+    panels = [(ma, names[0], cmap, vmin, vmax), (mb, names[1], cmap, vmin, vmax),
+              (diff, f"{names[1]} - {names[0]}", "RdBu_r", -lim, lim)]  # fmt: skip
+    for ax, (m, title, cm, lo, hi) in zip(row, panels):
+        im = ax.imshow(m.T, origin="lower", aspect="auto", cmap=cm, vmin=lo, vmax=hi, interpolation="nearest",
+                       extent=extent)  # fmt: skip
+        ax.set_title(f"{what}: {title}", fontsize=8)
+        ax.set_xlabel("layer", fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+
+
 def plot_compare(a, b, names=("A", "B"), points: int = 200):
-    """Two profiles of the same model side by side, and their difference (B - A): laminar profiles, mean
-    down_proj norms per layer, and the per-head summary statistics."""
+    """Two profiles of the same model side by side, and their difference (B - A): laminar profiles, down_proj
+    norms by layer and relative position (prompt sets of any lengths), and the per-head summary statistics."""
     plt = _plt()
     a.check_compatible_model(b)
     kinds = ("self", "final", "all")
     stats = ("entropy", "sink", "prev", "distance")
-    fig, axes = plt.subplots(
-        len(kinds) + 1 + len(stats), 3, figsize=(14, 3.0 * (len(kinds) + 1 + len(stats))), squeeze=False
-    )
+    n_rows = len(kinds) + 2 + len(stats)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(14, 3.0 * n_rows), squeeze=False)
     for r, kind in enumerate(kinds):
         grid, da = a.laminar(kind, points=points)
         _, db = b.laminar(kind, points=points)
-        vmax = max(da.max(), db.max())
-        diff = db - da
-        lim = np.abs(diff).max() or 1.0
-        for c, (m, title, cm, lo, hi) in enumerate(
-            [
-                (da, names[0], "magma", 0, vmax),
-                (db, names[1], "magma", 0, vmax),
-                (diff, f"{names[1]} - {names[0]}", "RdBu_r", -lim, lim),
-            ]
-        ):
-            ax = axes[r][c]
-            im = ax.imshow(
-                m.T,
-                origin="lower",
-                aspect="auto",
-                cmap=cm,
-                vmin=lo,
-                vmax=hi,
-                extent=(-0.5, m.shape[0] - 0.5, grid[0], grid[-1]),
-            )
-            ax.set_title(f"laminar {kind}: {title}", fontsize=8)
-            ax.set_xlabel("layer", fontsize=7)
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    r = len(kinds)
-    for c, name in enumerate(("mlp.in_norm", "mlp.out_norm")):
-        ax = axes[r][c]
-        ma, mb = a.arrays[name].mean(1), b.arrays[name].mean(1)  # [layers]
-        ax.plot(ma, label=names[0])
-        ax.plot(mb, label=names[1])
-        ax.set_title(f"mean {name} per layer", fontsize=8)
-        ax.legend(fontsize=7)
-    ax = axes[r][2]
-    ax.plot(b.arrays["mlp.in_norm"].mean(1) - a.arrays["mlp.in_norm"].mean(1), label="input")
-    ax.plot(b.arrays["mlp.out_norm"].mean(1) - a.arrays["mlp.out_norm"].mean(1), label="output")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_title(f"down_proj norm difference ({names[1]} - {names[0]})", fontsize=8)
-    ax.legend(fontsize=7)
+        extent = (-0.5, da.shape[0] - 0.5, grid[0], grid[-1])
+        _triple(fig, axes[r], da, db, names, f"laminar {kind}", "magma", "attention weight", extent)
+    for r, which in enumerate(("in", "out"), start=len(kinds)):
+        # log10: the first token's norms are often 100x the rest; the difference is then a log ratio
+        bins = int(min(50, np.diff(a.offsets).min(), np.diff(b.offsets).min()))
+        ma = np.log10(down_proj_by_position(a, which, bins))  # [layers, position bins]
+        mb = np.log10(down_proj_by_position(b, which, bins))
+        _triple(fig, axes[r], ma, mb, names, f"log10 down_proj {which}put norm", "magma", "relative position",
+                (-0.5, ma.shape[0] - 0.5, 0.0, 1.0))  # fmt: skip
     sa, sb = head_summary(a), head_summary(b)
-    for i, s in enumerate(stats):
-        row = axes[r + 1 + i]
-        vmax = max(sa[s].max(), sb[s].max())
-        diff = sb[s] - sa[s]
-        lim = np.abs(diff).max() or 1.0
-        for c, (m, title, cm, lo, hi) in enumerate(
-            [
-                (sa[s], names[0], "viridis", 0, vmax),
-                (sb[s], names[1], "viridis", 0, vmax),
-                (diff, "difference", "RdBu_r", -lim, lim),
-            ]
-        ):
-            im = row[c].imshow(m.T, aspect="auto", cmap=cm, vmin=lo, vmax=hi, origin="lower")
-            row[c].set_title(f"{HEAD_COLUMNS[s]}: {title}", fontsize=8)
-            row[c].set_xlabel("layer", fontsize=7)
-            row[c].set_ylabel("head", fontsize=7)
-            fig.colorbar(im, ax=row[c], fraction=0.046)
+    for r, s in enumerate(stats, start=len(kinds) + 2):
+        _triple(fig, axes[r], sa[s], sb[s], names, HEAD_COLUMNS[s], "viridis", "head")
     fig.suptitle(f"{a.meta.get('model_id')}: {names[0]} vs {names[1]}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     return fig

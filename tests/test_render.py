@@ -209,3 +209,15 @@ def test_report_in_headless_chromium(run_dirs, tmp_path):
     )
     assert shot.is_file(), res.stderr[-2000:]
     _image_ok(shot)
+
+
+def test_down_proj_by_position(run_dirs):
+    prof = load(run_dirs[1])  # one prompt
+    L = prof.n_tokens
+    np.testing.assert_allclose(summary.down_proj_by_position(prof, "in", bins=L), prof.arrays["mlp.in_norm"])
+    two = load(run_dirs[0])  # two prompts of different lengths: each bin averages both prompts' tokens in it
+    m = summary.down_proj_by_position(two, "out", bins=4)
+    norms, off = two.arrays["mlp.out_norm"], two.offsets
+    first = [norms[:, off[p] : off[p + 1]][:, : max(1, (off[p + 1] - off[p]) // 4)] for p in range(2)]
+    assert m.shape == (two.n_layers, 4)
+    assert np.all(m[:, 0] >= min(f.min() for f in first) - 1e-6) and np.all(m[:, 0] <= max(f.max() for f in first))
