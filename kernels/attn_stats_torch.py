@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu_hist import hist_block
-from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_layout
+from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_layout, validate_qk
 
 __all__ = ["attn_stats_torch"]
 
@@ -40,12 +40,9 @@ def attn_stats_torch(
     use_numba: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (see ``reference.attn_stats_ref`` for the outputs)."""
+    validate_qk(q, k, ranges)
     B, H, L, D = q.shape
     Hkv = k.shape[1]
-    if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D or H % Hkv:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (H must be a multiple of H_kv)")
-    if ranges.start.numel() != B:
-        raise ValueError(f"ranges describe {ranges.start.numel()} rows, the batch has {B}")
     group = H // Hkv
     dev = q.device
     start = ranges.start.to(dev)  # [B]

@@ -30,6 +30,7 @@ __all__ = [
     "log_bin",
     "thumb_edges",
     "thumb_layout",
+    "validate_qk",
 ]
 
 N_DIST_BUCKETS = 32  # distance buckets floor(log2(i - j + 1)): enough for 2**32 tokens
@@ -174,3 +175,16 @@ def thumb_layout(ranges: KeyRanges, length: int, thumb_size: int) -> tuple[torch
             count[b, :nc, :nc] = (sizes[:, None] * sizes[None, :]).double()
             cell[b, lo:hi] = torch.repeat_interleave(torch.arange(nc), sizes)
     return edges, cell, count
+
+
+def validate_qk(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
+    """``ValueError`` unless q [B, H, L, D] and k [B, H_kv, L, D] share B, L, D and a float dtype, H is a multiple of
+    H_kv, and ``ranges`` describe B rows."""
+    if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q [B, H, L, D] and k [B, H_kv, L, D] do not match: {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"heads {q.shape[1]} must be a multiple of H_kv, the KV heads ({k.shape[1]})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share a dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}")
+    if ranges.start.numel() != q.shape[0]:
+        raise ValueError(f"ranges describe {ranges.start.numel()} rows, the batch has {q.shape[0]}")

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._settings import is_interpreter, qk_stats_settings
-from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_layout
+from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_layout, validate_qk
 
 __all__ = ["qk_stats"]
 
@@ -266,14 +266,7 @@ _qk_stats_autotuned = triton.autotune(
 def _check(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
     if not (q.is_cuda or is_interpreter()):
         raise ValueError("qk_stats runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
-    if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q [B, H, L, D] and k [B, H_kv, L, D] do not match: {tuple(q.shape)}, {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"heads {q.shape[1]} must be a multiple of KV heads {k.shape[1]}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
-        raise ValueError(f"q and k must share a dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}")
-    if ranges.start.numel() != q.shape[0]:
-        raise ValueError(f"ranges describe {ranges.start.numel()} rows, the batch has {q.shape[0]}")
+    validate_qk(q, k, ranges)
 
 
 def _pairs(ranges: KeyRanges) -> torch.Tensor:
