@@ -201,7 +201,7 @@ class Profile:
                 if not overwrite:
                     raise ProfileError(f"{path} already holds a profile")
                 try:
-                    old.check_compatible(self)
+                    old.check_compatible_model(self)  # same model, any settings: a re-run replaces it
                 except ProfileError as e:
                     raise ProfileError(
                         f"refusing to overwrite {path}: it holds another model's profile ({e})"

@@ -82,6 +82,17 @@ def test_profile_then_render(model_dir, tmp_path, capsys, rng):
         == 0
     )
     assert len(load(out).prompts) == 3
+    # --append with other settings is refused before profiling; a plain re-run of the same model replaces
+    _fails(
+        capsys,
+        ["profile", str(model_dir), "--prompt", "cat", "--out", str(out), "--bins", "128", "--append"],
+        "its spec is",
+    )
+    assert (
+        main(["profile", str(model_dir), "--prompt", "cat dog", "--out", str(out), "--bins", "128", "--no-progress"])
+        == 0
+    )
+    assert len(load(out).prompts) == 1 and load(out).meta["spec"]["bins"] == 128
     assert main(["render", str(out), "--per-head", "--kinds", "self,all"]) == 0
     figs = sorted(p.name for p in (out / "figures").iterdir())
     assert figs == ["laminar_all.png", "laminar_all_heads.png", "laminar_self.png", "laminar_self_heads.png"]

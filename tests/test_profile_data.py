@@ -66,6 +66,7 @@ def test_merge_refuses_another_model(setup, rng, tmp_path):
     with pytest.raises(ProfileError, match="spec differs"):
         a.merge(c)
     a.save(tmp_path / "x")
+    c.save(tmp_path / "x")  # same model, other settings: a re-run replaces the profile
     with pytest.raises(ProfileError, match="another model's profile"):
         b.save(tmp_path / "x")
     b.save(tmp_path / "x", force=True)

@@ -113,17 +113,22 @@ def cmd_profile(args) -> int:
         model_id=args.model or DEFAULT_MODEL,
     )
     model, tok, model_id = load_model(args.model, device=args.device, dtype=args.dtype)
-    if existing is not None and not args.force:
-        same = (
-            existing.meta.get("model_id") == model_id
-            and existing.meta.get("config_digest") == _config_digest(model)
-            and existing.meta.get("weights_digest") == _weights_digest(model)
-        )
+    if existing is not None and not args.force:  # fail before the long part, with the checks save/merge make
+        same = existing.meta.get("config_digest") == _config_digest(model) and existing.meta.get(
+            "weights_digest"
+        ) == _weights_digest(model)
         if not same:
             raise CLIError(
                 f"--out {out} holds a profile of another model ({existing.meta.get('model_id')}); "
                 "choose another --out, or --force to replace it"
             )
+        if args.append:
+            for key, value in (("model_id", model_id), ("spec", spec.to_dict()), ("top_k", cfg.top_k)):
+                if existing.meta.get(key) != value:
+                    raise CLIError(
+                        f"--append needs the settings of the profile in {out}: its {key} is "
+                        f"{existing.meta.get(key)!r}, this run's is {value!r}"
+                    )
     prof = profile(model, tok, prompts, cfg)
     if args.append and existing is not None:
         prof = existing.merge(prof)
