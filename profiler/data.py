@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "Profile", "ProfileError", "load"]
+__all__ = ["SCHEMA_VERSION", "TOKEN_AXIS", "Profile", "ProfileError", "load"]
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "attnscope-profile"
@@ -44,7 +44,8 @@ META_FILE = "profile.json"
 
 ATTN_VECTORS = ("diag", "final", "entropy", "rowmax", "recv_sum", "recv_max", "sink", "prev")
 _ADDITIVE = ("attn.hist_all", "attn.hist_log", "attn.moments", "attn.dist", "mlp.neuron_sum", "mlp.neuron_sumsq")
-_TOKEN_AXIS = {f"attn.{v}": 2 for v in ATTN_VECTORS} | {
+# per-token arrays: name -> the axis that runs over the tokens of all prompts
+TOKEN_AXIS = {f"attn.{v}": 2 for v in ATTN_VECTORS} | {
     "mlp.in_norm": 1,
     "mlp.out_norm": 1,
     "mlp.topk_idx": 1,
@@ -159,8 +160,8 @@ class Profile:
         for name in a:
             if name in _ADDITIVE:
                 out[name] = a[name] + b[name]
-            elif name in _TOKEN_AXIS:
-                out[name] = np.concatenate([a[name], b[name]], axis=_TOKEN_AXIS[name])
+            elif name in TOKEN_AXIS:
+                out[name] = np.concatenate([a[name], b[name]], axis=TOKEN_AXIS[name])
         out["prompts.offsets"] = np.concatenate([a["prompts.offsets"], b["prompts.offsets"][1:] + self.n_tokens])
         take_b = b["mlp.neuron_max"] > a["mlp.neuron_max"]  # ties keep the earlier token, like one pass would
         out["mlp.neuron_max"] = np.where(take_b, b["mlp.neuron_max"], a["mlp.neuron_max"])

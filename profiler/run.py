@@ -14,7 +14,7 @@ import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats
 from attnscope.kernels.reference import attention_probs_ref
 
-from .data import ATTN_VECTORS, SCHEMA_VERSION, Profile
+from .data import ATTN_VECTORS, SCHEMA_VERSION, TOKEN_AXIS, Profile
 from .hooks import capture, model_geometry
 
 __all__ = ["ProfileConfig", "PromptError", "profile", "run_with_stats"]
@@ -152,7 +152,7 @@ def _tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 class _Builder:
     """Collects per-layer statistics of each batch into per-prompt arrays, then one ``Profile``."""
 
-    def __init__(self, geom: dict, cfg: ProfileConfig, d_ff: int | None):
+    def __init__(self, geom: dict, cfg: ProfileConfig):
         Ly, H, nb = geom["n_layers"], geom["n_heads"], cfg.spec.bins
         self.geom, self.cfg = geom, cfg
         self.hist_all = np.zeros((Ly, H, nb), np.int64)
@@ -162,7 +162,6 @@ class _Builder:
         self.prompt_arrays: list[dict[str, np.ndarray]] = []  # per prompt: name -> [Ly, H, L] etc.
         self.thumbs: list[np.ndarray] = []
         self.full: dict[str, np.ndarray] = {}
-        self.d_ff = d_ff
         self.neuron_max = self.neuron_argmax = self.neuron_sum = self.neuron_sumsq = None
         self.n_tokens = 0
 
@@ -225,13 +224,9 @@ class _Builder:
             "attn.moments": self.moments,
             "attn.dist": self.dist,
         }
-        for name, axis in [(f"attn.{v}", 2) for v in ATTN_VECTORS] + [
-            ("mlp.in_norm", 1),
-            ("mlp.out_norm", 1),
-            ("mlp.topk_idx", 1),
-            ("mlp.topk_val", 1),
-        ]:
-            arrays[name] = np.concatenate([p[name] for p in self.prompt_arrays], axis=axis)
+        for name, axis in TOKEN_AXIS.items():
+            if not name.startswith("tokens."):  # those two come from the tokenizer and the logits, below
+                arrays[name] = np.concatenate([p[name] for p in self.prompt_arrays], axis=axis)
         arrays["mlp.neuron_max"] = self.neuron_max
         arrays["mlp.neuron_argmax"] = self.neuron_argmax
         arrays["mlp.neuron_sum"] = self.neuron_sum
@@ -306,7 +301,7 @@ def profile(
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    builder = _Builder(geom, cfg, None)
+    builder = _Builder(geom, cfg)
     token_ids: list[np.ndarray] = []
     entropies: list[np.ndarray] = []
     base = model.base_model
