@@ -13,18 +13,22 @@ from helpers import TINY_KINDS, assert_hist_close, assert_verbose_allclose, near
 SPEC = AttnStatsSpec(bins=128, thumb_size=8)
 
 
-def _batch(vocab=128, L=23):
+def _batch(vocab=128, L=23, side="right"):
     ids = torch.randint(2, vocab, (3, L))
     mask = torch.ones_like(ids)
-    mask[1, L - 6 :] = 0  # right padding
-    mask[2, L - 1 :] = 0
+    if side == "right":
+        mask[1, L - 6 :] = 0
+        mask[2, L - 1 :] = 0
+    else:
+        mask[1, :6] = 0
+        mask[2, :1] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("kind", TINY_KINDS)
-def test_capture_matches_eager_attentions(kind):
+@pytest.mark.parametrize("kind, side", [(k, "right") for k in TINY_KINDS] + [("llama", "left"), ("mistral", "left")])
+def test_capture_matches_eager_attentions(kind, side):
     model = tiny_model(kind)
-    batch = _batch()
+    batch = _batch(side=side)
     with torch.no_grad():
         plain = model(**batch).logits
     out, stats = run_with_stats(model, batch, spec=SPEC, block_q=8)  # L = 23: three blocks, the last partial

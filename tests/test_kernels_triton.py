@@ -35,6 +35,7 @@ SHAPES = [
     (2, 4, 2, 45, 64, None, True, 16, 32),  # GQA, left and right padding
     (1, 3, 1, 50, 32, 7, False, 32, 16),  # MQA, sliding window
     (2, 2, 2, 40, 128, 19, True, 16, 16),  # window + padding, d_head 128
+    (1, 2, 1, 150, 64, 100, True, 64, 64),  # the default 64 x 64 tiles over several query and key tiles
 ]
 
 
