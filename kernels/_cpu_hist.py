@@ -6,21 +6,20 @@ this loop reads p and s - max once and fills both histograms and the moments at 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
 import torch
 
-try:
-    import numba
-
-    HAS_NUMBA = True
-except ImportError:  # pragma: no cover - exercised by the fallback tests through use_numba=False
-    HAS_NUMBA = False
+# numba is imported on first use, not with attnscope.kernels
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["HAS_NUMBA", "hist_block"]
 
 _LN10 = math.log(10.0)
+prange = range  # numba.prange once the loop is compiled (Numba reads module globals when it compiles)
+_compiled = None
 
 
 def _hist_block_py(p, d, logz, lo, hi, kstart, bins, log_min, hist_lin, hist_log, mom):  # pragma: no cover - jitted
@@ -28,7 +27,7 @@ def _hist_block_py(p, d, logz, lo, hi, kstart, bins, log_min, hist_lin, hist_log
     scale = np.float32(bins / (-log_min) / _LN10)  # natural log p -> log10 bin units
     fbins = np.float32(bins)
     zero = np.float32(0.0)
-    for h in numba.prange(H) if HAS_NUMBA else range(H):
+    for h in prange(H):
         # neighbouring pairs often share a bin (most p of a long row sit in bin 0): spreading the increments over
         # 4 (2) private copies breaks the store-to-load chain on one counter, ~2x faster than one histogram
         lin = np.zeros((4, bins), np.int64)
@@ -62,7 +61,15 @@ def _hist_block_py(p, d, logz, lo, hi, kstart, bins, log_min, hist_lin, hist_log
         mom[h, 2] += s2
 
 
-_hist_block_nb = numba.njit(parallel=True, cache=True, nogil=True)(_hist_block_py) if HAS_NUMBA else None
+def _hist_block_nb(*args) -> None:
+    """The loop above compiled by Numba (parallel over heads), compiled or loaded from cache on first call."""
+    global _compiled, prange
+    if _compiled is None:
+        import numba
+
+        prange = numba.prange
+        _compiled = numba.njit(parallel=True, cache=True, nogil=True)(_hist_block_py)
+    _compiled(*args)
 
 
 def hist_block(
