@@ -62,11 +62,8 @@ def head_summary(prof) -> dict[str, np.ndarray]:
 
 def token_labels(prof, prompt: int) -> list[str]:
     """The decoded tokens of one prompt, as stored in the profile."""
-    if not 0 <= prompt < len(prof.prompts):
-        raise ViewError(f"prompt {prompt} is out of range: the profile holds prompts 0..{len(prof.prompts) - 1}")
-    return list(
-        prof.prompts[prompt].get("tokens") or [str(t) for t in prof.arrays["tokens.ids"][prof.prompt_slice(prompt)]]
-    )
+    sl = prof.prompt_slice(prompt)  # range check
+    return list(prof.prompts[prompt].get("tokens") or [str(t) for t in prof.arrays["tokens.ids"][sl]])
 
 
 def high_entropy_positions(prof, prompt: int, top: int = 5) -> np.ndarray:

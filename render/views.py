@@ -52,7 +52,7 @@ def _label_ticks(ax, labels: list[str], axis: str, max_labels: int = MAX_LABELS)
         ax.set_yticks(pos, text, fontsize=6)
 
 
-def _crosshairs(ax, positions, length: int) -> None:
+def _crosshairs(ax, positions) -> None:
     for p in positions:
         ax.axhline(p, color="yellow", lw=0.8, alpha=0.9)
         ax.axvline(p, color="yellow", lw=0.8, alpha=0.9)
@@ -90,7 +90,7 @@ def plot_heatmaps(prof, pairs, prompt: int = 0, mark_top: int = 5, cmap: str = "
         ax = axes[i // cols][i % cols]
         m, full, L = attention_matrix(prof, prompt, layer, head)
         im = _draw_matrix(ax, m, L, cmap)
-        _crosshairs(ax, marks, L)
+        _crosshairs(ax, marks)
         _label_ticks(ax, labels, "x")
         _label_ticks(ax, labels, "y")
         kind = "full" if full else f"pooled {m.shape[0]}x{m.shape[1]}"
@@ -140,7 +140,7 @@ def plot_layer_grid(prof, layers, head: int | None = None, prompt: int = 0, mark
     for i, (layer, (m, _full, L)) in enumerate(zip(layers, mats)):
         ax = axes[i // cols][i % cols]
         im = _draw_matrix(ax, m, L, cmap, vmin=vmin, vmax=vmax)
-        _crosshairs(ax, marks, L)
+        _crosshairs(ax, marks)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.tick_params(labelsize=6)
     for j in range(len(layers), rows * cols):

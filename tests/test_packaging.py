@@ -50,20 +50,22 @@ def test_plain_install_imports_from_outside(tmp_path):
     assert res.stdout.strip().startswith(str(target))
 
 
+def _python_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter outside the checkout; it must exit 0."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_packages_import_no_optional_backends():
     # STYLE: importing a package must not import triton, numba or plotly (they load on first use)
-    code = (
+    _python_ok(
         "import sys; import attnscope, attnscope.kernels, attnscope.profiler, attnscope.render; "
         "heavy = [m for m in ('triton', 'numba', 'plotly') if m in sys.modules]; assert not heavy, heavy"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
-    assert res.returncode == 0, res.stderr[-3000:]
 
 
 def test_render_package_does_not_import_torch():
-    code = (
+    _python_ok(
         "import sys; import attnscope.render.kde, attnscope.render.laminar, attnscope.profiler.data; "
         "assert 'torch' not in sys.modules and 'triton' not in sys.modules, sorted(sys.modules)"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
-    assert res.returncode == 0, res.stderr[-3000:]
