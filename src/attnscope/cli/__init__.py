@@ -1,0 +1,46 @@
+"""The ``attnscope`` command line, one module per command group; errors in the input print one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import profile, views
+from ._common import CLIError
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="attnscope",
+        description="Attention profiler for Hugging Face causal LMs: per-layer, per-head statistics "
+        "without materialising attention matrices.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    profile.register(sub)
+    views.register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from attnscope.profiler.data import ProfileError
+
+    expected: tuple[type[BaseException], ...] = (CLIError, ProfileError)
+    if args.command == "profile":
+        from attnscope.profiler.hooks import UnsupportedModelError
+        from attnscope.profiler.models import ModelLoadError
+        from attnscope.profiler.run import PromptError
+
+        expected += (UnsupportedModelError, ModelLoadError, PromptError, ValueError)
+    else:
+        expected += (ValueError, IndexError, ImportError)
+    try:
+        return args.func(args)
+    except expected as e:
+        print(f"attnscope: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnscope: interrupted; nothing was written", file=sys.stderr)
+        return 130
