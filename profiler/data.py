@@ -20,6 +20,14 @@ Ly layers, H heads, T tokens of all prompts concatenated (prompt p owns ``offset
     tokens.logit_entropy            [T] float32           entropy of the next-token distribution (nats)
     prompts.offsets                 [P + 1] int64
 
+Additive accumulators that let a corpus run without the per-token vectors still draw every view of the whole run:
+
+    attn.self_hist, attn.final_hist [Ly, H, bins] int64   linear histograms of p_ii and of each final-token row
+    attn.self_moments, attn.final_moments [Ly, H, 3]      n, sum, sum of squares of the same samples
+    attn.row_sums                   [Ly, H, V] float64    sum over tokens of each vector (V = ATTN_VECTORS, in order)
+    attn.thumb_rel                  [Ly, H, R, R] float64 sum over prompts of the thumbnail, cells in relative position
+    attn.thumb_rel_count            [R, R] int64          prompts that fed each relative cell
+
 The final-token row of prompt p is ``attn.final[..., offsets[p]:offsets[p+1]]`` (one value per key).
 """
 
@@ -35,7 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "TOKEN_AXIS", "Profile", "ProfileError", "load"]
+__all__ = [
+    "ACCUM_NAMES",
+    "ATTN_VECTORS",
+    "SCHEMA_VERSION",
+    "TOKEN_AXIS",
+    "Profile",
+    "ProfileError",
+    "combine_accum",
+    "load",
+]
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "attnscope-profile"
@@ -43,7 +60,23 @@ ARRAYS_FILE = "profile.safetensors"
 META_FILE = "profile.json"
 
 ATTN_VECTORS = ("diag", "final", "entropy", "rowmax", "recv_sum", "recv_max", "sink", "prev")
-_ADDITIVE = ("attn.hist_all", "attn.hist_log", "attn.moments", "attn.dist", "mlp.neuron_sum", "mlp.neuron_sumsq")
+ACCUM_ADDITIVE = (
+    "attn.hist_all",
+    "attn.hist_log",
+    "attn.moments",
+    "attn.dist",
+    "attn.self_hist",
+    "attn.self_moments",
+    "attn.final_hist",
+    "attn.final_moments",
+    "attn.row_sums",
+    "attn.thumb_rel",
+    "attn.thumb_rel_count",
+    "mlp.neuron_sum",
+    "mlp.neuron_sumsq",
+)
+ACCUM_NAMES = ACCUM_ADDITIVE + ("mlp.neuron_max", "mlp.neuron_argmax")
+_ADDITIVE = ACCUM_ADDITIVE
 # per-token arrays: name -> the axis that runs over the tokens of all prompts
 TOKEN_AXIS = {f"attn.{v}": 2 for v in ATTN_VECTORS} | {
     "mlp.in_norm": 1,
@@ -61,6 +94,24 @@ class ProfileError(ValueError):
     """A profile directory is missing, corrupted, foreign, or incompatible with another profile."""
 
 
+def combine_accum(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray], b_token_offset: int) -> dict:
+    """The accumulators of two disjoint prompt sets, ``b``'s tokens numbered after ``b_token_offset`` tokens.
+
+    Sums the additive ones and keeps the larger neuron maximum (ties keep ``a``'s, the earlier token).
+    """
+    if a is None:
+        out = {k: v.copy() for k, v in b.items() if k in ACCUM_NAMES}
+        if "mlp.neuron_argmax" in out:
+            out["mlp.neuron_argmax"] = out["mlp.neuron_argmax"] + b_token_offset
+        return out
+    out = {name: a[name] + b[name] for name in ACCUM_ADDITIVE if name in a and name in b}
+    if "mlp.neuron_max" in a and "mlp.neuron_max" in b:
+        take_b = b["mlp.neuron_max"] > a["mlp.neuron_max"]
+        out["mlp.neuron_max"] = np.where(take_b, b["mlp.neuron_max"], a["mlp.neuron_max"])
+        out["mlp.neuron_argmax"] = np.where(take_b, b["mlp.neuron_argmax"] + b_token_offset, a["mlp.neuron_argmax"])
+    return out
+
+
 @dataclass
 class Profile:
     """Reduced attention and down_proj statistics of a set of prompts for one model.
@@ -74,6 +125,12 @@ class Profile:
     meta: dict
     prompts: list[dict] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (
+            f"Profile(model={self.meta.get('model_id')!r}, prompts={len(self.prompts)}, tokens={self.n_tokens}, "
+            f"layers={self.n_layers}, heads={self.n_heads}, arrays={len(self.arrays)})"
+        )
 
     # -- shape helpers --
     @property
@@ -121,6 +178,14 @@ class Profile:
         if head is not None and not 0 <= head < self.n_heads:
             raise IndexError(f"head {head} out of range: the model has {self.n_heads} heads")
         grid = np.linspace(lo, hi, points)
+        if which in ("self", "final") and ("attn.diag" if which == "self" else "attn.final") not in self.arrays:
+            # a corpus run without the vectors tier: the same KDE from the additive histogram and exact moments
+            heads = slice(None) if head is None else slice(head, head + 1)
+            if f"attn.{which}_hist" not in self.arrays:
+                raise ProfileError(f"this profile holds neither the {which} vectors nor their histogram")
+            hist = self.arrays[f"attn.{which}_hist"][:, heads].sum(1)  # [Ly, bins]
+            mom = self.arrays[f"attn.{which}_moments"][:, heads].sum(1)  # [Ly, 3]
+            return grid, BinnedKDE(grid)(hist, mom)
         if which in ("self", "final"):
             heads = slice(None) if head is None else slice(head, head + 1)
             name = "attn.diag" if which == "self" else "attn.final"
@@ -132,6 +197,17 @@ class Profile:
             mom = self.arrays["attn.moments"][:, heads].sum(1)  # [Ly, 3]
             return grid, BinnedKDE(grid)(hist, mom)
         raise ValueError(f"which must be 'self', 'final' or 'all', got {which!r}")
+
+    def head_means(self) -> dict[str, np.ndarray]:
+        """Per (layer, head) mean over every token of each vector of ``ATTN_VECTORS``, [layers, heads] float64.
+
+        Comes from the additive ``attn.row_sums``, so it needs no per-token vector (a corpus run has none).
+        """
+        names = self.meta.get("vectors", list(ATTN_VECTORS))
+        if "attn.row_sums" in self.arrays:
+            sums = self.arrays["attn.row_sums"]  # [Ly, H, V]
+            return {v: sums[..., i] / max(self.n_tokens, 1) for i, v in enumerate(names)}
+        return {v: self.arrays[f"attn.{v}"].mean(-1).astype(np.float64) for v in names}
 
     # -- merge --
     def check_compatible(self, other: Profile) -> None:
@@ -157,15 +233,11 @@ class Profile:
         a, b = self.arrays, other.arrays
         out: dict[str, np.ndarray] = {}
         n_self = len(self.prompts)
-        for name in a:
-            if name in _ADDITIVE:
-                out[name] = a[name] + b[name]
-            elif name in TOKEN_AXIS:
+        out.update(combine_accum(dict(a.items()), dict(b.items()), self.n_tokens))
+        for name in TOKEN_AXIS:
+            if name in a and name in b:
                 out[name] = np.concatenate([a[name], b[name]], axis=TOKEN_AXIS[name])
         out["prompts.offsets"] = np.concatenate([a["prompts.offsets"], b["prompts.offsets"][1:] + self.n_tokens])
-        take_b = b["mlp.neuron_max"] > a["mlp.neuron_max"]  # ties keep the earlier token, like one pass would
-        out["mlp.neuron_max"] = np.where(take_b, b["mlp.neuron_max"], a["mlp.neuron_max"])
-        out["mlp.neuron_argmax"] = np.where(take_b, b["mlp.neuron_argmax"] + self.n_tokens, a["mlp.neuron_argmax"])
         for name, arr in a.items():
             if name.startswith(("attn.thumb.", "attn.full.")):
                 out[name] = arr
@@ -175,7 +247,7 @@ class Profile:
                 idx, _, tail = rest.partition(".")
                 out[f"{head}.p{int(idx) + n_self}" + (f".{tail}" if tail else "")] = arr
         meta = dict(self.meta)
-        return Profile(meta=meta, prompts=self.prompts + other.prompts, arrays=out)
+        return Profile(meta=meta, prompts=list(self.prompts) + list(other.prompts), arrays=out)
 
     # -- disk --
     def save(self, path: str | os.PathLike, overwrite: bool = True, force: bool = False) -> Path:
@@ -254,13 +326,18 @@ def _sha256(path: Path) -> str:
 
 
 def load(path: str | os.PathLike) -> Profile:
-    """Load a profile directory written by ``Profile.save``; ``ProfileError`` if it is not a valid one."""
+    """Load a profile directory written by ``Profile.save``, or a run directory written by ``attnscope profile``
+    (``run.json``, lazy: per-token data is read on first use); ``ProfileError`` if it is neither."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
     if not path.is_dir():
         raise ProfileError(f"{path} is not a profile directory (it does not exist or is not a directory)")
+    if (path / "run.json").is_file():  # a run directory written shard by shard (profiler/store.py)
+        from .store import load_run
+
+        return load_run(path)
     meta_path, arrays_path = path / META_FILE, path / ARRAYS_FILE
     if not meta_path.is_file() or not arrays_path.is_file():
         raise ProfileError(f"{path} is not a profile directory: {META_FILE} or {ARRAYS_FILE} is missing")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,10 +15,22 @@ import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats
 from attnscope.kernels.reference import attention_probs_ref
 
-from .data import ATTN_VECTORS, SCHEMA_VERSION, TOKEN_AXIS, Profile
+from .data import ATTN_VECTORS, SCHEMA_VERSION, Profile, combine_accum
 from .hooks import capture, model_geometry
+from .store import Shard
 
-__all__ = ["ProfileConfig", "PromptError", "profile", "run_with_stats"]
+__all__ = [
+    "ProfileConfig",
+    "PromptError",
+    "PromptItem",
+    "profile",
+    "prompt_items",
+    "run_corpus",
+    "run_meta",
+    "run_with_stats",
+    "shard_windows",
+    "shards_to_profile",
+]
 
 
 class PromptError(ValueError):
@@ -29,19 +42,26 @@ class ProfileConfig:
     """How to profile. Every field has a default that suits a single long prompt."""
 
     spec: AttnStatsSpec = field(default_factory=AttnStatsSpec)  # histogram bins, log range, thumbnail size
-    batch_size: int = 1  # prompts per forward pass (padded to the longest of the batch)
+    batch_size: int = 1  # prompts per forward pass (length-bucketed, padded to the longest); 0 = auto
+    token_budget: int = 8192  # batch_size 0: padded tokens per forward pass
+    shard_size: int = 256  # prompts per shard (the unit of commit, resume, and length bucketing)
+    keep_vectors: bool = True  # the per-token per-head vectors and per-prompt thumbnails (the vectors tier)
     allow_long: bool = False  # allow prompts longer than the model's max_position_embeddings
     keep_full: tuple[tuple[int, int], ...] = ()  # (layer, head) pairs whose full L x L matrices are kept
     full_max_tokens: int = 4096  # refuse to keep a full matrix of a longer prompt (L^2 * 4 bytes each)
     top_k: int = 8  # down_proj neurons kept per token
     impl: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "torch" or "triton"
     block_q: int = 128  # query block of the torch path: memory O(heads * block_q * L) per layer
-    progress: bool = True  # tqdm bars on prompts and layers
+    progress: bool = True  # one tqdm bar: prompts, tokens/s, ETA
     model_id: str | None = None  # recorded in the profile; default: the model's name_or_path
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 1, or 0 for auto, got {self.batch_size}")
+        if self.token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.block_q < 1:
@@ -54,6 +74,9 @@ class ProfileConfig:
         return {
             "spec": self.spec.to_dict(),
             "batch_size": self.batch_size,
+            "token_budget": self.token_budget,
+            "shard_size": self.shard_size,
+            "keep_vectors": self.keep_vectors,
             "allow_long": self.allow_long,
             "keep_full": [list(x) for x in self.keep_full],
             "full_max_tokens": self.full_max_tokens,
@@ -137,108 +160,316 @@ def _versions() -> dict:
     return v
 
 
-def _tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a corpus: a stable id (the corpus's ``id`` where it has one, else index and content hash)."""
+
+    id: str
+    text: str
+
+
+def prompt_items(prompts: Sequence[str | PromptItem], first_index: int = 0) -> list[PromptItem]:
+    """``PromptItem``s of texts, ids ``<index>:<sha256 prefix>`` (stable for the same corpus)."""
     out = []
-    for i, text in enumerate(prompts):
-        if not isinstance(text, str) or not text.strip():
-            raise PromptError(f"prompt {i} is empty")
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if not ids:
-            raise PromptError(f"prompt {i} has no tokens")
-        out.append(list(ids))
+    for i, t in enumerate(prompts, first_index):
+        if isinstance(t, PromptItem):
+            out.append(t)
+        else:
+            if not isinstance(t, str) or not t.strip():
+                raise PromptError(f"prompt {i} is empty")
+            out.append(PromptItem(f"{i}:{hashlib.sha256(t.encode()).hexdigest()[:16]}", t))
     return out
 
 
-class _Builder:
-    """Collects per-layer statistics of each batch into per-prompt arrays, then one ``Profile``."""
+class _Engine:
+    """Runs the model on batches of prompts and reduces every batch to a ``Shard`` on the host.
 
-    def __init__(self, geom: dict, cfg: ProfileConfig):
-        Ly, H, nb = geom["n_layers"], geom["n_heads"], cfg.spec.bins
-        self.geom, self.cfg = geom, cfg
-        self.hist_all = np.zeros((Ly, H, nb), np.int64)
-        self.hist_log = np.zeros((Ly, H, nb), np.int64)
-        self.moments = np.zeros((Ly, H, 3))
-        self.dist = np.zeros((Ly, H, 32))
-        self.prompt_arrays: list[dict[str, np.ndarray]] = []  # per prompt: name -> [Ly, H, L] etc.
-        self.thumbs: list[np.ndarray] = []
-        self.full: dict[str, np.ndarray] = {}
-        self.neuron_max = self.neuron_argmax = self.neuron_sum = self.neuron_sumsq = None
-        self.n_tokens = 0
+    The per-batch work on the host is numpy over whole [layers, batch, heads, tokens] arrays, never a Python loop
+    over heads or tokens.
+    """
 
-    def new_prompts(self, lengths: list[int]) -> None:
-        Ly, H = self.geom["n_layers"], self.geom["n_heads"]
-        for L in lengths:
-            arrs = {f"attn.{v}": np.zeros((Ly, H, L), np.float32) for v in ATTN_VECTORS}
-            arrs["mlp.in_norm"] = np.zeros((Ly, L), np.float32)
-            arrs["mlp.out_norm"] = np.zeros((Ly, L), np.float32)
-            arrs["mlp.topk_idx"] = np.zeros((Ly, L, self.cfg.top_k), np.int32)
-            arrs["mlp.topk_val"] = np.zeros((Ly, L, self.cfg.top_k), np.float32)
-            self.prompt_arrays.append(arrs)
-            R = min(self.cfg.spec.thumb_size, L)
-            self.thumbs.append(np.zeros((Ly, H, R, R), np.float32))
+    def __init__(self, model, tokenizer, cfg: ProfileConfig):
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.geom = model_geometry(model)
+        self.Ly, self.H = self.geom["n_layers"], self.geom["n_heads"]
+        for layer, head in cfg.keep_full:
+            if not (0 <= layer < self.Ly and 0 <= head < self.H):
+                raise ValueError(
+                    f"keep_full ({layer}, {head}) is out of range: the model has {self.Ly} layers, {self.H} heads"
+                )
+        self.device = next(model.parameters()).device
+        t = tokenizer
+        self.pad_id = t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0)
+        self.base = model.base_model
+        self.vectors = ATTN_VECTORS
+        self._decoded: dict[int, str] = {}
+        self._tokens_kw = "tokens" in inspect.signature(attn_stats).parameters
 
-    def add_attention(self, layer: int, st: dict, first: int, ranges: KeyRanges) -> None:
-        self.hist_all[layer] += st["hist_all"].cpu().numpy()
-        self.hist_log[layer] += st["hist_log"].cpu().numpy()
-        self.moments[layer] += st["moments"].cpu().numpy()
-        self.dist[layer] += st["dist"].cpu().numpy()
-        vecs = {v: st[v].cpu().numpy() for v in ATTN_VECTORS}  # [B, H, Lpad]
-        thumb = st["thumb"].cpu().numpy()  # [B, H, R, R]
-        for b, (lo, hi) in enumerate(zip(ranges.start.tolist(), ranges.end.tolist())):
-            arrs = self.prompt_arrays[first + b]
-            for v in ATTN_VECTORS:
-                arrs[f"attn.{v}"][layer] = vecs[v][b, :, lo:hi]
-            R = self.thumbs[first + b].shape[-1]
-            self.thumbs[first + b][layer] = thumb[b, :, :R, :R]
+    # -- tokenisation (batched, once per shard window) --
+    def tokenize(self, items: Sequence[PromptItem], first_index: int) -> list[np.ndarray]:
+        enc = self.tok([it.text for it in items], add_special_tokens=True)["input_ids"]
+        max_pos, cfg = self.geom["max_positions"], self.cfg
+        out = []
+        for n, ids in enumerate(enc):
+            i = first_index + n
+            if not ids:
+                raise PromptError(f"prompt {i} has no tokens")
+            if max_pos and len(ids) > max_pos and not cfg.allow_long:
+                raise PromptError(
+                    f"prompt {i} has {len(ids)} tokens, more than the model's {max_pos} positions "
+                    "(allow it with allow_long=True / --allow-long)"
+                )
+            if cfg.keep_full and len(ids) > cfg.full_max_tokens:
+                raise PromptError(
+                    f"prompt {i} has {len(ids)} tokens: keeping full matrices is limited to {cfg.full_max_tokens} "
+                    "(raise full_max_tokens / --full-max-tokens)"
+                )
+            out.append(np.asarray(ids, dtype=np.int64))
+        return out
 
-    def add_full(self, prompt: int, layer: int, head: int, p: np.ndarray) -> None:
-        self.full[f"attn.full.p{prompt}.l{layer}.h{head}"] = p.astype(np.float32)
+    def decode(self, ids: np.ndarray) -> list[str]:
+        """Token texts, each id decoded once per run (the vocabulary bounds the cache)."""
+        cache = self._decoded
+        missing = [int(t) for t in np.unique(ids) if int(t) not in cache]
+        for t, text in zip(missing, self.tok.batch_decode([[t] for t in missing])):
+            cache[t] = text
+        return [cache[t] for t in ids.tolist()]
 
-    def add_mlp(self, layer: int, st: dict, first: int, lengths: list[int]) -> None:
-        off = 0
-        for b, L in enumerate(lengths):
-            arrs = self.prompt_arrays[first + b]
-            for name in ("in_norm", "out_norm", "topk_idx", "topk_val"):
-                arrs[f"mlp.{name}"][layer] = st[name][off : off + L].cpu().numpy()
-            off += L
-        mx = st["neuron_max"].float().cpu().numpy()
-        amx = st["neuron_argmax"].cpu().numpy() + self.n_tokens  # global token index
-        if self.neuron_max is None:
-            Ly, F = self.geom["n_layers"], mx.shape[0]
-            self.neuron_max = np.full((Ly, F), -np.inf, np.float32)
-            self.neuron_argmax = np.zeros((Ly, F), np.int64)
-            self.neuron_sum = np.zeros((Ly, F))
-            self.neuron_sumsq = np.zeros((Ly, F))
-        take = mx > self.neuron_max[layer]
-        self.neuron_max[layer] = np.where(take, mx, self.neuron_max[layer])
-        self.neuron_argmax[layer] = np.where(take, amx, self.neuron_argmax[layer])
-        self.neuron_sum[layer] += st["neuron_sum"].cpu().numpy()
-        self.neuron_sumsq[layer] += st["neuron_sumsq"].cpu().numpy()
+    def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """Length-bucketed batches: prompts sorted by length, cut by batch size or the padded-token budget."""
+        cfg = self.cfg
+        order = np.argsort(lengths, kind="stable")
+        out, cur, cur_max = [], [], 0
+        for i in order.tolist():
+            L = int(lengths[i])
+            if cfg.batch_size > 0:
+                full = len(cur) >= cfg.batch_size
+            else:  # auto: the batch stays under token_budget padded tokens (and 256 prompts)
+                full = cur and (max(cur_max, L) * (len(cur) + 1) > cfg.token_budget or len(cur) >= 256)
+            if full:
+                out.append(np.array(cur))
+                cur, cur_max = [], 0
+            cur.append(i)
+            cur_max = max(cur_max, L)
+        if cur:
+            out.append(np.array(cur))
+        return out
 
-    def finish(
-        self, meta: dict, prompts: list[dict], token_ids: list[np.ndarray], entropies: list[np.ndarray]
-    ) -> Profile:
-        arrays: dict[str, np.ndarray] = {
-            "attn.hist_all": self.hist_all,
-            "attn.hist_log": self.hist_log,
-            "attn.moments": self.moments,
-            "attn.dist": self.dist,
+    # -- one forward pass --
+    def forward(self, batch_ids: list[np.ndarray]) -> dict:
+        cfg, Ly, H, R = self.cfg, self.Ly, self.H, self.cfg.spec.thumb_size
+        B = len(batch_ids)
+        lengths = np.array([len(x) for x in batch_ids])
+        Lmax = int(lengths.max())
+        ids = torch.full((B, Lmax), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, Lmax), dtype=torch.long)
+        for b, x in enumerate(batch_ids):
+            ids[b, : len(x)] = torch.from_numpy(x)
+            mask[b, : len(x)] = 1
+        ranges = KeyRanges.from_attention_mask(mask)
+        nb = cfg.spec.bins
+        r = {
+            "vec": {v: np.zeros((Ly, B, H, Lmax), np.float32) for v in self.vectors},
+            "thumb": np.zeros((Ly, B, H, R, R), np.float32),
+            "hist_all": np.zeros((Ly, H, nb), np.int64),
+            "hist_log": np.zeros((Ly, H, nb), np.int64),
+            "moments": np.zeros((Ly, H, 3)),
+            "dist": np.zeros((Ly, H, 32)),
+            "dist_rows": None,
+            "full": {},
+            "mlp": {},
         }
-        for name, axis in TOKEN_AXIS.items():
-            if not name.startswith("tokens."):  # those two come from the tokenizer and the logits, below
-                arrays[name] = np.concatenate([p[name] for p in self.prompt_arrays], axis=axis)
-        arrays["mlp.neuron_max"] = self.neuron_max
-        arrays["mlp.neuron_argmax"] = self.neuron_argmax
-        arrays["mlp.neuron_sum"] = self.neuron_sum
-        arrays["mlp.neuron_sumsq"] = self.neuron_sumsq
-        for i, t in enumerate(self.thumbs):
-            arrays[f"attn.thumb.p{i}"] = t
-        arrays.update(self.full)
-        arrays["tokens.ids"] = np.concatenate(token_ids).astype(np.int64)
-        arrays["tokens.logit_entropy"] = np.concatenate(entropies).astype(np.float32)
-        lengths = [len(t) for t in token_ids]
-        arrays["prompts.offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return Profile(meta=meta, prompts=prompts, arrays=arrays)
+        dev_ids = ids.to(self.device)
+        kw = {"tokens": dev_ids} if self._tokens_kw else {}
+
+        def on_attention(layer, q, k, scaling, window):
+            rr = ranges.with_window(window)
+            st = attn_stats(q.detach(), k.detach(), scaling, rr, cfg.spec, cfg.impl, cfg.block_q, **kw)
+            for name in ("hist_all", "hist_log", "moments"):
+                r[name][layer] = st[name].cpu().numpy()
+            d = st["dist"].cpu().numpy()
+            if d.ndim == 3:  # per batch row [B, H, 32]
+                if r["dist_rows"] is None:
+                    r["dist_rows"] = np.zeros((Ly, B, H, d.shape[-1]))
+                r["dist_rows"][layer] = d
+                d = d.sum(0)
+            r["dist"][layer] = d
+            for v in self.vectors:
+                r["vec"][v][layer] = st[v].cpu().numpy()
+            r["thumb"][layer] = st["thumb"].cpu().numpy()[..., :R, :R]
+            for lyr, head in cfg.keep_full:
+                if lyr == layer:
+                    kv = head // (H // k.shape[1])
+                    p = attention_probs_ref(q[:, head : head + 1], k[:, kv : kv + 1], scaling, rr, upcast=False)
+                    for b in range(B):
+                        L = int(lengths[b])
+                        r["full"][(b, layer, head)] = p[b, 0, :L, :L].float().cpu().numpy()
+
+        sel = mask.bool().to(self.device)
+
+        def on_down_proj(layer, x, y):
+            st = down_proj_stats(x.detach()[sel], y.detach()[sel], cfg.top_k, cfg.impl)
+            r["mlp"][layer] = {name: t.cpu().numpy() for name, t in st.items()}
+
+        with torch.no_grad(), capture(self.model, on_attention, on_down_proj):
+            hidden = self.base(input_ids=dev_ids, attention_mask=mask.to(self.device), use_cache=False)[0]
+            r["entropy"] = _next_token_entropy(self.model, hidden).float().cpu().numpy()  # [B, Lmax]
+        r["lengths"] = lengths
+        return r
+
+    # -- a shard --
+    def run_shard(self, items: Sequence[PromptItem], token_lists: list[np.ndarray], bar=None) -> Shard:
+        """The ``Shard`` of ``items`` (in their order), computed in length-bucketed batches."""
+        cfg, Ly, H, R = self.cfg, self.Ly, self.H, self.cfg.spec.thumb_size
+        V, nb = len(self.vectors), cfg.spec.bins
+        P = len(items)
+        lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        T = int(offsets[-1])
+        keep = cfg.keep_vectors
+        vectors = {f"attn.{v}": np.zeros((Ly, H, T), np.float32) for v in self.vectors} if keep else None
+        thumbs: list = [None] * P if keep else None
+        mlp = {
+            "in_norm": np.zeros((Ly, T), np.float32),
+            "out_norm": np.zeros((Ly, T), np.float32),
+            "topk_idx": np.zeros((Ly, T, cfg.top_k), np.int32),
+            "topk_val": np.zeros((Ly, T, cfg.top_k), np.float32),
+        }
+        entropy = np.zeros(T, np.float32)
+        row_means = np.zeros((P, Ly, H, V), np.float32)
+        distance = np.full((P, Ly, H), np.nan)
+        acc = {
+            "attn.hist_all": np.zeros((Ly, H, nb), np.int64),
+            "attn.hist_log": np.zeros((Ly, H, nb), np.int64),
+            "attn.moments": np.zeros((Ly, H, 3)),
+            "attn.dist": np.zeros((Ly, H, 32)),
+            "attn.self_hist": np.zeros((Ly, H, nb), np.int64),
+            "attn.self_moments": np.zeros((Ly, H, 3)),
+            "attn.final_hist": np.zeros((Ly, H, nb), np.int64),
+            "attn.final_moments": np.zeros((Ly, H, 3)),
+            "attn.row_sums": np.zeros((Ly, H, V)),
+            "attn.thumb_rel": np.zeros((Ly, H, R, R)),
+            "attn.thumb_rel_count": np.zeros((R, R), np.int64),
+        }
+        full: dict = {}
+        mid = 1.5 * 2.0 ** np.arange(32) - 1.5  # distance bucket midpoints (as render.summary)
+        for sel in self.batches(lengths):
+            r = self.forward([token_lists[i] for i in sel])
+            B, Lmax = len(sel), int(r["lengths"].max())
+            blen = r["lengths"]
+            valid = np.arange(Lmax)[None, :] < blen[:, None]  # [B, Lmax]
+            for name in ("hist_all", "hist_log", "moments", "dist"):
+                acc[f"attn.{name}"] += r[name]
+            # per prompt: vector sums -> means, head accumulators
+            sums = np.stack([r["vec"][v].sum(-1, dtype=np.float64) for v in self.vectors], -1)  # [Ly, B, H, V]
+            acc["attn.row_sums"] += sums.sum(1)
+            row_means[sel] = (sums / blen[None, :, None, None]).transpose(1, 0, 2, 3)
+            if r["dist_rows"] is not None:
+                dr = r["dist_rows"]  # [Ly, B, H, 32]
+                m = dr.sum(-1)
+                distance[sel] = np.divide((dr * mid).sum(-1), m, out=np.zeros_like(m), where=m > 0).transpose(1, 0, 2)
+            elif B == 1:
+                m = r["dist"].sum(-1)
+                distance[sel] = np.divide((r["dist"] * mid).sum(-1), m, out=np.zeros_like(m), where=m > 0)[None]
+            # histograms and moments of p_ii and of the final rows, from the vectors (valid positions only)
+            for which, v in (("self", "diag"), ("final", "final")):
+                x = r["vec"][v].transpose(0, 2, 1, 3)[:, :, valid]  # [Ly, H, n]
+                _add_hist(acc[f"attn.{which}_hist"], x, nb)
+                x64 = x.astype(np.float64)
+                acc[f"attn.{which}_moments"] += np.stack(
+                    [np.full(x.shape[:2], float(x.shape[-1])), x64.sum(-1), (x64 * x64).sum(-1)], -1
+                )
+            # thumbnails, pooled again in relative position so prompts of any length add up
+            for b, i in enumerate(sel.tolist()):
+                L = int(blen[b])
+                rp = min(R, L)
+                e = np.array([-(-t * L // rp) for t in range(rp)])  # first position of each cell
+                rel = e * R // L
+                acc["attn.thumb_rel"][:, :, rel[:, None], rel[None, :]] += r["thumb"][:, b, :, :rp, :rp]
+                acc["attn.thumb_rel_count"][rel[:, None], rel[None, :]] += 1
+                lo, hi = offsets[i], offsets[i + 1]
+                entropy[lo:hi] = r["entropy"][b, :L]
+                if keep:
+                    for v in self.vectors:
+                        vectors[f"attn.{v}"][:, :, lo:hi] = r["vec"][v][:, b, :, :L]
+                    thumbs[i] = r["thumb"][:, b, :, :rp, :rp].copy()
+            for (b, layer, head), m in r["full"].items():
+                full[(int(sel[b]), layer, head)] = m
+            # down_proj: the batch's real tokens in row-major order -> shard token positions
+            where = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in sel.tolist()])
+            for layer in range(Ly):
+                st = r["mlp"][layer]
+                for name in mlp:
+                    mlp[name][layer, where] = st[name]
+                mx, amx = st["neuron_max"].astype(np.float32), where[st["neuron_argmax"]]
+                if "mlp.neuron_max" not in acc:
+                    F = mx.shape[0]
+                    acc["mlp.neuron_max"] = np.full((Ly, F), -np.inf, np.float32)
+                    acc["mlp.neuron_argmax"] = np.zeros((Ly, F), np.int64)
+                    acc["mlp.neuron_sum"] = np.zeros((Ly, F))
+                    acc["mlp.neuron_sumsq"] = np.zeros((Ly, F))
+                cur = acc["mlp.neuron_max"][layer]
+                take = (mx > cur) | ((mx == cur) & (amx < acc["mlp.neuron_argmax"][layer]))  # ties: earlier token
+                acc["mlp.neuron_max"][layer] = np.where(take, mx, cur)
+                acc["mlp.neuron_argmax"][layer] = np.where(take, amx, acc["mlp.neuron_argmax"][layer])
+                acc["mlp.neuron_sum"][layer] += st["neuron_sum"]
+                acc["mlp.neuron_sumsq"][layer] += st["neuron_sumsq"]
+            if bar is not None:
+                bar.update(B)
+                bar.tokens += int(blen.sum())
+                rate = bar.tokens / max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+        token_ids = np.concatenate(token_lists) if token_lists else np.zeros(0, np.int64)
+        return Shard(
+            prompt_ids=[it.id for it in items],
+            sha256=[hashlib.sha256(it.text.encode()).hexdigest() for it in items],
+            previews=[it.text[:80] for it in items],
+            lengths=lengths,
+            token_ids=token_ids,
+            token_text=self.decode(token_ids),
+            logit_entropy=entropy,
+            mlp=mlp,
+            row_means=row_means,
+            distance=distance,
+            accum=acc,
+            vectors=vectors,
+            thumbs=thumbs,
+            full=full,
+        )
+
+    def meta(self) -> dict:
+        model, cfg = self.model, self.cfg
+        dtype = next(model.parameters()).dtype
+        return {
+            "model_id": cfg.model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+            "config_digest": _config_digest(model),
+            "weights_digest": _weights_digest(model),
+            **self.geom,
+            "d_ff": None,
+            "model_dtype": str(dtype).replace("torch.", ""),
+            "stats_dtype": "float32",
+            "device": str(self.device),
+            "attn_implementation": model.config._attn_implementation,
+            "tokenizer": {
+                "class": type(self.tok).__name__,
+                "name_or_path": getattr(self.tok, "name_or_path", None),
+            },
+            "spec": cfg.spec.to_dict(),
+            "top_k": cfg.top_k,
+            "vectors": list(self.vectors),
+            "keep_vectors": cfg.keep_vectors,
+            "config": cfg.to_dict(),
+            "versions": _versions(),
+            "schema_version": SCHEMA_VERSION,
+        }
+
+
+def _add_hist(hist: np.ndarray, x: np.ndarray, bins: int) -> None:
+    """hist [Ly, H, bins] += linear histogram on [0, 1] of x [Ly, H, n], binned as the kernels bin (float32)."""
+    Ly, H, n = x.shape
+    b = np.clip(np.floor(x.astype(np.float32) * np.float32(bins)), 0, bins - 1).astype(np.int64)
+    flat = b + (np.arange(Ly * H, dtype=np.int64) * bins).reshape(Ly, H, 1)
+    hist += np.bincount(flat.ravel(), minlength=Ly * H * bins).reshape(Ly, H, bins)
 
 
 def _next_token_entropy(model, hidden: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -252,6 +483,118 @@ def _next_token_entropy(model, hidden: torch.Tensor, chunk: int = 512) -> torch.
     return torch.cat(out, dim=1)  # [B, L]
 
 
+def run_meta(model: torch.nn.Module, tokenizer, config: ProfileConfig | None = None) -> dict:
+    """The identity and settings a run of ``model`` records (what ``run_corpus`` returns), before running it."""
+    return _Engine(model, tokenizer, config or ProfileConfig()).meta()
+
+
+def shard_windows(items: Iterable[PromptItem], cfg: ProfileConfig) -> Iterator[tuple[int, list[PromptItem]]]:
+    """Cut a stream of prompts into shard windows of ``cfg.shard_size`` prompts: (first index, items).
+
+    The cut depends only on the corpus, so a resumed run shards (and batches) exactly as an uninterrupted one.
+    """
+    buf: list[PromptItem] = []
+    first = 0
+    for it in items:
+        buf.append(it)
+        if len(buf) >= cfg.shard_size:
+            yield first, buf
+            first += len(buf)
+            buf = []
+    if buf:
+        yield first, buf
+
+
+def _progress(cfg: ProfileConfig, total: int | None):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="profile", unit="prompt", disable=not cfg.progress, dynamic_ncols=True)
+    bar.tokens = 0
+    return bar
+
+
+def run_corpus(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Iterable[PromptItem],
+    sink: Callable[[Shard], None],
+    config: ProfileConfig | None = None,
+    skip: set[str] | frozenset = frozenset(),
+    total: int | None = None,
+) -> dict:
+    """Profile a stream of prompts shard by shard, handing each finished ``Shard`` to ``sink`` (a ``RunWriter``'s
+    ``commit``, or a list's ``append``). Prompts whose id is in ``skip`` (already committed) are not run.
+
+    Returns the run's metadata.
+    """
+    cfg = config or ProfileConfig()
+    eng = _Engine(model, tokenizer, cfg)
+    bar = _progress(cfg, total)
+    was_training = model.training
+    model.eval()
+    try:
+        for first, window in shard_windows(items, cfg):
+            todo = [it for it in window if it.id not in skip]
+            if len(todo) < len(window):
+                bar.update(len(window) - len(todo))
+            if not todo:
+                continue
+            token_lists = eng.tokenize(todo, first)
+            sink(eng.run_shard(todo, token_lists, bar))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return eng.meta()
+
+
+def shards_to_profile(meta: dict, shards: Sequence[Shard]) -> Profile:
+    """The in-memory ``Profile`` of shards in order (what loading their run directory gives)."""
+    arrays: dict[str, np.ndarray] = {}
+    acc = None
+    t0 = 0
+    for sh in shards:
+        acc = combine_accum(acc, sh.accum, t0)
+        t0 += sh.n_tokens
+    arrays.update(acc or {})
+    cat = lambda xs, axis: np.concatenate(xs, axis=axis)  # noqa: E731
+    arrays["mlp.in_norm"] = cat([s.mlp["in_norm"] for s in shards], 1)
+    arrays["mlp.out_norm"] = cat([s.mlp["out_norm"] for s in shards], 1)
+    arrays["mlp.topk_idx"] = cat([s.mlp["topk_idx"] for s in shards], 1)
+    arrays["mlp.topk_val"] = cat([s.mlp["topk_val"] for s in shards], 1)
+    arrays["tokens.ids"] = cat([s.token_ids for s in shards], 0).astype(np.int64)
+    arrays["tokens.logit_entropy"] = cat([s.logit_entropy for s in shards], 0).astype(np.float32)
+    lengths = cat([s.lengths for s in shards], 0)
+    arrays["prompts.offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    p0 = 0
+    prompts = []
+    for sh in shards:
+        if sh.vectors is not None:
+            for name, v in sh.vectors.items():
+                arrays.setdefault(name, []).append(v)
+        for i, t in enumerate(sh.thumbs or []):
+            arrays[f"attn.thumb.p{p0 + i}"] = t
+        for (i, layer, head), m in sh.full.items():
+            arrays[f"attn.full.p{p0 + i}.l{layer}.h{head}"] = m
+        offs = np.concatenate([[0], np.cumsum(sh.lengths)])
+        for i in range(sh.n_prompts):
+            prompts.append(
+                {
+                    "sha256": sh.sha256[i],
+                    "n_tokens": int(sh.lengths[i]),
+                    "preview": sh.previews[i],
+                    "tokens": sh.token_text[offs[i] : offs[i + 1]],
+                }
+            )
+        p0 += sh.n_prompts
+    for name in list(arrays):
+        if isinstance(arrays[name], list):
+            arrays[name] = np.concatenate(arrays[name], axis=-1)
+    meta = dict(meta)
+    if meta.get("d_ff") is None and "mlp.neuron_max" in arrays:
+        meta["d_ff"] = int(arrays["mlp.neuron_max"].shape[1])
+    return Profile(meta=meta, prompts=prompts, arrays=arrays)
+
+
 def profile(
     model: torch.nn.Module,
     tokenizer,
@@ -260,128 +603,32 @@ def profile(
     on_batch: Callable[[int, int], None] | None = None,
     **overrides,
 ) -> Profile:
-    """Profile ``model`` on ``prompts`` and return the reduced statistics.
+    """Profile ``model`` on ``prompts`` and return the reduced statistics, in memory.
 
     Args:
         model: a loaded Hugging Face causal LM of a supported architecture, on any device.
         tokenizer: its tokenizer (special tokens are added as the tokenizer does by default).
         prompts: the texts; each is profiled on its own (batches are padded, padding never enters a statistic).
         config: a ``ProfileConfig``; keyword ``overrides`` replace single fields of it.
-        on_batch: called with (prompts done, prompts total) after each batch.
+        on_batch: called with (prompts done, prompts total) after each shard.
 
     Returns:
-        A ``Profile``; merge profiles of the same model with ``Profile.merge``.
+        A ``Profile``; merge profiles of the same model with ``Profile.merge``. For a corpus, stream it into a run
+        directory instead (``attnscope profile --prompts``, or ``run_corpus`` with a ``store.RunWriter``).
     """
     import dataclasses
 
-    from tqdm.auto import tqdm
-
     cfg = dataclasses.replace(config or ProfileConfig(), **overrides)
-    geom = model_geometry(model)
-    Ly, H = geom["n_layers"], geom["n_heads"]
-    for layer, head in cfg.keep_full:
-        if not (0 <= layer < Ly and 0 <= head < H):
-            raise ValueError(f"keep_full ({layer}, {head}) is out of range: the model has {Ly} layers, {H} heads")
     prompts = list(prompts)
     if not prompts:
         raise PromptError("no prompts given")
-    token_lists = _tokenize(tokenizer, prompts)
-    max_pos = geom["max_positions"]
-    for i, ids in enumerate(token_lists):
-        if max_pos and len(ids) > max_pos and not cfg.allow_long:
-            raise PromptError(
-                f"prompt {i} has {len(ids)} tokens, more than the model's {max_pos} positions "
-                "(allow it with allow_long=True / --allow-long)"
-            )
-        if cfg.keep_full and len(ids) > cfg.full_max_tokens:
-            raise PromptError(
-                f"prompt {i} has {len(ids)} tokens: keeping full matrices is limited to {cfg.full_max_tokens} "
-                "(raise full_max_tokens / --full-max-tokens)"
-            )
+    items = prompt_items(prompts)
+    shards: list[Shard] = []
 
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    builder = _Builder(geom, cfg)
-    token_ids: list[np.ndarray] = []
-    entropies: list[np.ndarray] = []
-    base = model.base_model
-    bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=not cfg.progress)
-    layer_bar = tqdm(total=Ly, desc="layers", unit="layer", leave=False, disable=not cfg.progress)
-    was_training = model.training
-    model.eval()
-    try:
-        for first in range(0, len(prompts), cfg.batch_size):
-            batch_ids = token_lists[first : first + cfg.batch_size]
-            lengths = [len(x) for x in batch_ids]
-            Lmax = max(lengths)
-            ids = torch.full((len(batch_ids), Lmax), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch_ids), Lmax), dtype=torch.long)
-            for b, x in enumerate(batch_ids):
-                ids[b, : len(x)] = torch.tensor(x)
-                mask[b, : len(x)] = 1
-            ranges = KeyRanges.from_attention_mask(mask)
-            builder.new_prompts(lengths)
-            layer_bar.reset()
+    def sink(sh: Shard) -> None:
+        shards.append(sh)
+        if on_batch is not None:
+            on_batch(sum(s.n_prompts for s in shards), len(items))
 
-            def on_attention(layer, q, k, scaling, window, _first=first, _ranges=ranges):
-                r = _ranges.with_window(window)
-                st = attn_stats(q.detach(), k.detach(), scaling, r, cfg.spec, cfg.impl, cfg.block_q)
-                builder.add_attention(layer, st, _first, r)
-                for lyr, head in cfg.keep_full:  # noqa: B023
-                    if lyr == layer:
-                        kv = head // (H // k.shape[1])
-                        p = attention_probs_ref(q[:, head : head + 1], k[:, kv : kv + 1], scaling, r, upcast=False)
-                        for b, L in enumerate(lengths):  # noqa: B023
-                            builder.add_full(_first + b, layer, head, p[b, 0, :L, :L].cpu().numpy())
-                layer_bar.update(1)
-
-            sel = mask.bool().to(device)
-
-            def on_down_proj(layer, x, y, _first=first, _sel=sel, _lengths=lengths):
-                st = down_proj_stats(x.detach()[_sel], y.detach()[_sel], cfg.top_k, cfg.impl)
-                builder.add_mlp(layer, st, _first, _lengths)
-
-            with torch.no_grad(), capture(model, on_attention, on_down_proj):
-                hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)[0]
-                ent = _next_token_entropy(model, hidden)  # [B, L]
-            builder.n_tokens += sum(lengths)
-            for b, L in enumerate(lengths):
-                token_ids.append(np.asarray(batch_ids[b]))
-                entropies.append(ent[b, :L].float().cpu().numpy())
-            bar.update(len(batch_ids))
-            if on_batch is not None:
-                on_batch(first + len(batch_ids), len(prompts))
-    finally:
-        layer_bar.close()
-        bar.close()
-        model.train(was_training)
-
-    prompt_meta = []
-    for text, ids in zip(prompts, token_lists):
-        prompt_meta.append(
-            {
-                "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                "n_tokens": len(ids),
-                "preview": text[:80],
-                "tokens": [tokenizer.decode([t]) for t in ids],
-            }
-        )
-    dtype = next(model.parameters()).dtype
-    meta = {
-        "model_id": cfg.model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__,
-        "config_digest": _config_digest(model),
-        "weights_digest": _weights_digest(model),
-        **geom,
-        "d_ff": int(builder.neuron_max.shape[1]) if builder.neuron_max is not None else None,
-        "model_dtype": str(dtype).replace("torch.", ""),
-        "stats_dtype": "float32",
-        "device": str(device),
-        "attn_implementation": model.config._attn_implementation,
-        "tokenizer": {"class": type(tokenizer).__name__, "name_or_path": getattr(tokenizer, "name_or_path", None)},
-        "spec": cfg.spec.to_dict(),
-        "top_k": cfg.top_k,
-        "config": cfg.to_dict(),
-        "versions": _versions(),
-        "schema_version": SCHEMA_VERSION,
-    }
-    return builder.finish(meta, prompt_meta, token_ids, entropies)
+    meta = run_corpus(model, tokenizer, items, sink, cfg, total=len(items))
+    return shards_to_profile(meta, shards)

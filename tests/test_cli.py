@@ -82,16 +82,20 @@ def test_profile_then_render(model_dir, tmp_path, capsys, rng):
         == 0
     )
     assert len(load(out).prompts) == 3
-    # --append with other settings is refused before profiling; a plain re-run of the same model replaces
+    # --append with other settings is refused before profiling; a plain re-run says how to replace or add
     _fails(
         capsys,
         ["profile", str(model_dir), "--prompt", "cat", "--out", str(out), "--bins", "128", "--append"],
-        "its spec is",
+        "settings (--bins, --thumb-size) differ",
     )
-    assert (
-        main(["profile", str(model_dir), "--prompt", "cat dog", "--out", str(out), "--bins", "128", "--no-progress"])
-        == 0
+    _fails(capsys, ["profile", str(model_dir), "--prompt", "cat", "--out", str(out)], "--force replaces it")
+    _fails(
+        capsys,
+        ["profile", str(model_dir), "--prompt", "cat", "--out", str(out), "--append", "--dtype", "bfloat16"],
+        "the dtype differs",
     )
+    argv = ["profile", str(model_dir), "--prompt", "cat dog", "--out", str(out), "--bins", "128", "--no-progress"]
+    assert main(argv + ["--force"]) == 0
     assert len(load(out).prompts) == 1 and load(out).meta["spec"]["bins"] == 128
     assert main(["render", str(out), "--per-head", "--kinds", "self,all"]) == 0
     figs = sorted(p.name for p in (out / "figures").iterdir())
@@ -131,8 +135,13 @@ def test_corpus_files(model_dir, tmp_path, capsys, rng):
 def test_bad_inputs(model_dir, other_model_dir, tmp_path, capsys, rng):
     out = tmp_path / "o"
     m = str(model_dir)
-    _fails(capsys, ["profile", m, "--prompt", "   ", "--out", str(out)], "prompt 0 is empty")
+    _fails(capsys, ["profile", m, "--prompt", "   ", "--out", str(out)], "--prompt 1: the prompt is empty")
     _fails(capsys, ["profile", m, "--prompt-file", str(tmp_path / "nope.txt"), "--out", str(out)], "does not exist")
+    _fails(capsys, ["profile", m, "--prompt-file", str(tmp_path), "--out", str(out)], "is a directory, not a file")
+    _fails(capsys, ["profile", m, "--prompts", str(tmp_path), "--out", str(out)], "is a directory")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00abc")
+    _fails(capsys, ["profile", m, "--prompt-file", str(binary), "--out", str(out)], f"{binary} is not UTF-8 text")
     _fails(capsys, ["profile", str(tmp_path / "no_model"), "--prompt", "a", "--out", str(out)], "does not exist")
     _fails(capsys, ["profile", str(tmp_path / "m.gguf"), "--prompt", "a", "--out", str(out)], "does not exist")
     long = random_text(100, rng)  # the model has 64 positions
@@ -143,8 +152,8 @@ def test_bad_inputs(model_dir, other_model_dir, tmp_path, capsys, rng):
     assert not out.exists(), "a failed run left an output directory"
     # --allow-long lets the long prompt through
     assert main(["profile", m, "--prompt", long, "--allow-long", "--out", str(out), "--no-progress"]) == 0
-    # --out holding another model's profile
-    _fails(capsys, ["profile", str(other_model_dir), "--prompt", "cat", "--out", str(out)], "another model")
+    # --out holding another model's run
+    _fails(capsys, ["profile", str(other_model_dir), "--prompt", "cat", "--out", str(out), "--append"], "another model")
     assert load(out).meta["model_type"] == "llama"
 
 
@@ -182,5 +191,11 @@ def test_help_matches_the_options():
         "--force",
         "--impl",
         "--batch-size",
+        "--resume",
+        "--keep",
+        "--shard-size",
+        "--text-column",
+        "--ray",
+        "runs/<model>",
     ):
         assert opt in text

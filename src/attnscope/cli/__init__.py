@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
 
     expected: tuple[type[BaseException], ...] = (CLIError, ProfileError)
     if args.command == "profile":
+        from attnscope.profiler.corpus import CorpusError
         from attnscope.profiler.hooks import UnsupportedModelError
         from attnscope.profiler.models import ModelLoadError
         from attnscope.profiler.run import PromptError
 
-        expected += (UnsupportedModelError, ModelLoadError, PromptError, ValueError)
+        expected += (UnsupportedModelError, ModelLoadError, PromptError, CorpusError, ValueError, OSError)
     else:
         expected += (ValueError, IndexError, ImportError)
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 from ._common import CLIError, parse_heads, slug
@@ -17,74 +17,71 @@ SAMPLE_PROMPT = (
 )
 
 
-def _read_prompts(args) -> list[str]:
-    prompts: list[str] = list(args.prompt or [])
-    for f in args.prompt_file or []:
-        p = Path(f)
-        if not p.is_file():
-            raise CLIError(f"prompt file {f} does not exist")
-        prompts.append(p.read_text(encoding="utf-8"))
-    for f in args.prompts or []:
-        prompts.extend(_read_corpus(Path(f)))
-    return prompts
+KEEP_AUTO_MAX_PROMPTS = 32  # --keep auto keeps the vectors tier for runs of at most this many prompts
 
 
-def _read_corpus(path: Path) -> list[str]:
-    """A corpus file: .txt (one prompt per non-empty line), .jsonl (a "text" field or a string per line), .parquet."""
-    if not path.is_file():
-        raise CLIError(f"prompts file {path} does not exist")
-    if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CLIError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            text = obj.get("text") if isinstance(obj, dict) else obj
-            if not isinstance(text, str):
-                raise CLIError(f"{path}:{n}: expected a string or an object with a string field 'text'")
-            out.append(text)
-        return out
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise CLIError("reading .parquet prompts needs pyarrow (pip install pyarrow)") from None
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise CLIError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
-        return [str(t) for t in table.column("text").to_pylist()]
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _corpus(args):
+    from attnscope.profiler.corpus import Corpus
+
+    return Corpus(
+        texts=list(args.prompt or []),
+        files=list(args.prompt_file or []),
+        corpora=list(args.prompts or []),
+        text_column=args.text_column,
+        id_column=args.id_column,
+    )
+
+
+def _batch_size(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        raise CLIError(f"--batch-size takes a positive integer or 'auto', got {text!r}") from None
+    if n < 1:
+        raise CLIError(f"--batch-size takes a positive integer or 'auto', got {text!r}")
+    return n
 
 
 def cmd_profile(args) -> int:
-    from attnscope.kernels import AttnStatsSpec
-    from attnscope.profiler import Profile, ProfileConfig, ProfileError, load, profile
-    from attnscope.profiler.models import DEFAULT_MODEL, load_model
-    from attnscope.profiler.run import _config_digest, _weights_digest
+    import dataclasses
 
-    prompts = _read_prompts(args)
-    if not prompts and (args.prompt is not None or args.prompt_file or args.prompts):
+    from attnscope.kernels import AttnStatsSpec
+    from attnscope.profiler import ProfileConfig
+    from attnscope.profiler.corpus import CorpusError
+    from attnscope.profiler.models import DEFAULT_MODEL, load_model
+    from attnscope.profiler.run import run_corpus, run_meta
+    from attnscope.profiler.store import RunWriter, _read_manifest, is_run
+
+    if sum(map(bool, (args.resume, args.append, args.force))) > 1:
+        raise CLIError("--resume, --append and --force exclude each other")
+    try:
+        corpus = _corpus(args)
+        if not (args.prompt or args.prompt_file or args.prompts):
+            corpus.texts = [SAMPLE_PROMPT]
+        n = corpus.check()
+    except CorpusError as e:
+        raise CLIError(str(e)) from None
+    if not n:
         raise CLIError("the prompt files hold no prompt")
-    if not prompts:
-        prompts = [SAMPLE_PROMPT]
-    for i, p in enumerate(prompts):
-        if not p.strip():
-            raise CLIError(f"prompt {i} is empty")
     out = Path(args.out or Path("runs") / slug(args.model or DEFAULT_MODEL))
-    existing: Profile | None = None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        try:
-            existing = load(out)
-        except ProfileError as e:
-            if not args.force:
-                raise CLIError(f"--out {out} is not empty and not a profile ({e}); choose another --out") from None
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    existing = _read_manifest(out) if is_run(out) else None
+    if args.keep == "auto" and existing is not None and (args.resume or args.append):
+        keep_vectors = bool(existing.get("keep_vectors"))
+    else:
+        keep_vectors = args.keep == "vectors" or (args.keep == "auto" and n <= KEEP_AUTO_MAX_PROMPTS)
+    if args.append and existing is not None:
+        corpus.first_index = int(existing["n_prompts"])
     spec = AttnStatsSpec(bins=args.bins, thumb_size=args.thumb_size)
     cfg = ProfileConfig(
         spec=spec,
-        batch_size=args.batch_size,
+        batch_size=_batch_size(args.batch_size),
+        token_budget=args.token_budget,
+        shard_size=args.shard_size,
+        keep_vectors=keep_vectors,
         allow_long=args.allow_long,
         keep_full=parse_heads(args.keep_head),
         full_max_tokens=args.full_max_tokens,
@@ -93,30 +90,40 @@ def cmd_profile(args) -> int:
         progress=not args.no_progress,
         model_id=args.model or DEFAULT_MODEL,
     )
-    model, tok, model_id = load_model(args.model, device=args.device, dtype=args.dtype)
-    if existing is not None and not args.force:  # fail before the long part, with the checks save/merge make
-        same = existing.meta.get("config_digest") == _config_digest(model) and existing.meta.get(
-            "weights_digest"
-        ) == _weights_digest(model)
-        if not same:
-            raise CLIError(
-                f"--out {out} holds a profile of another model ({existing.meta.get('model_id')}); "
-                "choose another --out, or --force to replace it"
+    mode = "resume" if args.resume else "append" if args.append else "force" if args.force else "new"
+    w = RunWriter(out, None, mode)
+    w.precheck()  # busy, foreign, unwritable or finished --out: one line, before loading the model
+    try:
+        if args.ray is not None:
+            from attnscope.profiler.distributed import profile_with_ray
+
+            done = profile_with_ray(args, corpus, cfg, w, n)
+            print(f"attnscope: profiled {done} prompt(s) with {args.model or DEFAULT_MODEL} on Ray -> {out}")
+            return 0
+        model, tok, model_id = load_model(args.model, device=args.device, dtype=args.dtype)
+        w.meta = run_meta(model, tok, cfg)
+    except BaseException:
+        w.discard()
+        raise
+    with w:
+        cfg = dataclasses.replace(cfg, keep_vectors=bool(w.meta["keep_vectors"]))
+        skip = w.committed_ids() if mode == "resume" else set()
+        before = w.n_prompts
+        try:
+            run_corpus(model, tok, iter(corpus), w.commit, cfg, skip=skip, total=n)
+        except CorpusError as e:
+            raise CLIError(str(e)) from None
+        except KeyboardInterrupt:
+            print(
+                f"attnscope: interrupted; {w.n_prompts} prompt(s) are committed in {out}: "
+                "profile again with --resume to continue",
+                file=sys.stderr,
             )
-        if args.append:
-            for key, value in (("model_id", model_id), ("spec", spec.to_dict()), ("top_k", cfg.top_k)):
-                if existing.meta.get(key) != value:
-                    raise CLIError(
-                        f"--append needs the settings of the profile in {out}: its {key} is "
-                        f"{existing.meta.get(key)!r}, this run's is {value!r}"
-                    )
-    prof = profile(model, tok, prompts, cfg)
-    if args.append and existing is not None:
-        prof = existing.merge(prof)
-    prof.save(out, force=args.force)
+            raise SystemExit(130) from None
+    tiers = "accumulators, per-prompt and per-token tables" + (", vectors" if cfg.keep_vectors else "")
     print(
-        f"attnscope: profiled {len(prompts)} prompt(s), {sum(p['n_tokens'] for p in prof.prompts)} tokens "
-        f"with {model_id} -> {out}"
+        f"attnscope: profiled {w.n_prompts - before} prompt(s) ({w.doc['n_tokens']} tokens in the run) "
+        f"with {model_id} -> {out} ({tiers})"
     )
     return 0
 
@@ -125,8 +132,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "profile",
         help="profile a model on prompts and save the statistics",
-        description="Profile MODEL on prompts; write a profile directory (profile.json + "
-        "profile.safetensors) atomically.",
+        description="Profile MODEL on prompts and stream the statistics into a run directory (run.json, "
+        "accum/, index/, prompts/, tokens/ and, for few prompts or --keep vectors, vectors/), committed shard by "
+        "shard: a killed run continues with --resume.",
     )
     p.add_argument(
         "model",
@@ -141,9 +149,20 @@ def register(sub) -> None:
         "--prompts",
         action="append",
         metavar="FILE",
-        help="a corpus: .txt (one prompt per line), .jsonl ('text' field) or .parquet ('text' column)",
+        help="a corpus: .txt (one prompt per line), .jsonl or .parquet (--text-column, --id-column), or a Hugging "
+        "Face dataset directory saved with save_to_disk (repeatable)",
     )
-    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<model>)")
+    p.add_argument("--text-column", default="text", help="text field of .jsonl/.parquet/dataset rows (default: text)")
+    p.add_argument(
+        "--id-column",
+        default="id",
+        help="id field: a stable prompt id for --resume where present (default: id; else index and text hash)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run directory (default: runs/<model>, e.g. runs/SmolLM2-135M-Instruct under the current directory)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument(
         "--dtype",
@@ -151,7 +170,30 @@ def register(sub) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="model dtype (default: auto = bfloat16 on CUDA, float32 on the CPU)",
     )
-    p.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass (default: 1)")
+    p.add_argument(
+        "--batch-size",
+        default="1",
+        metavar="N|auto",
+        help="prompts per forward pass, length-bucketed within a shard; auto: as many as --token-budget padded "
+        "tokens allow (default: 1)",
+    )
+    p.add_argument(
+        "--token-budget", type=int, default=8192, help="padded tokens per forward pass with --batch-size auto"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=256,
+        help="prompts per shard: the unit of commit and resume; a kill loses at most one shard (default: 256)",
+    )
+    p.add_argument(
+        "--keep",
+        default="auto",
+        choices=["auto", "vectors", "tables"],
+        help="detail kept: vectors = also per-token per-head vectors and per-prompt thumbnails (the vectors "
+        f"tier); tables = accumulators and per-prompt/per-token tables only; auto = vectors for runs of at most "
+        f"{KEEP_AUTO_MAX_PROMPTS} prompts (default)",
+    )
     p.add_argument("--bins", type=int, default=4096, help="histogram bins, a power of two (default: 4096)")
     p.add_argument("--thumb-size", type=int, default=64, help="pooled thumbnail size R, R x R (default: 64)")
     p.add_argument(
@@ -174,7 +216,19 @@ def register(sub) -> None:
         choices=["auto", "torch", "triton"],
         help="statistics implementation (default: auto = Triton on CUDA, torch on the CPU)",
     )
-    p.add_argument("--append", action="store_true", help="merge into the profile already in --out (same model)")
-    p.add_argument("--force", action="store_true", help="replace whatever --out holds")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out, skipping its prompts")
+    p.add_argument("--append", action="store_true", help="add the prompts to the run in --out (same model, settings)")
+    p.add_argument(
+        "--force", action="store_true", help="replace the run in --out (never a directory that is not a run)"
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="profile on a Ray cluster (pip install 'attnscope[distributed]'): one actor per GPU (CPU actors "
+        "without GPUs); no ADDRESS starts a local cluster",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_profile)

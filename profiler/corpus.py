@@ -1,0 +1,172 @@
+"""Corpus readers: prompts streamed from .txt, .jsonl, .parquet files and Hugging Face datasets saved on disk.
+
+Every prompt gets a stable id for ``--resume``: the corpus's own id (``--id-column``, default ``id``) where it has
+one, else ``<index>:<first 16 hex digits of the text's SHA-256>``. Readers stream (memory does not grow with the
+corpus); ``Corpus.check`` reads everything once to count the prompts and to report a malformed row by file and
+line before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Corpus", "CorpusError", "read_text_file"]
+
+
+class CorpusError(ValueError):
+    """A corpus file is missing, a directory, not text, or holds a malformed row (the message names where)."""
+
+
+def read_text_file(path: str | Path, what: str = "prompt file") -> str:
+    """The whole UTF-8 text of ``path``; ``CorpusError`` naming the file when it is missing, a directory or binary."""
+    p = Path(path)
+    if p.is_dir():
+        raise CorpusError(f"{what} {p} is a directory, not a file")
+    if not p.is_file():
+        raise CorpusError(f"{what} {p} does not exist")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{what} {p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise CorpusError(f"cannot read {what} {p}: {e.strerror}") from None
+
+
+def _is_hf_dataset(p: Path) -> bool:
+    return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "state.json").is_file())
+
+
+def _lines(p: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with open(p, encoding="utf-8") as f:
+            n = 0
+            try:
+                for n, line in enumerate(f, 1):  # noqa: B007
+                    yield n, line.rstrip("\n")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{p}:{n + 1}: not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise CorpusError(f"cannot read {p}: {e.strerror}") from None
+
+
+@dataclass
+class Corpus:
+    """Prompts from literal texts, whole-file prompts and corpus files, in that order.
+
+    Args:
+        texts: literal prompts (``--prompt``).
+        files: files whose whole text is one prompt (``--prompt-file``).
+        corpora: corpus files or dataset directories (``--prompts``).
+        text_column: the text field of .jsonl/.parquet/datasets rows.
+        id_column: the id field, used as the prompt id where present.
+    """
+
+    texts: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    corpora: list[str] = field(default_factory=list)
+    text_column: str = "text"
+    id_column: str = "id"
+    first_index: int = 0  # where the index part of generated ids starts (an --append continues a run's count)
+
+    def __post_init__(self) -> None:
+        for f in self.corpora:
+            p = Path(f)
+            if p.is_dir() and not _is_hf_dataset(p):
+                raise CorpusError(
+                    f"prompts file {p} is a directory (a Hugging Face dataset saved with save_to_disk would hold "
+                    "dataset_info.json); give a .txt, .jsonl or .parquet file"
+                )
+            if not p.exists():
+                raise CorpusError(f"prompts file {p} does not exist")
+
+    # -- raw rows: (id or None, text, where) --
+    def _rows(self) -> Iterator[tuple[str | None, object, str]]:
+        for i, t in enumerate(self.texts):
+            yield None, t, f"--prompt {i + 1}"
+        for f in self.files:
+            yield None, read_text_file(f), str(f)
+        for f in self.corpora:
+            yield from self._corpus_rows(Path(f))
+
+    def _corpus_rows(self, p: Path) -> Iterator[tuple[str | None, object, str]]:
+        tc, ic = self.text_column, self.id_column
+        if _is_hf_dataset(p):
+            try:
+                import datasets
+            except ImportError:
+                raise CorpusError(f"{p} is a Hugging Face dataset: reading it needs `pip install datasets`") from None
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                raise CorpusError(f"{p} holds several splits ({', '.join(ds)}); give one split's directory")
+            if tc not in ds.column_names:
+                raise CorpusError(f"{p} has no column {tc!r} (columns: {', '.join(ds.column_names)}); --text-column")
+            has_id = ic in ds.column_names
+            for n, row in enumerate(ds):
+                yield (str(row[ic]) if has_id else None), row[tc], f"{p} row {n}"
+        elif p.suffix == ".jsonl":
+            for n, line in _lines(p):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                if isinstance(obj, dict):
+                    if not isinstance(obj.get(tc), str):
+                        raise CorpusError(f"{p}:{n}: expected a string field {tc!r}")
+                    yield (str(obj[ic]) if ic in obj else None), obj[tc], f"{p}:{n}"
+                elif isinstance(obj, str):
+                    yield None, obj, f"{p}:{n}"
+                else:
+                    raise CorpusError(f"{p}:{n}: expected a string or an object with a string field {tc!r}")
+        elif p.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise CorpusError("reading .parquet prompts needs pyarrow (pip install pyarrow)") from None
+            try:
+                f = pq.ParquetFile(p)
+            except Exception as e:  # pyarrow raises its own error types for a file that is not Parquet
+                raise CorpusError(f"{p} is not a Parquet file ({e})") from None
+            names = f.schema_arrow.names
+            if tc not in names:
+                raise CorpusError(f"{p} has no column {tc!r} (columns: {', '.join(names)}); --text-column")
+            cols = [tc] + ([ic] if ic in names else [])
+            n = 0
+            for batch in f.iter_batches(batch_size=4096, columns=cols):
+                texts = batch.column(0).to_pylist()
+                ids = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
+                for t, i in zip(texts, ids):
+                    yield (None if i is None else str(i)), t, f"{p} row {n}"
+                    n += 1
+        else:  # plain text: one prompt per non-empty line
+            for n, line in _lines(p):
+                if line.strip():
+                    yield None, line, f"{p}:{n}"
+
+    def __iter__(self):
+        from .run import PromptItem
+
+        for index, (pid, text, where) in enumerate(self._rows(), self.first_index):
+            if not isinstance(text, str):
+                raise CorpusError(f"{where}: the prompt is not a string ({type(text).__name__})")
+            if not text.strip():
+                raise CorpusError(f"{where}: the prompt is empty")
+            if pid is None:
+                pid = f"{index}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+            yield PromptItem(pid, text)
+
+    def check(self) -> int:
+        """Read every prompt once: the count, or ``CorpusError`` at the first malformed row or repeated id."""
+        seen: set[str] = set()
+        n = 0
+        for it in self:
+            if it.id in seen:
+                raise CorpusError(f"prompt id {it.id!r} appears twice: ids must be unique for --resume")
+            seen.add(it.id)
+            n += 1
+        return n
