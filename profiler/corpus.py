@@ -41,14 +41,14 @@ def _is_hf_dataset(p: Path) -> bool:
 
 
 def _lines(p: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded line by line so a bad byte is reported at its own line."""
     try:
-        with open(p, encoding="utf-8") as f:
-            n = 0
-            try:
-                for n, line in enumerate(f, 1):  # noqa: B007
-                    yield n, line.rstrip("\n")
-            except UnicodeDecodeError as e:
-                raise CorpusError(f"{p}:{n + 1}: not UTF-8 text ({e.reason})") from None
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    yield n, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"{p}:{n}: not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise CorpusError(f"cannot read {p}: {e.strerror}") from None
 

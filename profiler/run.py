@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,7 +271,9 @@ class _Engine:
         nb = cfg.spec.bins
         r = {
             "vec": {v: np.zeros((Ly, B, H, Lmax), np.float32) for v in self.vectors},
-            "thumb": np.zeros((Ly, B, H, R, R), np.float32),
+            "thumb_rel": np.zeros((Ly, H, R, R)),
+            "thumb_rel_count": np.zeros((R, R), np.int64),
+            "thumbs": [None] * B,
             "hist_all": np.zeros((Ly, H, nb), np.int64),
             "hist_log": np.zeros((Ly, H, nb), np.int64),
             "moments": np.zeros((Ly, H, 3)),
@@ -281,6 +284,16 @@ class _Engine:
         }
         dev_ids = ids.to(self.device)
         kw = {"tokens": dev_ids} if self._tokens_kw else {}
+        # thumbnail cell t of a prompt of L tokens starts at position ceil(t L / r): its relative cell is that * R // L
+        cells = []
+        for b in range(B):
+            L = int(lengths[b])
+            rp = min(R, L)
+            rel = np.array([-(-t * L // rp) for t in range(rp)]) * R // L
+            cells.append((rp, rel[:, None], rel[None, :]))
+            r["thumb_rel_count"][rel[:, None], rel[None, :]] += 1
+            if cfg.keep_vectors:
+                r["thumbs"][b] = np.zeros((Ly, H, rp, rp), np.float32)
 
         def on_attention(layer, q, k, scaling, window):
             rr = ranges.with_window(window)
@@ -296,7 +309,12 @@ class _Engine:
             r["dist"][layer] = d
             for v in self.vectors:
                 r["vec"][v][layer] = st[v].cpu().numpy()
-            r["thumb"][layer] = st["thumb"].cpu().numpy()[..., :R, :R]
+            th = st["thumb"].cpu().numpy()  # [B, H, R, R]: cells past min(R, L) are zero
+            rel_sum = r["thumb_rel"][layer]  # [H, R, R]
+            for b, (rp, ra, rc) in enumerate(cells):  # one small numpy op per prompt and layer
+                rel_sum[:, ra, rc] += th[b, :, :rp, :rp]
+                if cfg.keep_vectors:
+                    r["thumbs"][b][layer] = th[b, :, :rp, :rp]
             for lyr, head in cfg.keep_full:
                 if lyr == layer:
                     kv = head // (H // k.shape[1])
@@ -380,19 +398,16 @@ class _Engine:
                     [np.full(x.shape[:2], float(x.shape[-1])), x64.sum(-1), (x64 * x64).sum(-1)], -1
                 )
             # thumbnails, pooled again in relative position so prompts of any length add up
+            acc["attn.thumb_rel"] += r["thumb_rel"]
+            acc["attn.thumb_rel_count"] += r["thumb_rel_count"]
             for b, i in enumerate(sel.tolist()):
                 L = int(blen[b])
-                rp = min(R, L)
-                e = np.array([-(-t * L // rp) for t in range(rp)])  # first position of each cell
-                rel = e * R // L
-                acc["attn.thumb_rel"][:, :, rel[:, None], rel[None, :]] += r["thumb"][:, b, :, :rp, :rp]
-                acc["attn.thumb_rel_count"][rel[:, None], rel[None, :]] += 1
                 lo, hi = offsets[i], offsets[i + 1]
                 entropy[lo:hi] = r["entropy"][b, :L]
                 if keep:
                     for v in self.vectors:
                         vectors[f"attn.{v}"][:, :, lo:hi] = r["vec"][v][:, b, :, :L]
-                    thumbs[i] = r["thumb"][:, b, :, :rp, :rp].copy()
+                    thumbs[i] = r["thumbs"][b]
             for (b, layer, head), m in r["full"].items():
                 full[(int(sel[b]), layer, head)] = m
             # down_proj: the batch's real tokens in row-major order -> shard token positions
@@ -532,16 +547,28 @@ def run_corpus(
     bar = _progress(cfg, total)
     was_training = model.training
     model.eval()
+
+    def prepare(first: int, window: list[PromptItem]):
+        todo = [it for it in window if it.id not in skip]
+        return len(window) - len(todo), todo, (eng.tokenize(todo, first) if todo else [])
+
+    windows = shard_windows(items, cfg)
+    pool = ThreadPoolExecutor(
+        1
+    )  # tokenises the next shard while the model runs this one (fast tokenizers release the GIL)
     try:
-        for first, window in shard_windows(items, cfg):
-            todo = [it for it in window if it.id not in skip]
-            if len(todo) < len(window):
-                bar.update(len(window) - len(todo))
-            if not todo:
-                continue
-            token_lists = eng.tokenize(todo, first)
-            sink(eng.run_shard(todo, token_lists, bar))
+        nxt = next(windows, None)
+        pending = pool.submit(prepare, *nxt) if nxt else None
+        while pending is not None:
+            skipped, todo, token_lists = pending.result()
+            nxt = next(windows, None)
+            pending = pool.submit(prepare, *nxt) if nxt else None
+            if skipped:
+                bar.update(skipped)
+            if todo:
+                sink(eng.run_shard(todo, token_lists, bar))
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         model.train(was_training)
     return eng.meta()
