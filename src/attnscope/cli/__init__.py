@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import profile, views
+from . import profile, run, views
 from ._common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     profile.register(sub)
     views.register(sub)
+    run.register(sub)
     return ap
 
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         from attnscope.profiler.run import PromptError
 
         expected += (UnsupportedModelError, ModelLoadError, PromptError, CorpusError, ValueError, OSError)
+    elif args.command in ("merge", "sql"):
+        expected += (ValueError, OSError)
     else:
         expected += (ValueError, IndexError, ImportError)
     try:
