@@ -38,6 +38,7 @@ __all__ = [
     "RunError",
     "RunWriter",
     "Shard",
+    "committed_ids",
     "is_run",
     "load_run",
     "merge_runs",
@@ -427,12 +428,7 @@ class RunWriter:
 
     def committed_ids(self) -> set[str]:
         """The ``prompt_id`` of every committed prompt (what ``--resume`` skips)."""
-        _, pq = _pa()
-        out: set[str] = set()
-        for s in self.doc["shards"] if self.doc else []:
-            t = pq.read_table(self.path / f"index/{s['name']}.parquet", columns=["prompt_id"])
-            out.update(t.column("prompt_id").to_pylist())
-        return out
+        return _committed_ids(self.path, self.doc) if self.doc else set()
 
     # -- commit --
     def commit(self, shard: Shard) -> None:
@@ -481,6 +477,20 @@ class RunWriter:
     def _write_manifest(self) -> None:
         _write_bytes(self.path / RUN_FILE, json.dumps(self.doc, indent=1).encode())
         _fsync_dir(self.path)
+
+
+def _committed_ids(path: Path, doc: dict) -> set[str]:
+    _, pq = _pa()
+    out: set[str] = set()
+    for s in doc["shards"]:
+        t = pq.read_table(path / f"index/{s['name']}.parquet", columns=["prompt_id"])
+        out.update(t.column("prompt_id").to_pylist())
+    return out
+
+
+def committed_ids(path: str | os.PathLike) -> set[str]:
+    """The ``prompt_id`` of every prompt committed to the run at ``path``."""
+    return _committed_ids(Path(path), _read_manifest(Path(path)))
 
 
 # -- reading --

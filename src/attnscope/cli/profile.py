@@ -69,7 +69,7 @@ def cmd_profile(args) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
     existing = _read_manifest(out) if is_run(out) else None
-    if args.keep == "auto" and existing is not None and (args.resume or args.append):
+    if existing is not None and (args.resume or (args.append and args.keep == "auto")):  # a resume keeps the run's
         keep_vectors = bool(existing.get("keep_vectors"))
     else:
         keep_vectors = args.keep == "vectors" or (args.keep == "auto" and n <= KEEP_AUTO_MAX_PROMPTS)
