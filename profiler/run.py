@@ -331,7 +331,8 @@ class _Engine:
 
         with torch.no_grad(), capture(self.model, on_attention, on_down_proj):
             hidden = self.base(input_ids=dev_ids, attention_mask=mask.to(self.device), use_cache=False)[0]
-            r["entropy"] = _next_token_entropy(self.model, hidden).float().cpu().numpy()  # [B, Lmax]
+            # real tokens only, a chunk at a time: never [batch, L, vocab] logits
+            r["entropy"] = _next_token_entropy(self.model, hidden[sel][None])[0].float().cpu().numpy()  # [T_batch]
         r["lengths"] = lengths
         return r
 
@@ -403,7 +404,6 @@ class _Engine:
             for b, i in enumerate(sel.tolist()):
                 L = int(blen[b])
                 lo, hi = offsets[i], offsets[i + 1]
-                entropy[lo:hi] = r["entropy"][b, :L]
                 if keep:
                     for v in self.vectors:
                         vectors[f"attn.{v}"][:, :, lo:hi] = r["vec"][v][:, b, :, :L]
@@ -412,6 +412,7 @@ class _Engine:
                 full[(int(sel[b]), layer, head)] = m
             # down_proj: the batch's real tokens in row-major order -> shard token positions
             where = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in sel.tolist()])
+            entropy[where] = r["entropy"]
             for layer in range(Ly):
                 st = r["mlp"][layer]
                 for name in mlp:
