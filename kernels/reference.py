@@ -11,7 +11,16 @@ import math
 
 import torch
 
-from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, linear_bin, log_bin, thumb_edges
+from .contract import (
+    ATTN_VECTOR_STATS,
+    N_DIST_BUCKETS,
+    AttnStatsSpec,
+    KeyRanges,
+    linear_bin,
+    log_bin,
+    resolve_tokens,
+    thumb_edges,
+)
 
 __all__ = ["attention_probs_ref", "attn_stats_from_probs_ref", "attn_stats_ref", "down_proj_stats_ref"]
 
@@ -42,6 +51,7 @@ def attn_stats_ref(
     ranges: KeyRanges,
     spec: AttnStatsSpec = AttnStatsSpec(),
     upcast: bool = True,
+    tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract, from the materialised probabilities.
 
@@ -51,17 +61,19 @@ def attn_stats_ref(
         cells past min(R, length) zero), and each name of ``ATTN_VECTOR_STATS`` as [B, H, L].
     """
     p = attention_probs_ref(q, k, scaling, ranges, upcast).cpu()  # [B, H, L, L]
-    return attn_stats_from_probs_ref(p, ranges, spec)
+    return attn_stats_from_probs_ref(p, ranges, spec, tokens)
 
 
 def attn_stats_from_probs_ref(
     p: torch.Tensor,  # [B, H, L, L] attention probabilities (e.g. a model's own output_attentions)
     ranges: KeyRanges,
     spec: AttnStatsSpec = AttnStatsSpec(),
+    tokens: torch.Tensor | None = None,  # [B, L] token ids (None: no repeats)
 ) -> dict[str, torch.Tensor]:
     """The statistics of ``attn_stats_ref`` from already materialised probabilities."""
     B, H, L, _ = p.shape
     p = p.cpu()
+    tokens = resolve_tokens(tokens, B, L, torch.device("cpu"))
     allowed = ranges.allowed(L).expand(B, H, L, L)  # [B, H, L, L]
     start, end = ranges.start.tolist(), ranges.end.tolist()
     out: dict[str, torch.Tensor] = {}
@@ -107,6 +119,15 @@ def attn_stats_from_probs_ref(
         vec["sink"][b, :, lo:hi] = pb[:, lo:hi, lo]
         if hi - lo > 1:
             vec["prev"][b, :, lo + 1 : hi] = pb[:, rows[1:], rows[1:] - 1]
+        # head-role masks [L, L] over (query i, key j), written from their definitions
+        t = tokens[b]  # [L]
+        earlier = j < i  # [L, L]
+        dup = earlier & (t[:, None] == t[None, :])
+        t_before = t.roll(1)  # [L] token j - 1 at key j, used only where j - 1 is a real token of this prompt
+        has_before = torch.arange(L) >= lo + 1
+        ind = earlier & (t[:, None] == t_before[None, :]) & has_before[None, :]
+        vec["dup"][b, :, lo:hi] = (pb * dup).sum(-1)[:, lo:hi]
+        vec["induction"][b, :, lo:hi] = (pb * ind).sum(-1)[:, lo:hi]
     out.update(vec)
 
     R = spec.thumb_size

@@ -84,9 +84,8 @@ def run_with_stats(
     stats: dict = {"attn": {}, "mlp": {}}
 
     def on_attention(layer, q, k, scaling, window):
-        stats["attn"][layer] = attn_stats(
-            q.detach(), k.detach(), scaling, ranges.with_window(window), spec, impl, block_q
-        )
+        r = ranges.with_window(window)
+        stats["attn"][layer] = attn_stats(q.detach(), k.detach(), scaling, r, spec, impl, block_q, tokens=ids)
 
     def on_down_proj(layer, x, y):
         sel = valid.to(x.device)
@@ -323,9 +322,9 @@ def profile(
             builder.new_prompts(lengths)
             layer_bar.reset()
 
-            def on_attention(layer, q, k, scaling, window, _first=first, _ranges=ranges):
+            def on_attention(layer, q, k, scaling, window, _first=first, _ranges=ranges, _ids=ids):
                 r = _ranges.with_window(window)
-                st = attn_stats(q.detach(), k.detach(), scaling, r, cfg.spec, cfg.impl, cfg.block_q)
+                st = attn_stats(q.detach(), k.detach(), scaling, r, cfg.spec, cfg.impl, cfg.block_q, tokens=_ids)
                 builder.add_attention(layer, st, _first, r)
                 for lyr, head in cfg.keep_full:  # noqa: B023
                     if lyr == layer:
