@@ -22,7 +22,13 @@ from .contract import (
     thumb_edges,
 )
 
-__all__ = ["attention_probs_ref", "attn_stats_from_probs_ref", "attn_stats_ref", "down_proj_stats_ref"]
+__all__ = [
+    "attention_probs_ref",
+    "attn_stats_from_probs_ref",
+    "attn_stats_ref",
+    "down_proj_stats_ref",
+    "vocab_stats_ref",
+]
 
 
 def attention_probs_ref(
@@ -170,4 +176,39 @@ def down_proj_stats_ref(
         "neuron_argmax": amx,
         "neuron_sum": xf.sum(0).double(),
         "neuron_sumsq": (xf * xf).sum(0).double(),
+    }
+
+
+def vocab_stats_ref(
+    h: torch.Tensor,  # [T, d] hidden states after the final norm
+    weight: torch.Tensor,  # [V, d] unembedding
+    target: torch.Tensor,  # [T] int64 token that comes next (-1: none)
+    bias: torch.Tensor | None = None,  # [V]
+    upcast: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The next-token distribution softmax(h W^T + b) of each row, reduced to a few numbers (the logit lens).
+
+    Returns:
+        ``lse`` [T] (log-sum-exp of the logits), ``entropy`` [T] (nats), ``top_id`` [T] int64 and ``top_prob`` [T]
+        (the most likely token, the first on ties), ``target_prob`` [T] and ``target_rank`` [T] int64 (how many
+        other tokens have a strictly larger logit; 0 and -1 where the target is -1).
+    """
+    dt = torch.float64 if upcast else torch.float32
+    logits = h.to(dt) @ weight.to(dt).T  # [T, V]
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    logp = torch.log_softmax(logits, dim=-1)  # [T, V]
+    top_logp, top_id = logp.max(dim=-1)
+    has = target >= 0
+    t = target.clamp_min(0)
+    z_t = logits.gather(-1, t[:, None])  # [T, 1]
+    other = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, t[:, None], False)  # [T, V]
+    rank = ((logits > z_t) & other).sum(-1)
+    return {
+        "lse": torch.logsumexp(logits, dim=-1),
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "top_id": top_id,
+        "top_prob": top_logp.exp(),
+        "target_prob": torch.where(has, logp.gather(-1, t[:, None]).squeeze(-1).exp(), 0.0),
+        "target_rank": torch.where(has, rank, -1),
     }
