@@ -18,7 +18,7 @@ from .hooks import model_geometry
 
 __all__ = ["LENS_FIELDS", "lens_modules", "logit_lens", "next_token_targets", "residual_hooks", "vocab_stats"]
 
-LENS_FIELDS = ("top_id", "top_prob", "entropy", "target_prob", "target_rank")
+LENS_FIELDS = ("top_id", "top_prob", "entropy", "target_prob", "target_rank", "final_prob")
 
 # model_type -> (decoder layer list, final norm), as attributes of the base model
 _MODULES = {
@@ -104,11 +104,20 @@ def logit_lens(
     bias = getattr(head, "bias", None)
     rows: dict[int, dict[str, torch.Tensor]] = {}
 
+    kept: dict[int, torch.Tensor] = {}
+
     def on_layer(layer: int, resid: torch.Tensor) -> None:
         h = norm(resid[sel.to(resid.device)])  # [T, d]
         rows[layer] = vocab_stats(h, head.weight, target.to(h.device), bias, impl)
+        kept[layer] = h
 
     with torch.no_grad(), residual_hooks(model, on_layer):
         output = model(**batch)
+        final_top = rows[max(rows)]["top_id"]  # [T]
+        for layer, h in kept.items():
+            z = torch.linalg.vecdot(h.float(), head.weight[final_top].float())  # [T] logit of the final prediction
+            if bias is not None:
+                z = z + bias[final_top].float()
+            rows[layer]["final_prob"] = torch.exp(z - rows[layer]["lse"])
     lens = {f: torch.stack([rows[i][f].cpu() for i in sorted(rows)]) for f in LENS_FIELDS}
     return output, lens

@@ -46,6 +46,9 @@ def test_lens_matches_full_logits(kind):
         for f in ("top_prob", "entropy", "target_prob"):
             assert_verbose_allclose(lens[f][layer], ref[f], atol=1e-5, rtol=1e-4, name=f"{kind} layer {layer} {f}")
         assert torch.equal(lens["top_id"][layer], ref["top_id"])
+        logits = h.double() @ head.weight.detach().double().T + (0 if bias is None else bias.detach().double())
+        final = torch.softmax(logits, -1).gather(-1, plain.logits[sel].argmax(-1, keepdim=True)).squeeze(-1)
+        assert_verbose_allclose(lens["final_prob"][layer], final, atol=1e-5, rtol=1e-4, name=f"{kind} final_prob")
     # the last layer's lens is the model's own next-token distribution
     logp = torch.log_softmax(plain.logits[sel].double(), -1)
     assert_verbose_allclose(lens["entropy"][-1], -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-4, name="entropy")
