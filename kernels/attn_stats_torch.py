@@ -16,7 +16,16 @@ from __future__ import annotations
 import torch
 
 from ._cpu_hist import hist_block
-from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_layout, validate_qk
+from .contract import (
+    ATTN_VECTOR_STATS,
+    N_DIST_BUCKETS,
+    AttnStatsSpec,
+    KeyRanges,
+    previous_tokens,
+    resolve_tokens,
+    thumb_layout,
+    validate_qk,
+)
 
 __all__ = ["attn_stats_torch"]
 
@@ -38,10 +47,13 @@ def attn_stats_torch(
     spec: AttnStatsSpec = AttnStatsSpec(),
     block_q: int = 128,
     use_numba: bool | None = None,
+    tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (see ``reference.attn_stats_ref`` for the outputs)."""
     validate_qk(q, k, ranges)
     B, H, L, D = q.shape
+    tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
+    tok_before = previous_tokens(tokens, ranges)  # [B, L]
     Hkv = k.shape[1]
     group = H // Hkv
     dev = q.device
@@ -116,6 +128,13 @@ def attn_stats_torch(
         sink_col = (start - kstart).clamp(0, Lk - 1)  # [B]
         sink = p.gather(-1, sink_col.view(B, 1, 1, 1).expand(B, H, i1 - i0, 1)).squeeze(-1)  # [B, H, R_blk]
         vec["sink"][:, :, i0:i1] = torch.where((start >= kstart)[:, None, None], sink, 0.0)
+        # -- head-role masses: p summed over the earlier keys holding the query's token (or after it) --
+        tq = tokens[:, i0:i1, None]  # [B, R_blk, 1]
+        earlier = cols[None, :] < rows[:, None]  # [R_blk, Lk]
+        same = (tq == tokens[:, None, kstart:i1]) & earlier  # [B, R_blk, Lk]
+        vec["dup"][:, :, i0:i1] = (p * same[:, None]).sum(-1)
+        after = (tq == tok_before[:, None, kstart:i1]) & earlier  # [B, R_blk, Lk]
+        vec["induction"][:, :, i0:i1] = (p * after[:, None]).sum(-1)
         for b in torch.nonzero((final_row >= i0) & (final_row < i1)).flatten().tolist():
             vec["final"][b, :, kstart:i1] = p[b, :, int(final_row[b]) - i0]
 

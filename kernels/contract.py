@@ -9,6 +9,11 @@ For one (batch row b, head h), query i and key j of a padded batch of length L:
     s_ij  = scaling * q_i . k_j
     p_ij  = exp(s_ij - lse_i),  lse_i = log sum_{allowed j} exp(s_ij)
     H_i   = -sum_j p_ij log p_ij
+    dup_i = sum_{j < i, tok_j = tok_i} p_ij            (duplicate-token mass)
+    ind_i = sum_{j < i, tok_{j-1} = tok_i} p_ij        (induction mass; j - 1 must be a real token)
+
+The head-role masses follow TransformerLens ``detect_head`` ("mul" scoring: a head's score is the mean of the
+row masses over its rows), except that induction excludes j = i (attending to oneself is not induction).
 
 ``start[b]`` is the number of left-padding tokens and ``end[b]`` the end of the real tokens, so right and left
 padding are both described by two integers per row: the mask is never materialised as an L x L tensor.
@@ -29,6 +34,8 @@ __all__ = [
     "linear_bin",
     "log_bin",
     "thumb_edges",
+    "previous_tokens",
+    "resolve_tokens",
     "thumb_layout",
     "validate_qk",
 ]
@@ -45,6 +52,8 @@ ATTN_VECTOR_STATS = (
     "recv_max",  # max_i p_ij, indexed by key j
     "sink",  # p_{i, start}: attention to the first real token
     "prev",  # p_{i, i-1}
+    "dup",  # sum_j p_ij [tok_j = tok_i, j < i]: duplicate-token mass
+    "induction",  # sum_j p_ij [tok_{j-1} = tok_i, start <= j - 1, j < i]: induction mass
 )
 
 
@@ -188,3 +197,21 @@ def validate_qk(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
         raise ValueError(f"q and k must share a dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}")
     if ranges.start.numel() != q.shape[0]:
         raise ValueError(f"ranges describe {ranges.start.numel()} rows, the batch has {q.shape[0]}")
+
+
+def resolve_tokens(tokens: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """The [batch, L] int64 token ids of the head-role masses; None stands for positions (no token repeats, so the
+    duplicate and induction masses are zero)."""
+    if tokens is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    if tokens.shape != (batch, length) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(
+            f"tokens must be integer ids of shape [{batch}, {length}], got {tuple(tokens.shape)} {tokens.dtype}"
+        )
+    return tokens.to(device=device, dtype=torch.long)
+
+
+def previous_tokens(tokens: torch.Tensor, ranges: KeyRanges) -> torch.Tensor:
+    """[B, L] token j - 1 at key j, or -1 where j - 1 is not a real token (ids are >= 0: -1 matches nothing)."""
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
+    return torch.where(pos[None, :] > ranges.start.to(tokens.device)[:, None], tokens.roll(1, dims=1), -1)

@@ -39,17 +39,18 @@ def attn_stats(
     spec: AttnStatsSpec = AttnStatsSpec(),
     impl: Impl = "auto",
     block_q: int = 128,
+    tokens: torch.Tensor | None = None,  # [B, L] token ids for the duplicate/induction masses
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract for one layer (outputs as ``reference.attn_stats_ref``).
 
     ``block_q`` is the query block of the torch path (its memory is O(B * H * block_q * L)); the Triton
-    kernels choose their own tiles.
+    kernels choose their own tiles. Without ``tokens`` no token repeats, so ``dup`` and ``induction`` are zero.
     """
     if _resolve(impl, q.device) == "triton":
         from .qk_stats import qk_stats
 
-        return qk_stats(q, k, scaling, ranges, spec)
-    return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q)
+        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens)
+    return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens)
 
 
 def down_proj_stats(

@@ -21,7 +21,16 @@ import triton
 import triton.language as tl
 
 from ._settings import is_interpreter, qk_stats_settings
-from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, thumb_layout, validate_qk
+from .contract import (
+    ATTN_VECTOR_STATS,
+    N_DIST_BUCKETS,
+    AttnStatsSpec,
+    KeyRanges,
+    previous_tokens,
+    resolve_tokens,
+    thumb_layout,
+    validate_qk,
+)
 
 __all__ = ["qk_stats"]
 
@@ -81,7 +90,9 @@ def _qk_stats_fused_kernel(
     ENT,
     ROWMAX,
     SINK,
-    PREV,  # [B, H, L] float32, every element stored
+    PREV,
+    DUP,
+    IND,  # [B, H, L] float32, every element stored
     FINAL,
     RECV_SUM,
     RECV_MAX,  # [B, H, L] float32, zero-initialised
@@ -96,6 +107,8 @@ def _qk_stats_fused_kernel(
     START,
     END,  # [B] int64 key ranges
     CELL,  # [B, L] int32 thumbnail cell of each position (-1: padding)
+    TOK,  # [B, L] int64 token ids
+    TOKB,  # [B, L] int64 token j - 1 at key j (-1 where j - 1 is not a real token)
     L,
     H,
     GROUP,
@@ -179,6 +192,9 @@ def _qk_stats_fused_kernel(
     diag = tl.zeros([BLOCK_M], tl.float32)
     prev = tl.zeros([BLOCK_M], tl.float32)
     sink = tl.zeros([BLOCK_M], tl.float32)
+    dup = tl.zeros([BLOCK_M], tl.float32)
+    ind = tl.zeros([BLOCK_M], tl.float32)
+    tq = tl.load(TOK + b * L + offs_m, mask=offs_m < L, other=-2)  # [BM] query tokens
     dist = tl.zeros([32], tl.float32)
     bucket_ids = tl.arange(0, 32)
     cells = tl.arange(0, R_PAD)
@@ -206,6 +222,12 @@ def _qk_stats_fused_kernel(
         diag += tl.sum(tl.where(dj == 0, p, 0.0), 1)
         prev += tl.sum(tl.where(dj == 1, p, 0.0), 1)
         sink += tl.sum(tl.where(offs_n[None, :] == start, p, 0.0), 1)
+        # -- head-role masses: earlier keys holding the query's token, or following it --
+        tk = tl.load(TOK + b * L + offs_n, mask=offs_n < L, other=-3)  # [BN]
+        tkb = tl.load(TOKB + b * L + offs_n, mask=offs_n < L, other=-3)  # [BN]
+        earlier = dj > 0
+        dup += tl.sum(tl.where(earlier & (tq[:, None] == tk[None, :]), p, 0.0), 1)
+        ind += tl.sum(tl.where(earlier & (tq[:, None] == tkb[None, :]), p, 0.0), 1)
         fin = tl.sum(tl.where(is_final[:, None], p, 0.0), 0)  # [BN] the final row, if in this tile
         n_final = tl.sum(is_final.to(tl.int32), 0)  # 1 when the final row is in this tile
         tl.store(FINAL + bh * L + offs_n, fin, mask=(offs_n < L) & (tl.zeros([BLOCK_N], tl.int32) + n_final > 0))
@@ -228,6 +250,8 @@ def _qk_stats_fused_kernel(
     rmask = offs_m < L
     tl.store(DIAG + bh * L + offs_m, diag, mask=rmask)
     tl.store(PREV + bh * L + offs_m, prev, mask=rmask)
+    tl.store(DUP + bh * L + offs_m, dup, mask=rmask)
+    tl.store(IND + bh * L + offs_m, ind, mask=rmask)
     tl.store(SINK + bh * L + offs_m, sink, mask=rmask)
     tl.store(ENT + bh * L + offs_m, ent, mask=rmask)
     tl.store(ROWMAX + bh * L + offs_m, rowmax, mask=rmask)
@@ -290,6 +314,7 @@ def qk_stats(
     block_n: int | None = None,
     num_warps: int | None = None,
     poison: bool = False,
+    tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (outputs as ``reference.attn_stats_ref``).
 
@@ -305,7 +330,9 @@ def qk_stats(
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
     fill = float("nan") if poison else 0.0
-    stored = {v: torch.full((B, H, L), fill, **f32) for v in ("diag", "entropy", "rowmax", "sink", "prev")}
+    stored = {
+        v: torch.full((B, H, L), fill, **f32) for v in ("diag", "entropy", "rowmax", "sink", "prev", "dup", "induction")
+    }
     final = torch.zeros(B, H, L, **f32)
     recv_sum = torch.zeros(B, H, L, **f32)
     recv_max = torch.zeros(B, H, L, **f32)
@@ -317,6 +344,8 @@ def qk_stats(
 
     _, cell, count = thumb_layout(ranges, L, R)  # [B, L] cell of each position, [B, R, R] pairs per cell
     cell = cell.to(torch.int32)
+    tok = resolve_tokens(tokens, B, L, dev).contiguous()  # [B, L]
+    tok_before = previous_tokens(tok, ranges).contiguous()  # [B, L]
     start = ranges.start.to(dev, torch.int64)
     end = ranges.end.to(dev, torch.int64)
 
@@ -331,6 +360,8 @@ def qk_stats(
         stored["rowmax"],
         stored["sink"],
         stored["prev"],
+        stored["dup"],
+        stored["induction"],
         final,
         recv_sum,
         recv_max,
@@ -345,6 +376,8 @@ def qk_stats(
         start,
         end,
         cell.to(dev),
+        tok,
+        tok_before,
         L,
         H,
         H // k.shape[1],

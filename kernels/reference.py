@@ -11,9 +11,24 @@ import math
 
 import torch
 
-from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, linear_bin, log_bin, thumb_edges
+from .contract import (
+    ATTN_VECTOR_STATS,
+    N_DIST_BUCKETS,
+    AttnStatsSpec,
+    KeyRanges,
+    linear_bin,
+    log_bin,
+    resolve_tokens,
+    thumb_edges,
+)
 
-__all__ = ["attention_probs_ref", "attn_stats_from_probs_ref", "attn_stats_ref", "down_proj_stats_ref"]
+__all__ = [
+    "attention_probs_ref",
+    "attn_stats_from_probs_ref",
+    "attn_stats_ref",
+    "down_proj_stats_ref",
+    "vocab_stats_ref",
+]
 
 
 def attention_probs_ref(
@@ -42,6 +57,7 @@ def attn_stats_ref(
     ranges: KeyRanges,
     spec: AttnStatsSpec = AttnStatsSpec(),
     upcast: bool = True,
+    tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract, from the materialised probabilities.
 
@@ -51,17 +67,19 @@ def attn_stats_ref(
         cells past min(R, length) zero), and each name of ``ATTN_VECTOR_STATS`` as [B, H, L].
     """
     p = attention_probs_ref(q, k, scaling, ranges, upcast).cpu()  # [B, H, L, L]
-    return attn_stats_from_probs_ref(p, ranges, spec)
+    return attn_stats_from_probs_ref(p, ranges, spec, tokens)
 
 
 def attn_stats_from_probs_ref(
     p: torch.Tensor,  # [B, H, L, L] attention probabilities (e.g. a model's own output_attentions)
     ranges: KeyRanges,
     spec: AttnStatsSpec = AttnStatsSpec(),
+    tokens: torch.Tensor | None = None,  # [B, L] token ids (None: no repeats)
 ) -> dict[str, torch.Tensor]:
     """The statistics of ``attn_stats_ref`` from already materialised probabilities."""
     B, H, L, _ = p.shape
     p = p.cpu()
+    tokens = resolve_tokens(tokens, B, L, torch.device("cpu"))
     allowed = ranges.allowed(L).expand(B, H, L, L)  # [B, H, L, L]
     start, end = ranges.start.tolist(), ranges.end.tolist()
     out: dict[str, torch.Tensor] = {}
@@ -107,6 +125,15 @@ def attn_stats_from_probs_ref(
         vec["sink"][b, :, lo:hi] = pb[:, lo:hi, lo]
         if hi - lo > 1:
             vec["prev"][b, :, lo + 1 : hi] = pb[:, rows[1:], rows[1:] - 1]
+        # head-role masks [L, L] over (query i, key j), written from their definitions
+        t = tokens[b]  # [L]
+        earlier = j < i  # [L, L]
+        dup = earlier & (t[:, None] == t[None, :])
+        t_before = t.roll(1)  # [L] token j - 1 at key j, used only where j - 1 is a real token of this prompt
+        has_before = torch.arange(L) >= lo + 1
+        ind = earlier & (t[:, None] == t_before[None, :]) & has_before[None, :]
+        vec["dup"][b, :, lo:hi] = (pb * dup).sum(-1)[:, lo:hi]
+        vec["induction"][b, :, lo:hi] = (pb * ind).sum(-1)[:, lo:hi]
     out.update(vec)
 
     R = spec.thumb_size
@@ -149,4 +176,39 @@ def down_proj_stats_ref(
         "neuron_argmax": amx,
         "neuron_sum": xf.sum(0).double(),
         "neuron_sumsq": (xf * xf).sum(0).double(),
+    }
+
+
+def vocab_stats_ref(
+    h: torch.Tensor,  # [T, d] hidden states after the final norm
+    weight: torch.Tensor,  # [V, d] unembedding
+    target: torch.Tensor,  # [T] int64 token that comes next (-1: none)
+    bias: torch.Tensor | None = None,  # [V]
+    upcast: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The next-token distribution softmax(h W^T + b) of each row, reduced to a few numbers (the logit lens).
+
+    Returns:
+        ``lse`` [T] (log-sum-exp of the logits), ``entropy`` [T] (nats), ``top_id`` [T] int64 and ``top_prob`` [T]
+        (the most likely token, the first on ties), ``target_prob`` [T] and ``target_rank`` [T] int64 (how many
+        other tokens have a strictly larger logit; 0 and -1 where the target is -1).
+    """
+    dt = torch.float64 if upcast else torch.float32
+    logits = h.to(dt) @ weight.to(dt).T  # [T, V]
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    logp = torch.log_softmax(logits, dim=-1)  # [T, V]
+    top_logp, top_id = logp.max(dim=-1)
+    has = target >= 0
+    t = target.clamp_min(0)
+    z_t = logits.gather(-1, t[:, None])  # [T, 1]
+    other = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, t[:, None], False)  # [T, V]
+    rank = ((logits > z_t) & other).sum(-1)
+    return {
+        "lse": torch.logsumexp(logits, dim=-1),
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "top_id": top_id,
+        "top_prob": top_logp.exp(),
+        "target_prob": torch.where(has, logp.gather(-1, t[:, None]).squeeze(-1).exp(), 0.0),
+        "target_rank": torch.where(has, rank, -1),
     }

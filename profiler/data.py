@@ -9,7 +9,8 @@ Ly layers, H heads, T tokens of all prompts concatenated (prompt p owns ``offset
     attn.hist_all, attn.hist_log    [Ly, H, bins] int64   p and log10 p of every allowed pair
     attn.moments                    [Ly, H, 3] float64    n pairs, sum p, sum p^2
     attn.dist                       [Ly, H, 32] float64   sum p by floor(log2(i - j + 1))
-    attn.<vector>                   [Ly, H, T] float32    diag, final, entropy, rowmax, recv_sum, recv_max, sink, prev
+    attn.<vector>                   [Ly, H, T] float32    diag, final, entropy, rowmax, recv_sum, recv_max, sink, prev,
+                                                          dup, induction
     attn.thumb.p<i>                 [Ly, H, R, R] float32 average-pooled p of prompt i (R = min(thumb, L_i))
     attn.full.p<i>.l<l>.h<h>        [L_i, L_i] float32    full matrices of the heads the user chose to keep
     mlp.in_norm, mlp.out_norm       [Ly, T] float32       L2 norm of the down_proj input and output per token
@@ -54,12 +55,12 @@ __all__ = [
     "load",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the head-role vectors attn.dup and attn.induction
 FORMAT_NAME = "attnscope-profile"
 ARRAYS_FILE = "profile.safetensors"
 META_FILE = "profile.json"
 
-ATTN_VECTORS = ("diag", "final", "entropy", "rowmax", "recv_sum", "recv_max", "sink", "prev")
+ATTN_VECTORS = ("diag", "final", "entropy", "rowmax", "recv_sum", "recv_max", "sink", "prev", "dup", "induction")
 ACCUM_ADDITIVE = (
     "attn.hist_all",
     "attn.hist_log",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import platform
 import sys
@@ -108,9 +107,8 @@ def run_with_stats(
     stats: dict = {"attn": {}, "mlp": {}}
 
     def on_attention(layer, q, k, scaling, window):
-        stats["attn"][layer] = attn_stats(
-            q.detach(), k.detach(), scaling, ranges.with_window(window), spec, impl, block_q
-        )
+        r = ranges.with_window(window)
+        stats["attn"][layer] = attn_stats(q.detach(), k.detach(), scaling, r, spec, impl, block_q, tokens=ids)
 
     def on_down_proj(layer, x, y):
         sel = valid.to(x.device)
@@ -204,7 +202,6 @@ class _Engine:
         self.base = model.base_model
         self.vectors = ATTN_VECTORS
         self._decoded: dict[int, str] = {}
-        self._tokens_kw = "tokens" in inspect.signature(attn_stats).parameters
 
     # -- tokenisation (batched, once per shard window) --
     def tokenize(self, items: Sequence[PromptItem], first_index: int) -> list[np.ndarray]:
@@ -283,7 +280,6 @@ class _Engine:
             "mlp": {},
         }
         dev_ids = ids.to(self.device)
-        kw = {"tokens": dev_ids} if self._tokens_kw else {}
         # thumbnail cell t of a prompt of L tokens starts at position ceil(t L / r): its relative cell is that * R // L
         cells = []
         for b in range(B):
@@ -297,7 +293,7 @@ class _Engine:
 
         def on_attention(layer, q, k, scaling, window):
             rr = ranges.with_window(window)
-            st = attn_stats(q.detach(), k.detach(), scaling, rr, cfg.spec, cfg.impl, cfg.block_q, **kw)
+            st = attn_stats(q.detach(), k.detach(), scaling, rr, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids)
             for name in ("hist_all", "hist_log", "moments"):
                 r[name][layer] = st[name].cpu().numpy()
             d = st["dist"].cpu().numpy()

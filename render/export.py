@@ -9,7 +9,7 @@ import numpy as np
 
 from .summary import head_summary, token_table
 
-__all__ = ["export_tables", "head_table"]
+__all__ = ["export_tables", "head_table", "write_table"]
 
 
 def head_table(prof) -> dict[str, np.ndarray]:
@@ -21,7 +21,8 @@ def head_table(prof) -> dict[str, np.ndarray]:
     return out
 
 
-def _write(table: dict[str, np.ndarray], path: Path, fmt: str) -> Path:
+def write_table(table: dict[str, np.ndarray], path: Path, fmt: str) -> Path:
+    """Write columns of equal length to ``path`` + ``.csv`` or ``.parquet``; returns the file written."""
     if fmt == "csv":
         path = path.with_suffix(".csv")
         cols = list(table)
@@ -47,4 +48,7 @@ def export_tables(prof, out_dir, fmt: str = "csv") -> list[Path]:
         raise ValueError(f"format must be csv or parquet, got {fmt!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [_write(token_table(prof), out_dir / "tokens", fmt), _write(head_table(prof), out_dir / "heads", fmt)]
+    return [
+        write_table(token_table(prof), out_dir / "tokens", fmt),
+        write_table(head_table(prof), out_dir / "heads", fmt),
+    ]

@@ -34,6 +34,11 @@ def _inputs(B, H, Hkv, L, D, window, padded, dtype=torch.float32, scale=1.0):
     return q, k, ranges
 
 
+def _tokens(B, L):
+    """Random token ids from a vocabulary small enough that tokens repeat often (for the head-role masses)."""
+    return torch.randint(0, max(2, L // 4), (B, L))
+
+
 def _check(out, ref, spec, q, k, scaling, ranges, name=""):
     for v in ATTN_VECTOR_STATS:
         assert_verbose_allclose(out[v], ref[v], atol=1e-5, rtol=1e-5, name=f"{name}{v}")
@@ -57,8 +62,9 @@ def test_torch_path_matches_reference(B, H, Hkv, L, D, window, padded, block_q, 
     q, k, ranges = _inputs(B, H, Hkv, L, D, window, padded, scale=scale)
     spec = AttnStatsSpec(bins=256, thumb_size=8)
     scaling = D**-0.5
-    out = attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, use_numba=use_numba)
-    ref = attn_stats_ref(q, k, scaling, ranges, spec)
+    tokens = _tokens(B, L)
+    out = attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, use_numba=use_numba, tokens=tokens)
+    ref = attn_stats_ref(q, k, scaling, ranges, spec, tokens=tokens)
     _check(out, ref, spec, q, k, scaling, ranges)
 
 
@@ -67,8 +73,9 @@ def test_low_precision_inputs(dtype):
     # the statistics upcast to fp32 inside; against the fp64 reference on the same rounded inputs
     q, k, ranges = _inputs(2, 4, 2, 41, 64, None, True, dtype=dtype)
     spec = AttnStatsSpec(bins=128, thumb_size=16)
-    out = attn_stats(q, k, 0.125, ranges, spec)
-    _check(out, attn_stats_ref(q, k, 0.125, ranges, spec), spec, q, k, 0.125, ranges)
+    tokens = _tokens(2, 41)
+    out = attn_stats(q, k, 0.125, ranges, spec, tokens=tokens)
+    _check(out, attn_stats_ref(q, k, 0.125, ranges, spec, tokens=tokens), spec, q, k, 0.125, ranges)
 
 
 def test_invariants():
@@ -96,6 +103,24 @@ def test_invariants():
         n = hi - lo
         assert_verbose_allclose(out["thumb"][b, :, :n, :n], p[b, :, lo:hi, lo:hi], name="thumb")
         assert (out["thumb"][b, :, n:] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_head_role_masses_by_hand(impl):
+    # q = 0: every query attends uniformly to its i - start + 1 keys, so each mass is a count over that number
+    tokens = torch.tensor([[7, 7, 5, 8, 9, 5, 8, 5], [0, 3, 4, 3, 4, 3, 3, 9]])
+    ranges = KeyRanges(torch.tensor([0, 1]), torch.tensor([8, 7]))  # row 1: left and right padding
+    q, k = torch.zeros(2, 1, 8, 16), torch.randn(2, 1, 8, 16)
+    fn = attn_stats_ref if impl == "reference" else attn_stats_torch
+    out = fn(q, k, 0.25, ranges, AttnStatsSpec(bins=32, thumb_size=4), tokens=tokens)
+    # row 0 (start 0): dup counts earlier equal tokens, induction earlier keys whose predecessor equals tok_i
+    dup0 = [0, 1 / 2, 0, 0, 0, 1 / 6, 1 / 7, 2 / 8]
+    ind0 = [0, 0, 0, 0, 0, 1 / 6, 1 / 7, 2 / 8]  # 5@5: key 3 follows a 5; 8@6: key 4 follows 8; 5@7: keys 3, 6
+    # row 1 (start 1, end 7): key 0 and query 7 are padding; the token before key 1 is not a real token
+    dup1 = [0, 0, 0, 1 / 3, 1 / 4, 2 / 5, 3 / 6, 0]
+    ind1 = [0, 0, 0, 1 / 3, 1 / 4, 2 / 5, 2 / 6, 0]  # 3@3: key 2 follows 3 (key 1 has no real predecessor)
+    assert_verbose_allclose(out["dup"][:, 0], torch.tensor([dup0, dup1]), name="dup")
+    assert_verbose_allclose(out["induction"][:, 0], torch.tensor([ind0, ind1]), name="induction")
 
 
 def test_fully_masked_batch_row():

@@ -42,7 +42,7 @@ def test_capture_matches_eager_attentions(kind, side):
     ranges = KeyRanges.from_attention_mask(batch["attention_mask"], window)
     assert sorted(stats["attn"]) == list(range(len(eager.attentions)))
     for layer, probs in enumerate(eager.attentions):
-        ref = attn_stats_from_probs_ref(probs.double(), ranges, SPEC)
+        ref = attn_stats_from_probs_ref(probs.double(), ranges, SPEC, tokens=batch["input_ids"])
         got = stats["attn"][layer]
         for v in ATTN_VECTOR_STATS:
             assert_verbose_allclose(got[v], ref[v], atol=1e-5, rtol=1e-5, name=f"{kind} layer {layer} {v}")

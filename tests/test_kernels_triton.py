@@ -11,7 +11,7 @@ import torch
 from attnscope.kernels import AttnStatsSpec, attn_stats, attn_stats_torch
 from attnscope.kernels.reference import attn_stats_ref, down_proj_stats_ref
 from helpers import assert_verbose_allclose
-from test_attn_stats import _check, _inputs
+from test_attn_stats import _check, _inputs, _tokens
 
 triton = pytest.importorskip("triton")
 from attnscope.kernels._settings import is_interpreter  # noqa: E402
@@ -46,12 +46,16 @@ def test_qk_stats_matches_reference(kdev, B, H, Hkv, L, D, window, padded, bm, b
     q, k, ranges = _inputs(B, H, Hkv, L, D, window, padded, scale=2.0)
     spec = AttnStatsSpec(bins=64, thumb_size=8)
     scaling = D**-0.5
-    out = qk_stats(q.to(kdev), k.to(kdev), scaling, ranges, spec, block_m=bm, block_n=bn, poison=True)
+    tokens = _tokens(B, L)
+    out = qk_stats(
+        q.to(kdev), k.to(kdev), scaling, ranges, spec, block_m=bm, block_n=bn, poison=True, tokens=tokens.to(kdev)
+    )
     out = {n: v.cpu() for n, v in out.items()}
-    _check(out, attn_stats_ref(q, k, scaling, ranges, spec), spec, q, k, scaling, ranges, name="triton ")
+    ref = attn_stats_ref(q, k, scaling, ranges, spec, tokens=tokens)
+    _check(out, ref, spec, q, k, scaling, ranges, name="triton ")
     # and against the CPU path, the implementation it replaces on CUDA
-    cpu = attn_stats_torch(q, k, scaling, ranges, spec)
-    for name in ("diag", "entropy", "recv_sum", "thumb", "dist"):
+    cpu = attn_stats_torch(q, k, scaling, ranges, spec, tokens=tokens)
+    for name in ("diag", "entropy", "recv_sum", "thumb", "dist", "induction"):
         assert_verbose_allclose(out[name], cpu[name], atol=1e-5, rtol=1e-5, name=f"triton vs torch {name}")
 
 
@@ -61,9 +65,12 @@ def test_qk_stats_low_precision(kdev, dtype):
 
     q, k, ranges = _inputs(1, 2, 1, 33, 64, None, False, dtype=dtype)
     spec = AttnStatsSpec(bins=64, thumb_size=8)
-    out = {n: v.cpu() for n, v in qk_stats(q.to(kdev), k.to(kdev), 0.125, ranges, spec, 16, 16, poison=True).items()}
+    tokens = _tokens(1, 33)
+    out = qk_stats(q.to(kdev), k.to(kdev), 0.125, ranges, spec, 16, 16, poison=True, tokens=tokens.to(kdev))
+    out = {n: v.cpu() for n, v in out.items()}
     # low-precision products are exact in fp32 accumulation, so the fp32 tolerance still holds
-    _check(out, attn_stats_ref(q, k, 0.125, ranges, spec), spec, q, k, 0.125, ranges, name=f"{dtype} ")
+    ref = attn_stats_ref(q, k, 0.125, ranges, spec, tokens=tokens)
+    _check(out, ref, spec, q, k, 0.125, ranges, name=f"{dtype} ")
 
 
 def test_dispatch_forces_triton(kdev):

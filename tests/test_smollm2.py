@@ -57,7 +57,7 @@ def test_capture_matches_eager_on_real_weights(smollm2):
         model.set_attn_implementation("sdpa")
     ranges = KeyRanges.from_attention_mask(batch["attention_mask"])
     for layer in (0, 14, 29):
-        ref = attn_stats_from_probs_ref(eager.attentions[layer].double(), ranges, spec)
+        ref = attn_stats_from_probs_ref(eager.attentions[layer].double(), ranges, spec, batch["input_ids"])
         for v in ATTN_VECTOR_STATS:
             assert_verbose_allclose(stats["attn"][layer][v], ref[v], atol=2e-5, rtol=1e-4, name=f"l{layer} {v}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import profile, run, views
+from . import interpret, profile, run, views
 from ._common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.register(sub)
     views.register(sub)
     run.register(sub)
+    interpret.register(sub)
     return ap
 
 

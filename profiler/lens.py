@@ -1,0 +1,123 @@
+"""The logit lens: each layer's residual stream read through the final norm and the unembedding, reduced on the spot.
+
+For layer l and token t, h = final_norm(resid_post[l][t]) and the distribution softmax(h W_U^T + b) is reduced by
+``attnscope.kernels.vocab_stats`` to its top-1 token and probability, entropy, and the probability and rank of the
+token that actually comes next. The [tokens x vocab] logits of a layer are never held at once (vocabulary chunks on
+the CPU, a fused matmul + online-softmax kernel on CUDA), and layers are reduced one by one as the forward pass
+produces them. The last layer's lens is the model's own next-token distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .hooks import model_geometry
+
+__all__ = ["LENS_FIELDS", "lens_modules", "logit_lens", "next_token_targets", "residual_hooks", "vocab_stats"]
+
+LENS_FIELDS = ("top_id", "top_prob", "entropy", "target_prob", "target_rank", "final_prob")
+
+# model_type -> (decoder layer list, final norm), as attributes of the base model
+_MODULES = {
+    "llama": ("layers", "norm"),
+    "mistral": ("layers", "norm"),
+    "qwen2": ("layers", "norm"),
+    "qwen3": ("layers", "norm"),
+    "gpt_neox": ("layers", "final_layer_norm"),
+    "gpt2": ("h", "ln_f"),
+}
+
+
+def lens_modules(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module, torch.nn.Module]:
+    """(decoder layers, final norm, unembedding) of a supported model."""
+    layers_name, norm_name = _MODULES[model_geometry(model)["model_type"]]
+    base = model.base_model
+    return getattr(base, layers_name), getattr(base, norm_name), model.get_output_embeddings()
+
+
+def vocab_stats(
+    h: torch.Tensor,  # [T, d] hidden rows after the final norm
+    weight: torch.Tensor,  # [V, d]
+    target: torch.Tensor,  # [T] int64, -1: none
+    bias: torch.Tensor | None = None,
+    impl: str = "auto",
+    budget: int = 1 << 25,
+) -> dict[str, torch.Tensor]:
+    """``kernels.vocab_stats`` on CUDA (Triton) or the CPU (torch, vocabulary chunks of at most ``budget`` logits)."""
+    use_triton = impl == "triton" or (impl == "auto" and h.is_cuda)
+    if use_triton:
+        from attnscope.kernels.vocab_stats import vocab_stats_triton
+
+        return vocab_stats_triton(h, weight.to(h.dtype), target, bias)
+    from attnscope.kernels.vocab_stats_torch import vocab_stats_torch
+
+    chunk = max(256, budget // max(1, h.shape[0]))
+    return vocab_stats_torch(h, weight, target, bias, chunk=chunk)
+
+
+def next_token_targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] the token after each position, -1 at the last real token and on padding."""
+    nxt = torch.full_like(ids, -1)
+    nxt[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
+    return torch.where(mask.bool(), nxt, -1)
+
+
+@contextlib.contextmanager
+def residual_hooks(model: torch.nn.Module, fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(layer, resid_post [B, L, d])`` after every decoder layer (TransformerLens:
+    ``blocks.{l}.hook_resid_post``); hooks are removed in ``finally``."""
+    layers, _, _ = lens_modules(model)
+
+    def make(layer: int):
+        def hook(module, args, output):
+            fn(layer, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    handles = [m.register_forward_hook(make(i)) for i, m in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def logit_lens(
+    model: torch.nn.Module,
+    batch: dict,
+    impl: str = "auto",
+) -> tuple[object, dict[str, torch.Tensor]]:
+    """Run ``model(**batch)`` once and return ``(output, lens)``.
+
+    ``lens[name]`` is [layers, T] over the real tokens of the batch in row-major order, for each name of
+    ``LENS_FIELDS`` (``top_id`` and ``target_rank`` int64, -1 rank where no next token is known).
+    """
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    sel = mask.bool()
+    target = next_token_targets(ids, mask)[sel]  # [T]
+    _, norm, head = lens_modules(model)
+    bias = getattr(head, "bias", None)
+    rows: dict[int, dict[str, torch.Tensor]] = {}
+
+    kept: dict[int, torch.Tensor] = {}
+
+    def on_layer(layer: int, resid: torch.Tensor) -> None:
+        h = norm(resid[sel.to(resid.device)])  # [T, d]
+        rows[layer] = vocab_stats(h, head.weight, target.to(h.device), bias, impl)
+        kept[layer] = h
+
+    with torch.no_grad(), residual_hooks(model, on_layer):
+        output = model(**batch)
+        final_top = rows[max(rows)]["top_id"]  # [T]
+        for layer, h in kept.items():
+            z = torch.linalg.vecdot(h.float(), head.weight[final_top].float())  # [T] logit of the final prediction
+            if bias is not None:
+                z = z + bias[final_top].float()
+            rows[layer]["final_prob"] = torch.exp(z - rows[layer]["lse"])
+    lens = {f: torch.stack([rows[i][f].cpu() for i in sorted(rows)]) for f in LENS_FIELDS}
+    return output, lens

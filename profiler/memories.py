@@ -1,0 +1,129 @@
+"""FFN key-value memories (Geva et al. 2021, 2022): what makes each MLP neuron fire, and what it writes.
+
+A neuron n of layer l reads the residual stream through its key and writes ``W_out[:, n]`` (a column of the
+down-projection) scaled by its activation x_n. Two things describe it as a rule "context -> tokens":
+
+- its trigger contexts: the tokens of a corpus where x_n is largest, kept as a mergeable running top-k
+  (``NeuronTopK``: merging two runs equals one run over both corpora);
+- the tokens it promotes: ``W_U (g * W_out[:, n])`` through the unembedding (g the final norm's gain, the
+  direction the written vector takes in the logits), top-k over the vocabulary. This depends on the weights
+  alone: computed once per model a chunk of neurons at a time and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .hooks import down_proj_modules
+from .lens import lens_modules
+
+__all__ = ["NeuronTopK", "promoted_tokens", "write_out_matrix"]
+
+
+@dataclass
+class NeuronTopK:
+    """Running top-k activations of every neuron of every layer over the tokens seen so far.
+
+    Attributes:
+        value: [layers, k, d_ff] float32, largest first (-inf where fewer than k tokens were seen).
+        token: [layers, k, d_ff] int64 global index of the token holding each value (-1 where none).
+    """
+
+    value: np.ndarray
+    token: np.ndarray
+
+    @classmethod
+    def empty(cls, n_layers: int, d_ff: int, k: int = 16) -> NeuronTopK:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return cls(np.full((n_layers, k, d_ff), -np.inf, np.float32), np.full((n_layers, k, d_ff), -1, np.int64))
+
+    @property
+    def k(self) -> int:
+        return self.value.shape[1]
+
+    def update(self, layer: int, x: torch.Tensor, first_token: int) -> None:
+        """Fold in activations x [T, d_ff] of the tokens ``first_token .. first_token + T - 1``."""
+        if x.ndim != 2 or x.shape[1] != self.value.shape[2]:
+            raise ValueError(f"x must be [tokens, {self.value.shape[2]}], got {tuple(x.shape)}")
+        k = min(self.k, x.shape[0])
+        val, idx = x.detach().float().topk(k, dim=0)  # [k, d_ff]
+        self._fold(layer, val.cpu().numpy(), idx.cpu().numpy() + first_token)
+
+    def _fold(self, layer: int, val: np.ndarray, tok: np.ndarray) -> None:
+        v = np.concatenate([self.value[layer], val])  # [k + k', d_ff]
+        t = np.concatenate([self.token[layer], tok])
+        # stable order: the larger value first, then the earlier token, so a merge equals one pass
+        order = np.lexsort((np.where(t < 0, np.iinfo(np.int64).max, t), -v), axis=0)[: self.k]
+        self.value[layer] = np.take_along_axis(v, order, 0)
+        self.token[layer] = np.take_along_axis(t, order, 0)
+
+    def merge(self, other: NeuronTopK, token_offset: int) -> NeuronTopK:
+        """The top-k over both token sets; ``other``'s token indices are shifted by ``token_offset``."""
+        if other.value.shape != self.value.shape:
+            raise ValueError(f"cannot merge top-k of shapes {self.value.shape} and {other.value.shape}")
+        out = NeuronTopK(self.value.copy(), self.token.copy())
+        shifted = np.where(other.token >= 0, other.token + token_offset, -1)
+        for layer in range(self.value.shape[0]):
+            out._fold(layer, other.value[layer], shifted[layer])
+        return out
+
+
+def write_out_matrix(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    """W_out of one layer as [d_model, d_ff]: column n is what neuron n adds to the residual stream."""
+    module = down_proj_modules(model)[layer]
+    w = module.weight.detach()
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores [d_ff, d_model]
+        w = w.T
+    return w
+
+
+def promoted_tokens(
+    model: torch.nn.Module,
+    k: int = 10,
+    chunk: int = 256,
+    cache: str | Path | None = None,
+) -> dict[str, np.ndarray]:
+    """The k tokens each neuron's output vector promotes most, for every layer.
+
+    Returns ``{"token": [layers, d_ff, k] int64, "logit": [layers, d_ff, k] float32}``: the logit contribution per
+    unit of activation, largest first. Memory O(vocab x chunk); with ``cache`` (a file path) the result is read
+    from there when present and written there otherwise.
+    """
+    if cache is not None and Path(cache).is_file():
+        from safetensors.numpy import load_file
+
+        got = load_file(str(cache))
+        if got["token"].shape[-1] == k:
+            return got
+    _, norm, head = lens_modules(model)
+    w_u = head.weight.detach().float()  # [V, d]
+    gain = getattr(norm, "weight", None)
+    layers = sorted(down_proj_modules(model))
+    tokens, logits = [], []
+    with torch.no_grad():
+        for layer in layers:
+            w_out = write_out_matrix(model, layer).float()  # [d, F]
+            if gain is not None:
+                w_out = w_out * gain.detach().float()[:, None]
+            tok_l, val_l = [], []
+            for n0 in range(0, w_out.shape[1], chunk):
+                contrib = w_u @ w_out[:, n0 : n0 + chunk]  # [V, chunk]
+                val, idx = contrib.topk(min(k, contrib.shape[0]), dim=0)  # [k, chunk]
+                tok_l.append(idx.T)
+                val_l.append(val.T)
+            tokens.append(torch.cat(tok_l).cpu().numpy())
+            logits.append(torch.cat(val_l).cpu().numpy())
+    out = {"token": np.stack(tokens).astype(np.int64), "logit": np.stack(logits).astype(np.float32)}
+    if cache is not None:
+        from safetensors.numpy import save_file
+
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(cache) + ".tmp")
+        save_file(out, str(tmp))
+        tmp.replace(cache)
+    return out

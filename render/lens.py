@@ -1,0 +1,57 @@
+"""The logit-lens picture: layers x tokens, each cell coloured by the probability that layer gives to the model's
+final prediction, with the layer's own top-1 token written in the cell where it fits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["MAX_LENS_TOKENS", "plot_logit_lens"]
+
+MAX_LENS_TOKENS = 48  # columns with readable text; longer prompts show a window of them
+
+
+def _clean(text: str, width: int = 8) -> str:
+    t = text.replace("\n", "\\n").replace("\t", "\\t")
+    return t if len(t) <= width else t[: width - 1] + "…"
+
+
+def plot_logit_lens(
+    final_prob: np.ndarray,  # [layers, n] probability of the final prediction at each layer
+    top_text: list[list[str]],  # [layers][n] each layer's top-1 token, decoded
+    tokens: list[str],  # [n] the input tokens (x axis)
+    first: int = 0,  # position of column 0 in the prompt
+    title: str = "logit lens",
+):
+    """Figure of one window of a prompt: X the input tokens, Y the layers (last on top), colour p(final prediction).
+
+    The text in a cell is what that layer would predict next; the column's last row is the model's own prediction.
+    """
+    from .views import _plt
+
+    plt = _plt()
+    n_layers, n = final_prob.shape
+    fig_w = min(2.5 + 0.62 * n, 34.0)
+    fig_h = min(1.8 + 0.24 * n_layers, 14.0)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    im = ax.imshow(
+        final_prob, cmap="viridis", vmin=0.0, vmax=1.0, origin="lower", aspect="auto", interpolation="nearest"
+    )
+    font = 6.5 if n <= 32 else 5.5
+    if n <= MAX_LENS_TOKENS:
+        for layer in range(n_layers):
+            for t in range(n):
+                dark = final_prob[layer, t] < 0.55
+                ax.text(
+                    t, layer, _clean(top_text[layer][t]), ha="center", va="center", fontsize=font,
+                    color="white" if dark else "black",
+                )  # fmt: skip
+    ax.set_xticks(range(n))
+    ax.set_xticklabels([f"{_clean(tok, 10)}" for tok in tokens], rotation=90, fontsize=7)
+    ax.set_xlabel(f"input token (positions {first}..{first + n - 1}); each cell: that layer's top-1 next token")
+    step = max(1, n_layers // 15)
+    ax.set_yticks(range(0, n_layers, step))
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="p(final prediction) at this layer")
+    fig.tight_layout()
+    return fig

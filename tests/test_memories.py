@@ -1,0 +1,55 @@
+"""FFN key-value memories: the running top-k merges like one pass; promoted tokens equal a full matmul."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from attnscope.profiler.lens import lens_modules
+from attnscope.profiler.memories import NeuronTopK, promoted_tokens, write_out_matrix
+from helpers import tiny_model
+
+
+def _fold_all(acts, k, first=0):
+    acc = NeuronTopK.empty(1, acts[0].shape[1], k)
+    for x in acts:
+        acc.update(0, x, first)
+        first += x.shape[0]
+    return acc
+
+
+def test_topk_merge_equals_one_pass():
+    a = [torch.randn(n, 40) for n in (7, 3, 12)]  # corpus A in three batches
+    b = [torch.randn(n, 40) for n in (2, 9)]  # corpus B
+    a[0][2, 5] = b[1][4, 5] = 100.0  # a tie: the earlier token wins in both orders of work
+    n_a = sum(x.shape[0] for x in a)
+    merged = _fold_all(a, 4).merge(_fold_all(b, 4), token_offset=n_a)
+    union = torch.cat(a + b)  # [T, F]
+    one = _fold_all([union], 4)
+    assert np.array_equal(merged.token, one.token) and np.array_equal(merged.value, one.value)
+    val, idx = union.topk(4, dim=0)
+    assert np.allclose(one.value[0], val.numpy())
+    assert one.token[0, 0, 5] == 2  # the tie went to the first token
+
+
+def test_topk_with_fewer_tokens_than_k():
+    acc = _fold_all([torch.randn(2, 3)], 5)
+    assert (acc.token[0, 2:] == -1).all() and np.isneginf(acc.value[0, 2:]).all()
+    with pytest.raises(ValueError, match="tokens"):
+        acc.update(0, torch.randn(2, 4), 0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
+def test_promoted_tokens_equal_a_full_matmul(kind, tmp_path):
+    model = tiny_model(kind)
+    got = promoted_tokens(model, k=5, chunk=16, cache=tmp_path / "promoted.safetensors")
+    _, norm, head = lens_modules(model)
+    for layer in range(2):
+        w_out = write_out_matrix(model, layer).double() * norm.weight.detach().double()[:, None]  # [d, F]
+        full = head.weight.detach().double() @ w_out  # [V, F]
+        val, idx = full.topk(5, dim=0)
+        assert np.array_equal(got["token"][layer], idx.T.numpy())
+        assert np.allclose(got["logit"][layer], val.T.numpy(), rtol=1e-4, atol=1e-5)
+    # the second call reads the cache
+    again = promoted_tokens(model, k=5, cache=tmp_path / "promoted.safetensors")
+    assert np.array_equal(again["token"], got["token"])
