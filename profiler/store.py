@@ -529,20 +529,15 @@ class _RunData:
             self._tokens_cache = (s, pq.read_table(self.path / f"tokens/{self.shards[s]['name']}.parquet"))
         return self._tokens_cache[1]
 
-    def all_tokens(self, column: str) -> np.ndarray:
+    def token_part(self, s: int, column: str) -> np.ndarray:
+        """One shard's token column: [T_s], or [T_s, width] for the fixed-size list columns."""
         _, pq = _pa()
-        parts = [
-            pq.read_table(self.path / f"tokens/{s['name']}.parquet", columns=[column]).column(column)
-            for s in self.shards
-        ]
-        if not parts:
-            return np.zeros(0)
         import pyarrow as pa
 
-        col = pa.chunked_array([c for p in parts for c in p.chunks]).combine_chunks()
+        col = pq.read_table(self.path / f"tokens/{self.shards[s]['name']}.parquet", columns=[column]).column(column)
+        col = col.combine_chunks()
         if isinstance(col.type, pa.FixedSizeListType):
-            width = col.type.list_size
-            return col.flatten().to_numpy().reshape(-1, width)
+            return col.flatten().to_numpy().reshape(-1, col.type.list_size)
         return col.to_numpy(zero_copy_only=False)
 
     def vector_keys(self) -> dict[str, tuple[int, str]]:
@@ -564,20 +559,74 @@ class _RunData:
                             self._vec_keys[g] = (s, k)
         return self._vec_keys
 
-    def vector(self, name: str) -> np.ndarray:
+    def vector_part(self, s: int, name: str) -> np.ndarray:
         from safetensors import safe_open
 
-        parts = []
-        for sh in self.shards:
-            with safe_open(str(self.path / f"vectors/{sh['name']}.safetensors"), "numpy") as st:
-                parts.append(st.get_tensor(name))
-        return np.concatenate(parts, axis=-1)
+        with safe_open(str(self.path / f"vectors/{self.shards[s]['name']}.safetensors"), "numpy") as st:
+            return st.get_tensor(name)
 
     def tensor(self, s: int, key: str) -> np.ndarray:
         from safetensors import safe_open
 
         with safe_open(str(self.path / f"vectors/{self.shards[s]['name']}.safetensors"), "numpy") as st:
             return st.get_tensor(key)
+
+
+class LazyTokenArray:
+    """A per-token array of a run, read shard by shard: indexing with a slice along the token axis (what every
+    per-prompt view does) reads only the shards that slice touches; anything else reads the whole array once.
+
+    Behaves as a numpy array for reading (``np.asarray``, ``.shape``, ``.mean(...)`` ...).
+    """
+
+    def __init__(self, load_part, token0: np.ndarray, axis: int, shape: tuple, dtype):
+        self._load_part, self._token0, self.axis = load_part, token0, axis  # token0: [shards + 1] token offsets
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+        self._full: np.ndarray | None = None
+        self._parts: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _part(self, s: int) -> np.ndarray:
+        if s not in self._parts:
+            if len(self._parts) >= 4:  # a few recent shards, not the run
+                self._parts.pop(next(iter(self._parts)))
+            self._parts[s] = self._load_part(s)
+        return self._parts[s]
+
+    def full(self) -> np.ndarray:
+        if self._full is None:
+            n = len(self._token0) - 1
+            parts = [self._part(s) if s in self._parts else self._load_part(s) for s in range(n)]
+            self._full = np.concatenate(parts, axis=self.axis) if parts else np.zeros(self.shape, self.dtype)
+        return self._full
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.full()
+        return a if dtype is None else a.astype(dtype)
+
+    def __getattr__(self, name):
+        return getattr(self.full(), name)
+
+    def __getitem__(self, key):
+        tup = key if isinstance(key, tuple) else (key,)
+        if self._full is None and len(tup) > self.axis and isinstance(tup[self.axis], slice):
+            sl = tup[self.axis]
+            start, stop, step = sl.indices(self.shape[self.axis])
+            if step == 1 and all(isinstance(k, (int, np.integer, slice)) for k in tup):
+                if stop <= start:
+                    return self.full()[key]
+                lo = int(np.searchsorted(self._token0, start, side="right") - 1)
+                hi = int(np.searchsorted(self._token0, stop - 1, side="right") - 1)
+                part = np.concatenate([self._part(s) for s in range(lo, hi + 1)], axis=self.axis)
+                base = int(self._token0[lo])
+                local = tup[: self.axis] + (slice(start - base, stop - base),) + tup[self.axis + 1 :]
+                return part[local]
+        return self.full()[key]
+
+    def __repr__(self) -> str:
+        return f"LazyTokenArray(shape={self.shape}, dtype={self.dtype})"
 
 
 class _RunArrays(Mapping):
@@ -610,20 +659,32 @@ class _RunArrays(Mapping):
             return self.accum[name]
         if name in self.cache:
             return self.cache[name]
-        d, Ly = self.data, int(self.data.meta["n_layers"])
+        d, Ly, H = self.data, int(self.data.meta["n_layers"]), int(self.data.meta["n_heads"])
+        k = int(d.meta["top_k"])
+        T = int(d.doc["n_tokens"])
+        token0 = np.array([sh["token0"] for sh in d.shards] + [T], dtype=np.int64)
+
+        def lazy(load, axis, shape, dtype):
+            return LazyTokenArray(load, token0, axis, shape, dtype)
+
         if name == "prompts.offsets":
             out = d.offsets()
         elif name == "tokens.ids":
-            out = d.all_tokens("token_id").astype(np.int64)
+            out = lazy(lambda s: d.token_part(s, "token_id").astype(np.int64), 0, (T,), np.int64)
         elif name == "tokens.logit_entropy":
-            out = d.all_tokens("logit_entropy").astype(np.float32)
+            out = lazy(lambda s: d.token_part(s, "logit_entropy").astype(np.float32), 0, (T,), np.float32)
         elif name in ("mlp.in_norm", "mlp.out_norm"):
-            out = np.ascontiguousarray(d.all_tokens(name[4:]).reshape(-1, Ly).T)  # [Ly, T]
+            col = name[4:]
+            out = lazy(lambda s: np.ascontiguousarray(d.token_part(s, col).T), 1, (Ly, T), np.float32)  # [Ly, T]
         elif name in ("mlp.topk_idx", "mlp.topk_val"):
-            k = int(d.meta["top_k"])
-            out = np.ascontiguousarray(d.all_tokens(name[4:]).reshape(-1, Ly, k).transpose(1, 0, 2))  # [Ly, T, k]
+            col, dt = name[4:], (np.int32 if name.endswith("idx") else np.float32)
+
+            def load(s, col=col):  # [Ly, T_s, k]
+                return np.ascontiguousarray(d.token_part(s, col).reshape(-1, Ly, k).transpose(1, 0, 2))
+
+            out = lazy(load, 1, (Ly, T, k), dt)
         elif name in self.vec_names:
-            out = d.vector(name)
+            out = lazy(lambda s: d.vector_part(s, name), 2, (Ly, H, T), np.float32)
         elif name.startswith("attn.") and name in d.vector_keys():
             s, key = d.vector_keys()[name]
             return d.tensor(s, key)  # per prompt: small, not cached

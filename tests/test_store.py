@@ -229,3 +229,26 @@ def test_unfinished_run_says_resume(setup, rng, tmp_path, capsys):
     w.open()
     w.close()
     assert not (out / "tokens" / "s000009.parquet").exists()
+
+
+def test_per_prompt_reads_touch_only_their_shards(setup, rng, tmp_path):
+    """A per-prompt slice of a per-token array reads the shards it spans, and equals the whole array's slice."""
+    from attnscope.profiler.store import LazyTokenArray
+
+    model, tok = setup
+    prof = _write_run(tmp_path / "r", model, tok, _prompts(rng, 9), shard_size=2, batch_size=2)
+    off = prof.offsets
+    names = ["tokens.logit_entropy", "tokens.ids", "mlp.in_norm", "mlp.topk_val", "attn.entropy", "attn.final"]
+    whole = {n: np.asarray(load(tmp_path / "r").arrays[n]) for n in names}
+    for n in names:
+        lazy = prof.arrays[n]
+        assert isinstance(lazy, LazyTokenArray) and lazy.shape == whole[n].shape and lazy.dtype == whole[n].dtype
+        for p in (0, 4, 8):
+            sl = prof.prompt_slice(p)
+            key = {0: sl, 1: (slice(None), sl), 2: (1, 2, sl)}[lazy.axis]
+            assert np.array_equal(lazy[key], whole[n][key]), (n, p)
+        a, b = int(off[1]) + 1, int(off[6]) - 1  # across shard boundaries
+        key = {0: slice(a, b), 1: (0, slice(a, b)), 2: (slice(None), 1, slice(a, b))}[lazy.axis]
+        assert np.array_equal(lazy[key], whole[n][key]), n
+        assert lazy._full is None and len(lazy._parts) <= 4  # never read the whole run for these
+        assert np.array_equal(lazy.mean(-1), whole[n].mean(-1))  # anything else: the whole array, once
