@@ -629,6 +629,29 @@ class LazyTokenArray:
         return f"LazyTokenArray(shape={self.shape}, dtype={self.dtype})"
 
 
+class TokenMeansOnly:
+    """An attention vector of a run without the vectors tier: its mean over the token axis (``.mean(-1)``, what the
+    per-head tables need) comes from the additive row sums; any per-token read raises ``ProfileError`` saying which
+    option keeps it."""
+
+    def __init__(self, name: str, means: np.ndarray, n_tokens: int, message: str):
+        self.name, self._means, self._message = name, means, message
+        self.shape, self.dtype, self.ndim = (*means.shape, n_tokens), np.dtype(np.float32), 3
+
+    def mean(self, axis=None, dtype=None, **kw):
+        if axis not in (-1, 2) or kw:
+            raise ProfileError(self._message)
+        return self._means if dtype is None else self._means.astype(dtype)
+
+    def _refuse(self, *a, **k):
+        raise ProfileError(self._message)
+
+    __getitem__ = __array__ = __len__ = __iter__ = _refuse
+
+    def __getattr__(self, name):
+        raise ProfileError(self._message)
+
+
 class _RunArrays(Mapping):
     """``Profile.arrays`` of a run: accumulators at once, per-token data read (and cached) on first use."""
 
@@ -688,12 +711,16 @@ class _RunArrays(Mapping):
         elif name.startswith("attn.") and name in d.vector_keys():
             s, key = d.vector_keys()[name]
             return d.tensor(s, key)  # per prompt: small, not cached
-        elif name.startswith("attn.") and name[5:] in d.meta["vectors"]:
-            raise ProfileError(
+        elif name.startswith("attn.") and name[5:] in d.meta["vectors"] and "attn.row_sums" in self.accum:
+            i = list(d.meta["vectors"]).index(name[5:])
+            means = self.accum["attn.row_sums"][..., i] / max(T, 1)  # [Ly, H]
+            return TokenMeansOnly(
+                name,
+                means,
+                T,
                 f"{name}: this run did not keep the per-token per-head vectors (the vectors tier, opt-in for "
-                "corpora); the whole-run views read the accumulators (Profile.laminar, Profile.head_means) and "
-                "the per-prompt means are in prompts/*.parquet; profile again with --keep vectors to draw "
-                "per-token views"
+                "corpora): only their mean over all tokens is kept (Profile.head_means), and each prompt's mean is "
+                "in prompts/*.parquet; profile again with --keep vectors for per-token views",
             )
         elif name.startswith("attn.thumb.p"):
             raise ProfileError(

@@ -123,7 +123,12 @@ def test_tables_tier_serves_the_views(setup, rng, tmp_path):
         grid, dens = lite.laminar(which, points=101)
         assert dens.shape == (lite.n_layers, 101) and np.isfinite(dens).all()
     with pytest.raises(ProfileError, match="did not keep the per-token per-head vectors"):
-        lite.arrays["attn.entropy"]
+        lite.arrays["attn.entropy"][0, 0, :3]
+    with pytest.raises(ProfileError, match="--keep vectors"):
+        np.asarray(lite.arrays["attn.sink"])
+    for v in ATTN_VECTORS:  # the per-head tables' mean over tokens comes from the accumulators
+        want = np.asarray(full.arrays[f"attn.{v}"]).astype(np.float64).mean(-1)
+        np.testing.assert_allclose(lite.arrays[f"attn.{v}"].mean(-1), want, rtol=1e-6, atol=1e-9)
     with pytest.raises(ProfileError, match="thumbnails"):
         lite.arrays["attn.thumb.p0"]
     for v, m in lite.head_means().items():
