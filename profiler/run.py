@@ -83,9 +83,9 @@ def run_with_stats(
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     stats: dict = {"attn": {}, "mlp": {}}
 
-    def on_attention(layer, q, k, scaling, window):
+    def on_attention(layer, q, k, scaling, window, lse=None):
         r = ranges.with_window(window)
-        stats["attn"][layer] = attn_stats(q.detach(), k.detach(), scaling, r, spec, impl, block_q, tokens=ids)
+        stats["attn"][layer] = attn_stats(q.detach(), k.detach(), scaling, r, spec, impl, block_q, tokens=ids, lse=lse)
 
     def on_down_proj(layer, x, y):
         sel = valid.to(x.device)
@@ -322,9 +322,11 @@ def profile(
             builder.new_prompts(lengths)
             layer_bar.reset()
 
-            def on_attention(layer, q, k, scaling, window, _first=first, _ranges=ranges, _ids=ids):
+            def on_attention(layer, q, k, scaling, window, lse=None, _first=first, _ranges=ranges, _ids=ids):
                 r = _ranges.with_window(window)
-                st = attn_stats(q.detach(), k.detach(), scaling, r, cfg.spec, cfg.impl, cfg.block_q, tokens=_ids)
+                st = attn_stats(
+                    q.detach(), k.detach(), scaling, r, cfg.spec, cfg.impl, cfg.block_q, tokens=_ids, lse=lse
+                )
                 builder.add_attention(layer, st, _first, r)
                 for lyr, head in cfg.keep_full:  # noqa: B023
                     if lyr == layer:
