@@ -10,7 +10,9 @@ duplicate/induction masses.
 
 Numba is imported on first use (not with attnscope.kernels). The thread count follows torch's
 (``torch.get_num_threads()``), so torch and Numba never ask for more threads than the user gave
-(``set_cpu_threads``); the two never run at the same time (Numba runs between torch's matmuls).
+(``set_cpu_threads``); the two never run at the same time (Numba runs between torch's matmuls). Where Numba's
+OpenMP layer loads the same libgomp as torch (as with the PyPI CPU wheels) they even share one thread pool; its
+launches set the OpenMP thread count, so torch's is put back after each call.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ def set_cpu_threads(n: int | None) -> None:
         _sync_numba_threads()
 
 
-def _sync_numba_threads() -> None:
+def _sync_numba_threads() -> int:
+    """Give Numba torch's thread count; returns that count."""
     import numba
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    return n
 
 
 class FusedState:
@@ -232,7 +237,7 @@ def fused_block(
 ) -> None:
     """Reduce one block of log p and p into ``state`` (see the module docstring)."""
     fn = _kernel()
-    _sync_numba_threads()
+    n = _sync_numba_threads()
     fn(
         d.numpy(),
         p.numpy(),
@@ -254,3 +259,5 @@ def fused_block(
         state.dist,
         state.thumb,
     )
+    if torch.get_num_threads() != n:  # Numba's OpenMP layer may share torch's runtime and reset its count
+        torch.set_num_threads(n)

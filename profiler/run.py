@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats
+from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats, set_cpu_threads
 from attnscope.kernels.reference import attention_probs_ref
 
 from .data import ATTN_VECTORS, SCHEMA_VERSION, TOKEN_AXIS, Profile
@@ -36,6 +36,7 @@ class ProfileConfig:
     top_k: int = 8  # down_proj neurons kept per token
     impl: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "torch" or "triton"
     block_q: int = 128  # query block of the torch path: memory O(heads * block_q * L) per layer
+    threads: int | None = None  # CPU threads of torch and of the Numba statistics (None: torch's default)
     progress: bool = True  # tqdm bars on prompts and layers
     model_id: str | None = None  # recorded in the profile; default: the model's name_or_path
 
@@ -48,6 +49,8 @@ class ProfileConfig:
             raise ValueError(f"block_q must be >= 1, got {self.block_q}")
         if self.full_max_tokens < 1:
             raise ValueError(f"full_max_tokens must be >= 1, got {self.full_max_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         object.__setattr__(self, "keep_full", tuple((int(a), int(b)) for a, b in self.keep_full))
 
     def to_dict(self) -> dict:
@@ -308,6 +311,8 @@ def profile(
     layer_bar = tqdm(total=Ly, desc="layers", unit="layer", leave=False, disable=not cfg.progress)
     was_training = model.training
     model.eval()
+    threads_before = torch.get_num_threads()
+    set_cpu_threads(cfg.threads)  # torch and the Numba pass share one thread count
     try:
         for first in range(0, len(prompts), cfg.batch_size):
             batch_ids = token_lists[first : first + cfg.batch_size]
@@ -356,6 +361,7 @@ def profile(
         layer_bar.close()
         bar.close()
         model.train(was_training)
+        set_cpu_threads(threads_before)
 
     prompt_meta = []
     for text, ids in zip(prompts, token_lists):

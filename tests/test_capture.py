@@ -157,3 +157,25 @@ def test_padded_batch_equals_one_prompt_at_a_time(rng):
             assert np.array_equal(a, b), name
         else:
             assert_verbose_allclose(a, b, atol=1e-5, rtol=1e-4, name=name)
+
+
+def test_threads_setting_is_used_and_restored(rng):
+    from attnscope.profiler import profile
+    from helpers import random_text, word_tokenizer
+
+    model = tiny_model("llama", vocab=200)
+    before = torch.get_num_threads()
+    seen = []
+    prof = profile(
+        model,
+        word_tokenizer(),
+        [random_text(30, rng)],
+        spec=SPEC,
+        progress=False,
+        threads=1,
+        on_batch=lambda *a: seen.append(torch.get_num_threads()),
+    )
+    assert seen == [1] and torch.get_num_threads() == before
+    assert prof.arrays["attn.moments"][..., 1] == pytest.approx(30, rel=1e-5)  # every row sums to one
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        profile(model, word_tokenizer(), ["the cat"], threads=0)

@@ -90,6 +90,7 @@ def cmd_profile(args) -> int:
         full_max_tokens=args.full_max_tokens,
         top_k=args.top_k,
         impl=args.impl,
+        threads=args.threads,
         progress=not args.no_progress,
         model_id=args.model or DEFAULT_MODEL,
     )
@@ -173,6 +174,13 @@ def register(sub) -> None:
         default="auto",
         choices=["auto", "torch", "triton"],
         help="statistics implementation (default: auto = Triton on CUDA, torch on the CPU)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch and the statistics (default: torch's)",
     )
     p.add_argument("--append", action="store_true", help="merge into the profile already in --out (same model)")
     p.add_argument("--force", action="store_true", help="replace whatever --out holds")
