@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import profile, views
+from . import bench, profile, views
 from ._common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     profile.register(sub)
     views.register(sub)
+    bench.register(sub)
     return ap
 
 
