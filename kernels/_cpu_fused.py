@@ -56,7 +56,7 @@ class FusedState:
 
     def __init__(self, B: int, H: int, L: int, bins: int, R: int):
         self.vec = np.zeros((10, B, H, L), np.float32)  # ATTN_VECTOR_STATS order
-        self.hist = np.zeros((B, H, 6, bins), np.int64)  # 4 linear copies + 2 log10 copies (see the loop)
+        self.hist = np.zeros((B, H, 2, bins), np.int64)  # linear, log10
         self.mom = np.zeros((B, H, 3), np.float64)  # n, sum p, sum p^2
         self.dist = np.zeros((B, H, 32), np.float64)
         self.thumb = np.zeros((B, H, R, R), np.float64)
@@ -78,7 +78,7 @@ def _fused_block_py(
     bins,
     log_min,
     vec,  # [10, B, H, L] float32
-    hist,  # [B, H, 6, bins] int64
+    hist,  # [B, H, 2, bins] int64 (linear, log10)
     mom,  # [B, H, 3] float64
     dist,  # [B, H, 32] float64
     thumb,  # [B, H, R, R] float64
@@ -99,12 +99,13 @@ def _fused_block_py(
         edg = edges[b]
         # neighbouring keys often share a bin (most p of a long row sit in bin 0): spreading the increments over
         # 4 (linear) and 2 (log) private copies breaks the store-to-load chain on one counter
-        lin0 = hist[b, h, 0]
-        lin1 = hist[b, h, 1]
-        lin2 = hist[b, h, 2]
-        lin3 = hist[b, h, 3]
-        lg0 = hist[b, h, 4]
-        lg1 = hist[b, h, 5]
+        loc = np.zeros((6, bins), np.int32)  # int32 halves the cache footprint; a block holds < 2^31 pairs
+        lin0 = loc[0]
+        lin1 = loc[1]
+        lin2 = loc[2]
+        lin3 = loc[3]
+        lg0 = loc[4]
+        lg1 = loc[5]
         rsum = vec[4, b, h]
         rmax = vec[5, b, h]
         fin = vec[1, b, h]
@@ -179,15 +180,20 @@ def _fused_block_py(
                     lg0[bg] += 1
                 rsum[j] += p
                 rmax[j] = max(rmax[j], p)
-                if j < i:
-                    if tok[j] == tq:
-                        dup += pd
-                    if tokb[j] == tq:
-                        ind += pd
-                if is_final:
-                    fin[j] = p
+                if tok[j] == tq:  # at j == i both tests below would hold: removed after the loop
+                    dup += pd
+                if tokb[j] == tq:
+                    ind += pd
             dst[kb] += pz - zb
             thb[rc, cc] += pz - zc
+            if e > i:  # the diagonal key j = i is no earlier key: out of the head-role masses
+                pi = np.float64(prow[i - kstart])
+                dup -= pi
+                if tokb[i] == tq:
+                    ind -= pi
+            if is_final:
+                for j in range(a, e):
+                    fin[j] = prow[j - kstart]
             n += e - a
             m1 += pz
             # row statistics of p / sum p: exact whatever the rounding of a given lse (the per-key sums above keep
@@ -203,6 +209,10 @@ def _fused_block_py(
                 vec[7, b, h, i] = np.float32(prow[i - 1 - kstart] * inv)  # prev
             if a <= st:
                 vec[6, b, h, i] = np.float32(prow[st - kstart] * inv)  # sink
+        hb = hist[b, h]
+        for v in range(bins):
+            hb[0, v] += loc[0, v] + loc[1, v] + loc[2, v] + loc[3, v]
+            hb[1, v] += loc[4, v] + loc[5, v]
         mom[b, h, 0] += n
         mom[b, h, 1] += m1
         mom[b, h, 2] += m2

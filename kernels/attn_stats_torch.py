@@ -249,10 +249,20 @@ def _attn_stats_fused(
         bins=spec.bins,
         log_min=spec.log_min,
     )
+    # with the forward's lse, one matmul gives log p directly: [scaling q_i, -lse_i] . [k_j, 1] = s_ij - lse_i
+    qs = q.float() * scaling  # [B, H, L, D]
     kf = k.float()  # [B, Hkv, L, D]
+    if lse is not None:
+        real = (torch.arange(L)[None, :] >= start[:, None]) & (torch.arange(L)[None, :] < end[:, None])  # [B, L]
+        neg_lse = torch.where(real[:, None], -lse, 0.0)  # [B, H, L]; rows without keys: unused, not NaN
+        qs = torch.cat([qs, neg_lse[..., None]], dim=-1)  # [B, H, L, D + 1]
+        kf = torch.cat([kf, torch.ones(B, Hkv, L, 1)], dim=-1)  # [B, Hkv, L, D + 1]
+    De = qs.shape[-1]
     kspan = L if W is None else min(L, block_q + W - 1)  # widest key range of a block
+    if min(block_q, L) * kspan >= 2**31:  # the Numba pass counts one block's pairs of one head in int32
+        raise ValueError(f"block_q * keys per block must stay under 2^31, got {min(block_q, L)} x {kspan}")
     size = B * H * min(block_q, L) * kspan
-    buf = torch.empty(size, dtype=torch.float32)  # scores, then log p, of one block (reused)
+    buf = torch.empty(size, dtype=torch.float32)  # log p of one block (reused)
     pbuf = torch.empty(size, dtype=torch.float32)  # p of one block (reused)
     for i0 in range(0, L, block_q):
         i1 = min(L, i0 + block_q)
@@ -265,27 +275,23 @@ def _attn_stats_fused(
             lo = torch.maximum(lo, rows[None, :] - W + 1)
         hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
 
-        # -- scores s = (scaling q) . k into the reused buffer --
-        qb = q[:, :, i0:i1].float().mul(scaling).view(B, Hkv, group, Rb, D)  # [B, Hkv, G, R_blk, D]
-        s = buf[: B * H * Rb * Lk].view(B, Hkv, group, Rb, Lk)
-        torch.matmul(qb, kf[:, :, None, kstart:i1].transpose(-1, -2), out=s)  # [B, Hkv, G, R_blk, Lk]
-        s = s.view(B, H, Rb, Lk)
-        # -- lse: the forward's, or from the block with its disallowed keys masked --
-        if lse is None:
+        # -- scores s = (scaling q) . k (or log p = s - lse) into the reused buffer --
+        qb = qs[:, :, i0:i1].view(B, Hkv, group, Rb, De)  # [B, Hkv, G, R_blk, De]
+        d = buf[: B * H * Rb * Lk].view(B, Hkv, group, Rb, Lk)
+        torch.matmul(qb, kf[:, :, None, kstart:i1].transpose(-1, -2), out=d)  # [B, Hkv, G, R_blk, Lk]
+        d = d.view(B, H, Rb, Lk)
+        if lse is None:  # lse from the block with its disallowed keys masked, then log p = s - lse in place
             cols = torch.arange(kstart, i1)  # [Lk]
             allowed = (cols >= lo[:, :, None]) & (cols < hi[:, :, None])  # [B, R_blk, Lk]
-            s.masked_fill_(~allowed[:, None], _NEG)
-            lb = torch.logsumexp(s, -1)  # [B, H, R_blk]
-        else:
-            lb = torch.where(row_ok[:, None], lse[:, :, i0:i1], 0.0)  # [B, H, R_blk]; rows without keys: unused
-        d = s.sub_(lb[..., None])  # [B, H, R_blk, Lk] log p, in place
+            d.masked_fill_(~allowed[:, None], _NEG)
+            d.sub_(torch.logsumexp(d, -1, keepdim=True))  # [B, H, R_blk, Lk] log p
         p = torch.exp(d, out=pbuf[: B * H * Rb * Lk].view(B, H, Rb, Lk))  # [B, H, R_blk, Lk]
         fused_block(state, d, p, lo, hi, i0, kstart, **common)
 
-    hist = torch.from_numpy(state.hist)  # [B, H, 6, bins]
+    hist = torch.from_numpy(state.hist).sum(0)  # [H, 2, bins]
     out = {
-        "hist_all": hist[:, :, :4].sum(dim=(0, 2)),
-        "hist_log": hist[:, :, 4:].sum(dim=(0, 2)),
+        "hist_all": hist[:, 0].contiguous(),
+        "hist_log": hist[:, 1].contiguous(),
         "moments": torch.from_numpy(state.mom).sum(0),
         "dist": torch.from_numpy(state.dist).sum(0),
         "thumb": (torch.from_numpy(state.thumb) / cell_count[:, None]).float(),
