@@ -246,8 +246,12 @@ def fused_block(
     log_min: float,
 ) -> None:
     """Reduce one block of log p and p into ``state`` (see the module docstring)."""
+    import numba
+
     fn = _kernel()
     n = _sync_numba_threads()
+    chunk = numba.get_parallel_chunksize()
+    numba.set_parallel_chunksize(1)  # (b, h) tasks taken one at a time: a thread descheduled by other load stalls less
     fn(
         d.numpy(),
         p.numpy(),
@@ -269,5 +273,6 @@ def fused_block(
         state.dist,
         state.thumb,
     )
+    numba.set_parallel_chunksize(chunk)
     if torch.get_num_threads() != n:  # Numba's OpenMP layer may share torch's runtime and reset its count
         torch.set_num_threads(n)
