@@ -57,9 +57,23 @@ class FusedState:
     def __init__(self, B: int, H: int, L: int, bins: int, R: int):
         self.vec = np.zeros((10, B, H, L), np.float32)  # ATTN_VECTOR_STATS order
         self.hist = np.zeros((B, H, 2, bins), np.int64)  # linear, log10
+        # the loop counts into int32 copies (half the cache footprint of int64): 4 linear + 2 log10 per (b, h), since
+        # neighbouring keys often share a bin (most p of a long row sit in bin 0) and spreading the increments
+        # breaks the store-to-load chain on one counter; they are folded into ``hist`` before they can overflow
+        self.hist32 = np.zeros((B, H, 6, bins), np.int32)
+        self.pending = 0  # pairs counted into hist32 of one (b, h) since the last fold
+
         self.mom = np.zeros((B, H, 3), np.float64)  # n, sum p, sum p^2
         self.dist = np.zeros((B, H, 32), np.float64)
         self.thumb = np.zeros((B, H, R, R), np.float64)
+
+    def fold(self) -> None:
+        """Move the int32 counts into the int64 histograms."""
+        h = self.hist32.astype(np.int64)
+        self.hist[:, :, 0] += h[:, :, :4].sum(2)
+        self.hist[:, :, 1] += h[:, :, 4:].sum(2)
+        self.hist32[:] = 0
+        self.pending = 0
 
 
 def _fused_block_py(
@@ -78,7 +92,7 @@ def _fused_block_py(
     bins,
     log_min,
     vec,  # [10, B, H, L] float32
-    hist,  # [B, H, 2, bins] int64 (linear, log10)
+    hist,  # [B, H, 6, bins] int32: 4 linear copies, 2 log10 copies
     mom,  # [B, H, 3] float64
     dist,  # [B, H, 32] float64
     thumb,  # [B, H, R, R] float64
@@ -97,15 +111,12 @@ def _fused_block_py(
         tokb = tok_before[b]
         cel = cell[b]
         edg = edges[b]
-        # neighbouring keys often share a bin (most p of a long row sit in bin 0): spreading the increments over
-        # 4 (linear) and 2 (log) private copies breaks the store-to-load chain on one counter
-        loc = np.zeros((6, bins), np.int32)  # int32 halves the cache footprint; a block holds < 2^31 pairs
-        lin0 = loc[0]
-        lin1 = loc[1]
-        lin2 = loc[2]
-        lin3 = loc[3]
-        lg0 = loc[4]
-        lg1 = loc[5]
+        lin0 = hist[b, h, 0]
+        lin1 = hist[b, h, 1]
+        lin2 = hist[b, h, 2]
+        lin3 = hist[b, h, 3]
+        lg0 = hist[b, h, 4]
+        lg1 = hist[b, h, 5]
         rsum = vec[4, b, h]
         rmax = vec[5, b, h]
         fin = vec[1, b, h]
@@ -209,10 +220,6 @@ def _fused_block_py(
                 vec[7, b, h, i] = np.float32(prow[i - 1 - kstart] * inv)  # prev
             if a <= st:
                 vec[6, b, h, i] = np.float32(prow[st - kstart] * inv)  # sink
-        hb = hist[b, h]
-        for v in range(bins):
-            hb[0, v] += loc[0, v] + loc[1, v] + loc[2, v] + loc[3, v]
-            hb[1, v] += loc[4, v] + loc[5, v]
         mom[b, h, 0] += n
         mom[b, h, 1] += m1
         mom[b, h, 2] += m2
@@ -248,6 +255,10 @@ def fused_block(
     """Reduce one block of log p and p into ``state`` (see the module docstring)."""
     import numba
 
+    pairs = d.shape[2] * d.shape[3]  # at most this many pairs of one (b, h) in this block
+    if state.pending + pairs >= 2**31:
+        state.fold()
+    state.pending += pairs
     fn = _kernel()
     n = _sync_numba_threads()
     chunk = numba.get_parallel_chunksize()
@@ -268,7 +279,7 @@ def fused_block(
         bins,
         log_min,
         state.vec,
-        state.hist,
+        state.hist32,
         state.mom,
         state.dist,
         state.thumb,

@@ -259,7 +259,7 @@ def _attn_stats_fused(
         kf = torch.cat([kf, torch.ones(B, Hkv, L, 1)], dim=-1)  # [B, Hkv, L, D + 1]
     De = qs.shape[-1]
     kspan = L if W is None else min(L, block_q + W - 1)  # widest key range of a block
-    if min(block_q, L) * kspan >= 2**31:  # the Numba pass counts one block's pairs of one head in int32
+    if min(block_q, L) * kspan >= 2**31:  # the Numba pass counts pairs of one head in int32 between folds
         raise ValueError(f"block_q * keys per block must stay under 2^31, got {min(block_q, L)} x {kspan}")
     size = B * H * min(block_q, L) * kspan
     buf = torch.empty(size, dtype=torch.float32)  # log p of one block (reused)
@@ -288,6 +288,7 @@ def _attn_stats_fused(
         p = torch.exp(d, out=pbuf[: B * H * Rb * Lk].view(B, H, Rb, Lk))  # [B, H, R_blk, Lk]
         fused_block(state, d, p, lo, hi, i0, kstart, **common)
 
+    state.fold()
     hist = torch.from_numpy(state.hist).sum(0)  # [H, 2, bins]
     out = {
         "hist_all": hist[:, 0].contiguous(),
