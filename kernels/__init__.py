@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from ._cpu_fused import set_cpu_threads
 from .attn_stats_torch import attn_stats_torch
 from .contract import ATTN_VECTOR_STATS, N_DIST_BUCKETS, AttnStatsSpec, KeyRanges, linear_bin, log_bin, thumb_edges
 from .dispatch import attn_stats, down_proj_stats
@@ -20,5 +21,6 @@ __all__ = [
     "down_proj_stats",
     "linear_bin",
     "log_bin",
+    "set_cpu_threads",
     "thumb_edges",
 ]

@@ -1,10 +1,13 @@
 """Attention statistics in torch, one query block at a time: the CPU path, same contract as the Triton kernels.
 
-Memory per call is O(B x H x block_q x L) for one block of scores, never O(L^2). Per block:
+Memory per call is O(B x H x block_q x L) for one block of scores, never O(L^2). On the CPU with Numba, each
+block is one matmul (scores) and one fused Numba pass that reduces them to every statistic (``_cpu_fused``).
+Without Numba (or on another device) the block goes through torch operations:
 
     s   = scaling * q_blk @ k[kstart:i1]^T            (GQA by viewing q as [B, H_kv, group, ...])
     d   = s - m,  z = sum exp(d),  p = exp(d) / z      (masked entries are a large finite negative)
     H   = log z - sum p d,  max p = 1 / z,  log p = d - log z
+    (given the forward's lse, it stands in for m; the Numba pass then skips its max and sum passes)
 
 and every statistic is a reduction of p: row sums and maxima, column sums and maxima, gathers on the
 diagonal, and one cumulative sum along the keys that yields both the distance buckets and the pooled
@@ -13,9 +16,11 @@ thumbnail as differences at cell edges.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._cpu_hist import hist_block
+from ._cpu_fused import HAS_NUMBA, FusedState, fused_block
 from .contract import (
     ATTN_VECTOR_STATS,
     N_DIST_BUCKETS,
@@ -24,6 +29,7 @@ from .contract import (
     previous_tokens,
     resolve_tokens,
     thumb_layout,
+    validate_lse,
     validate_qk,
 )
 
@@ -31,6 +37,7 @@ __all__ = ["attn_stats_torch"]
 
 _NEG = -1.0e30  # finite "minus infinity": p = exp(_NEG - lse) == 0 and p * log p == 0, never NaN
 _POW2 = torch.tensor([2**k for k in range(N_DIST_BUCKETS + 1)], dtype=torch.long)  # [33]
+_LN10 = math.log(10.0)
 
 
 def _prefix(cs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -48,9 +55,21 @@ def attn_stats_torch(
     block_q: int = 128,
     use_numba: bool | None = None,
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
+    lse: torch.Tensor | None = None,  # [B, H, L] float32 log-sum-exp of each row, from the forward attention
 ) -> dict[str, torch.Tensor]:
-    """Every attention statistic of the contract (see ``reference.attn_stats_ref`` for the outputs)."""
+    """Every attention statistic of the contract (see ``reference.attn_stats_ref`` for the outputs).
+
+    ``use_numba`` (default: when numba is installed and q is on the CPU) picks the fused Numba pass; False keeps
+    every step in torch. With ``lse`` the statistics skip their own max/sum pass over each row.
+    """
     validate_qk(q, k, ranges)
+    lse = validate_lse(lse, q)
+    if use_numba is None:
+        use_numba = HAS_NUMBA and q.device.type == "cpu"
+    if use_numba:
+        if not HAS_NUMBA:
+            raise RuntimeError("use_numba=True but numba is not installed")
+        return _attn_stats_fused(q, k, scaling, ranges, spec, block_q, tokens, lse)
     B, H, L, D = q.shape
     tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
     tok_before = previous_tokens(tokens, ranges)  # [B, L]
@@ -105,14 +124,17 @@ def attn_stats_torch(
         all_rows = bool(row_ok.all())
         if not all_rows:
             s.masked_fill_(~row_ok[:, None, :, None], _NEG)
-        m = s.amax(-1, keepdim=True)  # [B, H, R_blk, 1]
+        if lse is None:
+            m = s.amax(-1, keepdim=True)  # [B, H, R_blk, 1]
+        else:  # the forward's lse in place of the max: p = exp(s - lse) sums to 1 up to its rounding
+            m = torch.where(row_ok[:, None], lse[:, :, i0:i1], _NEG)[..., None]  # [B, H, R_blk, 1]; as amax there
         d = s.sub_(m)  # [B, H, R_blk, Lk] s - m, in place; masked: ~_NEG
         p = torch.exp(d)  # [B, H, R_blk, Lk] unnormalised
         z = p.sum(-1, keepdim=True)  # [B, H, R_blk, 1]
         p.div_(z)
         logz = torch.log(z)  # [B, H, R_blk, 1]; log p = d - logz
         ent = logz.squeeze(-1) - torch.linalg.vecdot(p, d)  # H = log z - sum p (s - m)
-        rowmax = z.reciprocal().squeeze(-1)  # max p = exp(0) / z
+        rowmax = p.amax(-1) if lse is not None else z.reciprocal().squeeze(-1)  # max p = exp(0) / z
         if not all_rows:  # a row with no allowed key: every statistic is 0
             p.mul_(row_ok[:, None, :, None])
             ent = torch.where(row_ok[:, None], ent, 0.0)
@@ -144,20 +166,7 @@ def attn_stats_torch(
 
         # -- histograms and moments --
         lo_c, hi_c = lo.contiguous().cpu(), hi.contiguous().cpu()
-        hist_block(
-            p.cpu(),
-            d.cpu(),
-            logz.squeeze(-1).cpu(),
-            lo_c,
-            hi_c,
-            kstart,
-            spec.bins,
-            spec.log_min,
-            hist_all,
-            hist_log,
-            moments,
-            use_numba=use_numba,
-        )
+        _hist_block(p.cpu(), d.cpu(), logz.squeeze(-1).cpu(), lo_c, hi_c, kstart, spec, hist_all, hist_log, moments)
 
         # -- distance buckets and thumbnail: differences of one prefix sum along the keys --
         cs = p.cumsum(-1)  # [B, H, R_blk, Lk]; sum of the columns < c is cs[..., c - 1] (0 for c == 0)
@@ -177,4 +186,116 @@ def attn_stats_torch(
     out = {"hist_all": hist_all, "hist_log": hist_log, "moments": moments, "dist": dist.cpu()}
     out["thumb"] = (thumb.cpu() / cell_count[:, None]).float()
     out.update({name: v for name, v in vec.items()})
+    return out
+
+
+def _hist_block(
+    p: torch.Tensor,  # [B, H, R, Lk] float32 probabilities of one query block
+    d: torch.Tensor,  # [B, H, R, Lk] float32 with log p = d - logz
+    logz: torch.Tensor,  # [B, H, R] float32
+    lo: torch.Tensor,  # [B, R] int64 first allowed key of each row (absolute)
+    hi: torch.Tensor,  # [B, R] int64 one past the last allowed key (absolute; hi <= lo: none)
+    kstart: int,  # absolute position of column 0 of the block
+    spec: AttnStatsSpec,
+    hist_lin: torch.Tensor,  # [H, bins] int64, accumulated in place
+    hist_log: torch.Tensor,  # [H, bins] int64, accumulated in place
+    mom: torch.Tensor,  # [H, 3] float64 (n, sum p, sum p^2), accumulated in place
+) -> None:
+    """Add the allowed entries of one block to the linear and log10 histograms and the moments."""
+    B, H, R, Lk = p.shape
+    bins = spec.bins
+    col = torch.arange(kstart, kstart + Lk)  # [Lk]
+    allowed = (col >= lo[:, :, None]) & (col < hi[:, :, None])  # [B, R, Lk]
+    for h in range(H):
+        v = p[:, h][allowed]  # [n] float32
+        lv = (d[:, h] - logz[:, h, :, None])[allowed]
+        hist_lin[h] += torch.bincount((v * bins).long().clamp_max(bins - 1), minlength=bins)
+        x = (lv / _LN10 - spec.log_min) * (bins / -spec.log_min)
+        hist_log[h] += torch.bincount(torch.where(x > 0, x, 0).long().clamp_max(bins - 1), minlength=bins)
+        mom[h, 0] += v.numel()
+        mom[h, 1] += v.double().sum()
+        mom[h, 2] += (v.double() ** 2).sum()
+
+
+def _attn_stats_fused(
+    q: torch.Tensor,  # [B, H, L, D] on the CPU
+    k: torch.Tensor,  # [B, H_kv, L, D]
+    scaling: float,
+    ranges: KeyRanges,
+    spec: AttnStatsSpec,
+    block_q: int,
+    tokens: torch.Tensor | None,  # [B, L]
+    lse: torch.Tensor | None,  # [B, H, L] float32
+) -> dict[str, torch.Tensor]:
+    """The CPU path: per query block one matmul into a reused buffer, then one fused Numba pass."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    W = ranges.window
+    R = spec.thumb_size
+    tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
+    tok_before = previous_tokens(tokens, ranges).contiguous().numpy()  # [B, L]
+    start = ranges.start.cpu().long()  # [B]
+    end = ranges.end.cpu().long()  # [B]
+    edges, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, R + 1], [B, L], [B, R, R]
+    state = FusedState(B, H, L, spec.bins, R)
+    common = dict(
+        start=start.numpy(),
+        final_row=(end - 1).numpy(),
+        tokens=tokens.contiguous().numpy(),
+        tok_before=tok_before,
+        cell=row_cell.contiguous().numpy(),
+        edges=edges.contiguous().numpy(),
+        bins=spec.bins,
+        log_min=spec.log_min,
+    )
+    # with the forward's lse, one matmul gives log p directly: [scaling q_i, -lse_i] . [k_j, 1] = s_ij - lse_i
+    qs = q.float() * scaling  # [B, H, L, D]
+    kf = k.float()  # [B, Hkv, L, D]
+    if lse is not None:
+        real = (torch.arange(L)[None, :] >= start[:, None]) & (torch.arange(L)[None, :] < end[:, None])  # [B, L]
+        neg_lse = torch.where(real[:, None], -lse, 0.0)  # [B, H, L]; rows without keys: unused, not NaN
+        qs = torch.cat([qs, neg_lse[..., None]], dim=-1)  # [B, H, L, D + 1]
+        kf = torch.cat([kf, torch.ones(B, Hkv, L, 1)], dim=-1)  # [B, Hkv, L, D + 1]
+    De = qs.shape[-1]
+    kspan = L if W is None else min(L, block_q + W - 1)  # widest key range of a block
+    if min(block_q, L) * kspan >= 2**31:  # the Numba pass counts pairs of one head in int32 between folds
+        raise ValueError(f"block_q * keys per block must stay under 2^31, got {min(block_q, L)} x {kspan}")
+    size = B * H * min(block_q, L) * kspan
+    buf = torch.empty(size, dtype=torch.float32)  # log p of one block (reused)
+    pbuf = torch.empty(size, dtype=torch.float32)  # p of one block (reused)
+    for i0 in range(0, L, block_q):
+        i1 = min(L, i0 + block_q)
+        kstart = 0 if W is None else max(0, i0 - W + 1)
+        Rb, Lk = i1 - i0, i1 - kstart
+        rows = torch.arange(i0, i1)  # [R_blk]
+        row_ok = (rows[None, :] >= start[:, None]) & (rows[None, :] < end[:, None])  # [B, R_blk]
+        lo = start[:, None].expand(B, Rb)  # [B, R_blk]
+        if W is not None:
+            lo = torch.maximum(lo, rows[None, :] - W + 1)
+        hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
+
+        # -- scores s = (scaling q) . k (or log p = s - lse) into the reused buffer --
+        qb = qs[:, :, i0:i1].view(B, Hkv, group, Rb, De)  # [B, Hkv, G, R_blk, De]
+        d = buf[: B * H * Rb * Lk].view(B, Hkv, group, Rb, Lk)
+        torch.matmul(qb, kf[:, :, None, kstart:i1].transpose(-1, -2), out=d)  # [B, Hkv, G, R_blk, Lk]
+        d = d.view(B, H, Rb, Lk)
+        if lse is None:  # lse from the block with its disallowed keys masked, then log p = s - lse in place
+            cols = torch.arange(kstart, i1)  # [Lk]
+            allowed = (cols >= lo[:, :, None]) & (cols < hi[:, :, None])  # [B, R_blk, Lk]
+            d.masked_fill_(~allowed[:, None], _NEG)
+            d.sub_(torch.logsumexp(d, -1, keepdim=True))  # [B, H, R_blk, Lk] log p
+        p = torch.exp(d, out=pbuf[: B * H * Rb * Lk].view(B, H, Rb, Lk))  # [B, H, R_blk, Lk]
+        fused_block(state, d, p, lo, hi, i0, kstart, **common)
+
+    state.fold()
+    hist = torch.from_numpy(state.hist).sum(0)  # [H, 2, bins]
+    out = {
+        "hist_all": hist[:, 0].contiguous(),
+        "hist_log": hist[:, 1].contiguous(),
+        "moments": torch.from_numpy(state.mom).sum(0),
+        "dist": torch.from_numpy(state.dist).sum(0),
+        "thumb": (torch.from_numpy(state.thumb) / cell_count[:, None]).float(),
+    }
+    out.update({name: torch.from_numpy(state.vec[n]) for n, name in enumerate(ATTN_VECTOR_STATS)})
     return out

@@ -8,6 +8,8 @@ For one (batch row b, head h), query i and key j of a padded batch of length L:
     allowed(b, i, j)  <=>  start[b] <= j <= i < end[b]  and  (window is None or i - j < window)
     s_ij  = scaling * q_i . k_j
     p_ij  = exp(s_ij - lse_i),  lse_i = log sum_{allowed j} exp(s_ij)
+            (an implementation may take lse_i [B, H, L] float32 from the forward attention instead of computing it;
+            rows with no allowed key ignore it)
     H_i   = -sum_j p_ij log p_ij
     dup_i = sum_{j < i, tok_j = tok_i} p_ij            (duplicate-token mass)
     ind_i = sum_{j < i, tok_{j-1} = tok_i} p_ij        (induction mass; j - 1 must be a real token)
@@ -37,6 +39,7 @@ __all__ = [
     "previous_tokens",
     "resolve_tokens",
     "thumb_layout",
+    "validate_lse",
     "validate_qk",
 ]
 
@@ -197,6 +200,20 @@ def validate_qk(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
         raise ValueError(f"q and k must share a dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}")
     if ranges.start.numel() != q.shape[0]:
         raise ValueError(f"ranges describe {ranges.start.numel()} rows, the batch has {q.shape[0]}")
+
+
+def validate_lse(lse: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """The forward's log-sum-exp as [B, H, L] float32 on q's device, or None; ``ValueError`` on a wrong shape.
+
+    ``lse[b, h, i]`` is the natural-log log-sum-exp of ``scaling * q_i . k_j`` over row i's allowed keys; rows with
+    no allowed key may hold anything (inf, NaN): every implementation ignores them.
+    """
+    if lse is None:
+        return None
+    B, H, L, _ = q.shape
+    if lse.shape != (B, H, L) or not lse.dtype.is_floating_point:
+        raise ValueError(f"lse must be a float tensor of shape [{B}, {H}, {L}], got {tuple(lse.shape)} {lse.dtype}")
+    return lse.to(device=q.device, dtype=torch.float32)
 
 
 def resolve_tokens(tokens: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:

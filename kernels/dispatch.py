@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from .attn_stats_torch import attn_stats_torch
-from .contract import AttnStatsSpec, KeyRanges
+from .contract import AttnStatsSpec, KeyRanges, validate_lse
 from .reference import down_proj_stats_ref
 
 __all__ = ["Impl", "attn_stats", "down_proj_stats"]
@@ -40,17 +40,22 @@ def attn_stats(
     impl: Impl = "auto",
     block_q: int = 128,
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the duplicate/induction masses
+    lse: torch.Tensor | None = None,  # [B, H, L] float32 log-sum-exp of each row, from the forward attention
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract for one layer (outputs as ``reference.attn_stats_ref``).
 
     ``block_q`` is the query block of the torch path (its memory is O(B * H * block_q * L)); the Triton
     kernels choose their own tiles. Without ``tokens`` no token repeats, so ``dup`` and ``induction`` are zero.
+    ``lse`` (natural log, over each row's allowed keys; rows with none ignore it) lets the statistics skip their
+    own log-sum-exp pass; without it they compute it.
     """
+    lse = validate_lse(lse, q)
     if _resolve(impl, q.device) == "triton":
         from .qk_stats import qk_stats
 
-        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens)
-    return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens)
+        extra = {} if lse is None else {"lse": lse}
+        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens, **extra)
+    return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens, lse=lse)
 
 
 def down_proj_stats(

@@ -2,8 +2,23 @@
 
 A transformers attention implementation named ``"attnscope"`` is registered with ``AttentionInterface``. While a
 ``capture`` context is active the model's config points to it; it runs the model's own backend (sdpa, eager,
-flash, ...) for the real output, then hands ``query``/``key`` (GQA keys un-repeated), the module's ``scaling``
-and its sliding window to a callback. A mask function of the same name is registered with
+flash, ...) for the real output, then hands ``query``/``key`` (GQA keys un-repeated), the module's ``scaling``,
+its sliding window and the attention's log-sum-exp (when the backend gives one, else None) to a callback.
+
+The log-sum-exp comes from the attention the model runs anyway. With the ``sdpa`` backend, for the duration of one
+layer's call, ``torch.nn.functional.scaled_dot_product_attention`` is stood in for by a function that asks torch
+which kernel it would pick for exactly those arguments (``torch._fused_sdp_choice``) and, where that kernel has an
+lse-returning entry point, calls it instead and keeps the lse:
+- CPU, flash kernel (torch's choice for float inputs, with or without a mask):
+  ``aten._scaled_dot_product_flash_attention_for_cpu``, the op ``scaled_dot_product_attention`` itself calls, after
+  the same boolean-mask conversion; the output is bit-identical (tested on every tiny architecture).
+- CUDA, no mask (``is_causal``), head size a multiple of 8: the flash kernel
+  (``aten._scaled_dot_product_flash_attention``) or the memory-efficient one
+  (``aten._scaled_dot_product_efficient_attention`` asked for its lse). Not verified on a GPU yet.
+Everywhere else (eager or flash-attn backends, the math or cuDNN kernel, a mask on CUDA, dropout, torch without
+``_fused_sdp_choice``) the call goes to torch unchanged and the lse is None: the statistics then compute it.
+
+A mask function of the same name is registered with
 ``AttentionMaskInterface`` that builds exactly the mask the original backend would get, so outputs are unchanged.
 Padding reaches the statistics as ``KeyRanges`` (two integers per row), never as a dense L x L mask.
 """
@@ -47,10 +62,14 @@ class UnsupportedModelError(ValueError):
 @dataclass
 class _Session:
     original: str  # the model's own attention implementation
-    on_attention: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, float, int | None], None]
+    on_attention: Callable[..., None]  # (module, query, key, scaling, sliding_window, lse)
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("attnscope_capture", default=None)
+# the lse of the scaled_dot_product_attention calls of the layer running now (None: no layer is collecting)
+_LSE_SLOT: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnscope_lse", default=None)
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_FLASH, _EFFICIENT = 1, 2  # torch.nn.attention.SDPBackend values returned by torch._fused_sdp_choice
 
 
 def model_geometry(model: torch.nn.Module) -> dict:
@@ -99,15 +118,78 @@ def _original_attention(module: torch.nn.Module, name: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+def _attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """``(output, lse)`` from the kernel ``scaled_dot_product_attention`` would run on these arguments, or None where
+    that kernel returns no lse (or its result could differ from the plain call's)."""
+    if dropout_p or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return None
+    try:
+        backend = int(
+            torch._fused_sdp_choice(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+            )
+        )
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    if query.device.type == "cpu" and backend == _FLASH:
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # as scaled_dot_product_attention converts it
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                attn_mask.logical_not(), float("-inf")
+            )
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )
+        return out, lse
+    if query.device.type == "cuda" and attn_mask is None and query.shape[-1] % 8 == 0:
+        if backend == _FLASH:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(
+                query, key, value, dropout_p, is_causal, False, scale=scale
+            )
+            return res[0], res[1]  # lse [B, H, L] float32
+        if backend == _EFFICIENT:
+            res = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, None, True, dropout_p, is_causal, scale=scale
+            )
+            return res[0], res[1][..., : query.shape[2]]  # lse [B, H, L rounded up to 32] float32
+    return None
+
+
+def _sdpa_collecting(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Stands in for ``torch.nn.functional.scaled_dot_product_attention`` while a layer runs: the same output, and
+    the lse appended to the layer's slot (None when the kernel gives none)."""
+    slot = _LSE_SLOT.get()
+    got = None
+    if slot is not None:
+        got = _attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        slot.append(None if got is None else got[1])
+    if got is not None:
+        return got[0]
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+
 def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):
     session = _ACTIVE.get()
     if session is None:
         raise RuntimeError("the 'attnscope' attention implementation is only usable inside attnscope.capture()")
-    out = _original_attention(module, session.original)(module, query, key, value, attention_mask, **kwargs)
+    fn = _original_attention(module, session.original)
+    slot: list = []
+    if session.original == "sdpa":
+        token = _LSE_SLOT.set(slot)
+        torch.nn.functional.scaled_dot_product_attention = _sdpa_collecting
+        try:
+            out = fn(module, query, key, value, attention_mask, **kwargs)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = _SDPA
+            _LSE_SLOT.reset(token)
+    else:
+        out = fn(module, query, key, value, attention_mask, **kwargs)
+    B, H, L, _ = query.shape
+    lse = slot[0] if len(slot) == 1 and slot[0] is not None and slot[0].shape == (B, H, L) else None
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    session.on_attention(module, query, key, float(scaling), kwargs.get("sliding_window"))
+    session.on_attention(module, query, key, float(scaling), kwargs.get("sliding_window"), lse)
     return out
 
 
@@ -131,15 +213,16 @@ def _register() -> None:
 @contextlib.contextmanager
 def capture(
     model: torch.nn.Module,
-    on_attention: Callable[[int, torch.Tensor, torch.Tensor, float, int | None], None],
+    on_attention: Callable[[int, torch.Tensor, torch.Tensor, float, int | None, torch.Tensor | None], None],
     on_down_proj: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Iterator[None]:
     """Route every attention layer of ``model`` through attnscope while the context is open.
 
     Args:
         model: a supported Hugging Face causal LM (see ``SUPPORTED_MODEL_TYPES``).
-        on_attention: called as ``(layer, query [B, H, L, D], key [B, H_kv, L, D], scaling, sliding_window)``
-            after the layer computed its real output.
+        on_attention: called as ``(layer, query [B, H, L, D], key [B, H_kv, L, D], scaling, sliding_window, lse)``
+            after the layer computed its real output; ``lse`` [B, H, L] float32 is the natural-log log-sum-exp of
+            each row from the model's own attention kernel, or None where that kernel gives none (see above).
         on_down_proj: called as ``(layer, x [B, L, d_ff], y [B, L, d_model])`` for each MLP down-projection.
 
     The model's own attention implementation and every hook are restored in ``finally``, also on error.
@@ -151,11 +234,11 @@ def capture(
     if original == IMPL_NAME:
         raise RuntimeError("capture() contexts cannot be nested on the same model")
 
-    def attention_cb(module, q, k, scaling, window):
+    def attention_cb(module, q, k, scaling, window, lse):
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             raise UnsupportedModelError(f"attention module {type(module).__name__} has no layer_idx")
-        on_attention(int(layer), q, k, scaling, window)
+        on_attention(int(layer), q, k, scaling, window, lse)
 
     handles = []
     token = _ACTIVE.set(_Session(original=original, on_attention=attention_cb))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats
+from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats, set_cpu_threads
 from attnscope.kernels.reference import attention_probs_ref
 
 from .data import ATTN_VECTORS, SCHEMA_VERSION, Profile, combine_accum
@@ -52,6 +52,7 @@ class ProfileConfig:
     top_k: int = 8  # down_proj neurons kept per token
     impl: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "torch" or "triton"
     block_q: int = 128  # query block of the torch path: memory O(heads * block_q * L) per layer
+    threads: int | None = None  # CPU threads of torch and of the Numba statistics (None: torch's default)
     progress: bool = True  # one tqdm bar: prompts, tokens/s, ETA
     model_id: str | None = None  # recorded in the profile; default: the model's name_or_path
 
@@ -68,6 +69,8 @@ class ProfileConfig:
             raise ValueError(f"block_q must be >= 1, got {self.block_q}")
         if self.full_max_tokens < 1:
             raise ValueError(f"full_max_tokens must be >= 1, got {self.full_max_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         object.__setattr__(self, "keep_full", tuple((int(a), int(b)) for a, b in self.keep_full))
 
     def to_dict(self) -> dict:
@@ -106,9 +109,9 @@ def run_with_stats(
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     stats: dict = {"attn": {}, "mlp": {}}
 
-    def on_attention(layer, q, k, scaling, window):
+    def on_attention(layer, q, k, scaling, window, lse=None):
         r = ranges.with_window(window)
-        stats["attn"][layer] = attn_stats(q.detach(), k.detach(), scaling, r, spec, impl, block_q, tokens=ids)
+        stats["attn"][layer] = attn_stats(q.detach(), k.detach(), scaling, r, spec, impl, block_q, tokens=ids, lse=lse)
 
     def on_down_proj(layer, x, y):
         sel = valid.to(x.device)
@@ -291,9 +294,11 @@ class _Engine:
             if cfg.keep_vectors:
                 r["thumbs"][b] = np.zeros((Ly, H, rp, rp), np.float32)
 
-        def on_attention(layer, q, k, scaling, window):
+        def on_attention(layer, q, k, scaling, window, lse=None):
             rr = ranges.with_window(window)
-            st = attn_stats(q.detach(), k.detach(), scaling, rr, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids)
+            st = attn_stats(
+                q.detach(), k.detach(), scaling, rr, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids, lse=lse
+            )
             for name in ("hist_all", "hist_log", "moments"):
                 r[name][layer] = st[name].cpu().numpy()
             d = st["dist"].cpu().numpy()
@@ -544,6 +549,8 @@ def run_corpus(
     bar = _progress(cfg, total)
     was_training = model.training
     model.eval()
+    threads_before = torch.get_num_threads()
+    set_cpu_threads(cfg.threads)  # torch and the Numba pass share one thread count
 
     def prepare(first: int, window: list[PromptItem]):
         todo = [it for it in window if it.id not in skip]
@@ -568,6 +575,7 @@ def run_corpus(
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         model.train(was_training)
+        set_cpu_threads(threads_before)
     return eng.meta()
 
 

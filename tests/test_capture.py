@@ -53,6 +53,48 @@ def test_capture_matches_eager_attentions(kind, side):
         assert_hist_close(got["hist_all"], ref["hist_all"], slack, name="hist_all")
 
 
+@pytest.mark.parametrize("kind, side", [(k, "right") for k in TINY_KINDS] + [("llama", "left"), ("mistral", "left")])
+def test_lse_from_the_forward(kind, side):
+    # the sdpa kernel's own lse reaches the callback, equals the log-sum-exp over each row's allowed keys, and
+    # taking it leaves the logits bit-identical; an unpadded batch (no mask: is_causal) is checked too
+    model = tiny_model(kind)
+    for batch in (_batch(side=side), {"input_ids": torch.randint(2, 128, (1, 19))}):
+        with torch.no_grad():
+            plain = model(**batch).logits
+        seen = {}
+        with (
+            torch.no_grad(),
+            capture(model, lambda layer, *args, seen=seen: seen.__setitem__(layer, args)),
+        ):
+            logits = model(**batch).logits
+        assert torch.equal(logits, plain), "taking the lse changed the model's output"
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        for layer, (q, k, scaling, window, lse) in seen.items():
+            assert lse is not None, f"{kind} layer {layer}: no lse from the sdpa kernel"
+            ranges = KeyRanges.from_attention_mask(mask, window)
+            L = q.shape[2]
+            kk = k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [B, H, L, D]
+            s = (q.double() @ kk.transpose(-1, -2) * scaling).masked_fill(~ranges.allowed(L), float("-inf"))
+            want = torch.logsumexp(s, -1)  # [B, H, L]
+            rows = ranges.allowed(L).any(-1).expand_as(want)  # [B, H, L] rows with an allowed key
+            assert_verbose_allclose(lse[rows], want[rows], atol=1e-5, rtol=1e-5, name=f"{kind} layer {layer} lse")
+
+
+def test_no_lse_where_the_backend_gives_none():
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    batch = _batch()
+    with torch.no_grad():
+        plain = model(**batch).logits
+    seen = []
+    with torch.no_grad(), capture(model, lambda *a: seen.append(a[-1])):
+        assert torch.equal(model(**batch).logits, plain)
+    assert seen == [None, None]
+    _, stats = run_with_stats(model, batch, spec=SPEC, block_q=8)  # the statistics compute the lse themselves
+    assert stats["attn"][0]["moments"][:, 1].sum() == pytest.approx(4 * int(batch["attention_mask"].sum()), rel=1e-5)
+    assert torch.nn.functional.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"
+
+
 @pytest.mark.parametrize("kind", ["gpt_neox", "llama", "gpt2"])
 def test_down_proj_hooks_match_module_io(kind):
     model = tiny_model(kind)
@@ -115,3 +157,25 @@ def test_padded_batch_equals_one_prompt_at_a_time(rng):
             assert np.array_equal(a, b), name
         else:
             assert_verbose_allclose(a, b, atol=1e-5, rtol=1e-4, name=name)
+
+
+def test_threads_setting_is_used_and_restored(rng):
+    from attnscope.profiler import profile
+    from helpers import random_text, word_tokenizer
+
+    model = tiny_model("llama", vocab=200)
+    before = torch.get_num_threads()
+    seen = []
+    prof = profile(
+        model,
+        word_tokenizer(),
+        [random_text(30, rng)],
+        spec=SPEC,
+        progress=False,
+        threads=1,
+        on_batch=lambda *a: seen.append(torch.get_num_threads()),
+    )
+    assert seen == [1] and torch.get_num_threads() == before
+    assert prof.arrays["attn.moments"][..., 1] == pytest.approx(30, rel=1e-5)  # every row sums to one
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        profile(model, word_tokenizer(), ["the cat"], threads=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import interpret, profile, run, views
+from . import bench, interpret, profile, run, views
 from ._common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     views.register(sub)
     run.register(sub)
     interpret.register(sub)
+    bench.register(sub)
     return ap
 
 

@@ -87,6 +87,7 @@ def cmd_profile(args) -> int:
         full_max_tokens=args.full_max_tokens,
         top_k=args.top_k,
         impl=args.impl,
+        threads=args.threads,
         progress=not args.no_progress,
         model_id=args.model or DEFAULT_MODEL,
     )
@@ -215,6 +216,13 @@ def register(sub) -> None:
         default="auto",
         choices=["auto", "torch", "triton"],
         help="statistics implementation (default: auto = Triton on CUDA, torch on the CPU)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch and the statistics (default: torch's)",
     )
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out, skipping its prompts")
     p.add_argument("--append", action="store_true", help="add the prompts to the run in --out (same model, settings)")
