@@ -34,9 +34,13 @@ from .contract import (
 
 __all__ = ["qk_stats"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-_LOG10_2 = 0.30102999566398120
+# float32 per-position outputs of the kernel (pointer arguments)
+OUT_F32 = ("THUMB", "DIAG", "ENT", "ROWMAX", "SINK", "PREV", "DUP", "IND", "FINAL", "RECV_SUM", "RECV_MAX")
+
+_LOG2E = 1.4426950408889634  # used by the launcher only
+# constants read inside @triton.jit code must be constexpr globals (a plain float compiles to a NameError)
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG10_2 = tl.constexpr(0.30102999566398120)
 
 
 @triton.jit
@@ -267,26 +271,6 @@ def _qk_stats_fused_kernel(
     )
 
 
-def _keep(conf: triton.Config) -> bool:
-    """Prune configs whose tiles are too large for the register file with 4 warps."""
-    return not (conf.kwargs["BLOCK_M"] * conf.kwargs["BLOCK_N"] >= 128 * 128 and conf.num_warps < 8)
-
-
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm in (64, 128)
-    for bn in (32, 64, 128)
-    for w in (4, 8)
-    for s in (2, 3)
-]
-# the accumulators are added to atomically: autotuning's repeated launches must start from zero each time
-_qk_stats_autotuned = triton.autotune(
-    configs=[c for c in _CONFIGS if _keep(c)],
-    key=["L", "HEAD_DIM", "NB", "R_PAD"],
-    reset_to_zero=["HIST_ALL", "HIST_LOG", "MOM", "DIST", "THUMB", "FINAL", "RECV_SUM", "RECV_MAX"],
-)(_qk_stats_fused_kernel)
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
     if not (q.is_cuda or is_interpreter()):
         raise ValueError("qk_stats runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
@@ -318,7 +302,7 @@ def qk_stats(
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (outputs as ``reference.attn_stats_ref``).
 
-    Tiles are autotuned on CUDA unless ``block_m``/``block_n`` pin them (tests do; the interpreter uses 64 x 64).
+    Tiles come from ``_settings.qk_stats_settings`` unless ``block_m``/``block_n`` pin them (tests do).
     ``poison=True`` fills the stored outputs with NaN first, so a test sees any element the kernel skipped.
     """
     _check(q, k, ranges)
@@ -326,7 +310,7 @@ def qk_stats(
     k = k if k.stride(-1) == 1 else k.contiguous()
     B, H, L, D = q.shape
     R = spec.thumb_size
-    st = qk_stats_settings(D, L, spec.bins, R)
+    st = qk_stats_settings(D, L, spec.bins, R, dtype=str(q.dtype).removeprefix("torch."))
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
     fill = float("nan") if poison else 0.0
@@ -395,15 +379,12 @@ def qk_stats(
         IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast,
     )
-    if block_m is None and block_n is None and not is_interpreter():
-        grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)  # noqa: E731
-        _qk_stats_autotuned[grid](*args, **meta)
-    else:
-        block_m, block_n = block_m or 64, block_n or 64
-        if num_warps is None:
-            num_warps = 4 if block_m * block_n <= 64 * 64 else 8
-        grid = (triton.cdiv(L, block_m), B * H)
-        _qk_stats_fused_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    if is_interpreter():  # small tiles keep the interpreter fast; the tests pin their own
+        st.update(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    block_m, block_n = block_m or st["BLOCK_M"], block_n or st["BLOCK_N"]
+    grid = (triton.cdiv(L, block_m), B * H)
+    warps, stages = num_warps or st["num_warps"], st["num_stages"]
+    _qk_stats_fused_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
     n = _pairs(ranges)  # [B]
     moments = torch.stack([n[:, None].expand(B, H).to(dev), mom[..., 0], mom[..., 1]], dim=-1)  # [B, H, 3]
