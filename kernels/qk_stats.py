@@ -6,10 +6,11 @@ max m (log2 units), l = sum 2^(t - m) and a = sum 2^(t - m) (t - m), so that
     lse2 = m + log2 l,   max p = 1 / l,   H = ln 2 * (log2 l - a / l)     (t = s * log2 e)
 
 Pass 2 streams the key tiles again, forms p = 2^(t - lse2) and reduces each tile into every statistic of
-``contract.py``: the linear and log10 histograms (``tl.histogram`` with a mask, kept for the whole query tile
-and added once), the moments, the diagonal, previous-token, sink and final-row values, attention received
-(atomic sum and max per key), distance buckets, and the thumbnail (a ``tl.dot`` of p with a one-hot of key
-cells, pooled over rows with one atomic add per row and cell at the end).
+``contract.py``: the linear and log10 histograms (``tl.histogram`` of every pair of the tile, masked pairs
+sent to bin 0 and taken out of it once; kept for the whole query tile and added once), the moments, the
+diagonal, previous-token, sink and final-row values, attention received (atomic sum and max per key),
+distance buckets, and the thumbnail (a ``tl.dot`` of p with a one-hot of key cells, pooled over rows with
+one atomic add per row and cell at the end).
 GQA reads key head h // group; keys are never repeated. References: Triton tutorial 06-fused-attention
 (online softmax in exp2, LSE recompute in the backward), ``reference.attn_stats_ref`` for the maths.
 """
@@ -191,6 +192,7 @@ def _qk_stats_fused_kernel(
     # -- pass 2: p tile by tile, reduced into every statistic --
     hist_all = tl.zeros([NB], tl.int32)
     hist_log = tl.zeros([NB], tl.int32)
+    n_masked = 0  # pairs of the visited tiles outside the mask, all counted in bin 0
     s1 = tl.zeros([BLOCK_M], tl.float32)
     s2 = tl.zeros([BLOCK_M], tl.float32)
     diag = tl.zeros([BLOCK_M], tl.float32)
@@ -213,12 +215,14 @@ def _qk_stats_fused_kernel(
         lp2 = qk * qk_scale - lse2[:, None]  # log2 p
         p = tl.where(allowed, tl.exp2(lp2), 0.0)
         # -- histograms and moments --
-        flat_ok = tl.reshape(allowed, [BLOCK_M * BLOCK_N])
+        # masked pairs go to bin 0 (p = 0 there already) and are taken out of it once at the end: a mask
+        # reshaped apart from the values could pair with other elements in the compiled layouts
         lin = tl.minimum((p * NB).to(tl.int32), NB - 1)
-        hist_all += tl.histogram(tl.reshape(lin, [BLOCK_M * BLOCK_N]), NB, mask=flat_ok)
+        hist_all += tl.histogram(tl.reshape(lin, [BLOCK_M * BLOCK_N]), NB)
         x = (lp2 * _LOG10_2 - log_min) * log_scale
-        lg = tl.minimum(tl.maximum(x, 0.0).to(tl.int32), NB - 1)
-        hist_log += tl.histogram(tl.reshape(lg, [BLOCK_M * BLOCK_N]), NB, mask=flat_ok)
+        lg = tl.where(allowed, tl.minimum(tl.maximum(x, 0.0).to(tl.int32), NB - 1), 0)
+        hist_log += tl.histogram(tl.reshape(lg, [BLOCK_M * BLOCK_N]), NB)
+        n_masked += BLOCK_M * BLOCK_N - tl.sum(tl.sum(allowed.to(tl.int32), 1), 0)
         s1 += tl.sum(p, 1)
         s2 += tl.sum(p * p, 1)
         # -- values on fixed diagonals and columns --
@@ -260,6 +264,8 @@ def _qk_stats_fused_kernel(
     tl.store(ENT + bh * L + offs_m, ent, mask=rmask)
     tl.store(ROWMAX + bh * L + offs_m, rowmax, mask=rmask)
     bins = tl.arange(0, NB)
+    hist_all -= tl.where(bins == 0, n_masked, 0)
+    hist_log -= tl.where(bins == 0, n_masked, 0)
     tl.atomic_add(HIST_ALL + bh * NB + bins, hist_all)
     tl.atomic_add(HIST_LOG + bh * NB + bins, hist_log)
     tl.atomic_add(MOM + bh * 2, tl.sum(s1, 0).to(tl.float64))
