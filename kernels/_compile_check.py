@@ -68,10 +68,10 @@ def _qk_stats(head_dim: int, dtype: str, seq_len: int, lse: bool = False):
     dt = _DT[dtype]
     cfg = st.qk_stats_settings(head_dim, seq_len, 4096, 64, dtype=dtype, lse=lse)
     pointers = {n: "fp32" for n in qk.OUT_F32}
-    pointers.update(HIST_ALL="i32", HIST_LOG="i32", MOM="fp64", DIST="fp64", Q=dt, K=dt, LSE="fp32")
+    pointers.update(HIST_ALL="i32", HIST_LOG="i32", RECV_MAX="i32", MOM="fp64", DIST="fp64", Q=dt, K=dt, LSE="fp32")
     pointers.update(START="i64", END="i64", CELL="i32", TOK="i64", TOKB="i64")
     constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    constexprs.update(HEAD_DIM=head_dim, NB=4096, IEEE=dt == "fp32", UPCAST=False)
+    constexprs.update(HEAD_DIM=head_dim, NB=4096, IEEE=dt == "fp32", UPCAST=False, HAS_LSE=lse)
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     return _spec(qk._qk_stats_fused_kernel, pointers, ("qk_scale", "log_min"), constexprs, options)
 
@@ -167,7 +167,7 @@ def compile_config(name: str, arch: int) -> dict:
     seconds = time.perf_counter() - t0
     res = {"name": name, "arch": arch, "triton": triton.__version__, "compile_s": round(seconds, 2)}
     res.update({k: v for k, v in options.items()})
-    res.update({k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("STAGE", "NB", "LSE")})
+    res.update({k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("NB", "HAS_LSE")})
     res.update(_ptxas_info(buf.getvalue()))
     res["shared"] = compiled.metadata.shared
     res.update(sass_counts(compiled.asm["cubin"]))

@@ -32,7 +32,6 @@ def qk_stats_settings(
         raise RuntimeError(f"qk_stats supports at most {MAX_BINS} histogram bins, got {bins}")
     return {
         "HEAD_DIM_PAD": max(16, triton.next_power_of_2(head_dim)),  # d_head 80 -> 128 with masked loads
-        "R_PAD": max(16, triton.next_power_of_2(thumb_size)),  # tl.dot needs >= 16
         "BLOCK_M": 64,
         "BLOCK_N": 64,
         "num_warps": 4,

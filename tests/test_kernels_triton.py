@@ -36,6 +36,8 @@ SHAPES = [
     (1, 3, 1, 50, 32, 7, False, 32, 16),  # MQA, sliding window
     (2, 2, 2, 40, 128, 19, True, 16, 16),  # window + padding, d_head 128
     (1, 2, 1, 150, 64, 100, True, 64, 64),  # the default 64 x 64 tiles over several query and key tiles
+    (2, 2, 1, 130, 32, None, True, 16, 16),  # off-band tiles (no mask) between padding and the diagonal band
+    (1, 2, 1, 180, 64, 90, False, 32, 16),  # off-band tiles between a window edge and the diagonal band
 ]
 
 
@@ -142,7 +144,7 @@ def _near_edge_per_bin(values: torch.Tensor, coord, bins: int, tol: float) -> to
 # padding and a window edge, where a mask paired with the wrong elements would move counts between bins
 HIST_SHAPES = [
     (2, 2, 1, 200, 64, 70, True, 64, 64),
-    (1, 2, 2, 190, 80, None, False, 128, 64),
+    (1, 2, 2, 400, 80, None, False, 128, 64),  # with off-band tiles
 ]
 
 
