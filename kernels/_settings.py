@@ -17,8 +17,13 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def qk_stats_settings(head_dim: int, seq_len: int, bins: int, thumb_size: int) -> dict:
-    """Padded sizes for the attention-statistics kernel; ``RuntimeError`` with the limit when unsupported."""
+def qk_stats_settings(
+    head_dim: int, seq_len: int, bins: int, thumb_size: int, dtype: str = "bfloat16", lse: bool = False
+) -> dict:
+    """Tiles, warps and padded sizes of the attention-statistics kernel; ``RuntimeError`` names the limit.
+
+    One fixed configuration per length bucket (no autotuning: a new length never compiles anything new).
+    """
     if head_dim > MAX_HEAD_DIM:
         raise RuntimeError(f"qk_stats supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
     if seq_len >= MAX_SEQ:
@@ -27,7 +32,10 @@ def qk_stats_settings(head_dim: int, seq_len: int, bins: int, thumb_size: int) -
         raise RuntimeError(f"qk_stats supports at most {MAX_BINS} histogram bins, got {bins}")
     return {
         "HEAD_DIM_PAD": max(16, triton.next_power_of_2(head_dim)),  # d_head 80 -> 128 with masked loads
-        "R_PAD": max(16, triton.next_power_of_2(thumb_size)),  # tl.dot needs >= 16
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+        "num_warps": 4,
+        "num_stages": 2,
     }
 
 

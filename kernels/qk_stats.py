@@ -5,13 +5,23 @@ max m (log2 units), l = sum 2^(t - m) and a = sum 2^(t - m) (t - m), so that
 
     lse2 = m + log2 l,   max p = 1 / l,   H = ln 2 * (log2 l - a / l)     (t = s * log2 e)
 
+When the caller has the log-sum-exp from the forward attention (``lse``), pass 1 is skipped: lse2 = lse * log2 e,
+and pass 2 also sums H = lse - sum_j p s = -ln 2 * sum_j p (t - lse2) (written around lse, no cancellation) and max p.
+
 Pass 2 streams the key tiles again, forms p = 2^(t - lse2) and reduces each tile into every statistic of
-``contract.py``: the linear and log10 histograms (``tl.histogram`` with a mask, kept for the whole query tile
-and added once), the moments, the diagonal, previous-token, sink and final-row values, attention received
-(atomic sum and max per key), distance buckets, and the thumbnail (a ``tl.dot`` of p with a one-hot of key
-cells, pooled over rows with one atomic add per row and cell at the end).
-GQA reads key head h // group; keys are never repeated. References: Triton tutorial 06-fused-attention
-(online softmax in exp2, LSE recompute in the backward), ``reference.attn_stats_ref`` for the maths.
+``contract.py``. Both passes split the key tiles of a query tile into off-band tiles, where every (row, key) pair
+is allowed (no mask; no diagonal, previous-token, sink or final-row term can fall there), and on-band tiles (the
+diagonal band, the sink column, window edges, padding), which carry the masks and those terms.
+
+Histograms: relaxed global atomic adds of 1 per pair, no ``tl.histogram`` (triton 3.6 lowers a 4096-bin
+``tl.histogram`` to ~40,000 ballot/popcount instructions a tile, and its register accumulators spill). The log10
+histogram adds every allowed pair; the linear one only pairs with p >= 1/NB, and only in tiles whose max p reaches
+that (long-range tiles usually do not): bin 0 is the allowed-pair count minus the pairs added elsewhere, added once
+per program. Both are exact, so the KDE's error bound (``render/kde.py``: half a bin of 1/NB) is unchanged.
+Attention received: relaxed atomic add per key, and an int32 atomic max on the bit pattern of p (p >= 0, so the
+integer order is the float order). Distance buckets and the thumbnail loop over the few buckets and key cells a
+tile spans. GQA reads key head h // group; keys are never repeated. References: Triton tutorial 06-fused-attention
+(online softmax in exp2, off-band/on-band split, LSE recompute in the backward), ``reference.attn_stats_ref``.
 """
 
 from __future__ import annotations
@@ -34,9 +44,13 @@ from .contract import (
 
 __all__ = ["qk_stats"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-_LOG10_2 = 0.30102999566398120
+# float32 outputs of the kernel (pointer arguments); RECV_MAX holds float32 bits as int32
+OUT_F32 = ("THUMB", "DIAG", "ENT", "ROWMAX", "SINK", "PREV", "DUP", "IND", "FINAL", "RECV_SUM")
+
+_LOG2E = 1.4426950408889634  # used by the launcher only
+# constants read inside @triton.jit code must be constexpr globals (a plain float compiles to a NameError)
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG10_2 = tl.constexpr(0.30102999566398120)
 
 
 @triton.jit
@@ -47,36 +61,174 @@ def _floor_log2(x):
 
 
 @triton.jit
-def _score_tile(
+def _scores(
     q,
     k_base,
     stride_kn,
-    n0,
-    offs_m,
+    offs_n,
     offs_d,
-    row_ok,
-    lo_row,
     L,
     HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """One key tile: its positions, q . k for every (row, key) pair, and which pairs are allowed."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = tl.load(
-        k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-        mask=(offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :],
-        other=0.0,
-    )
+    """q . k for every (row, key) pair of one key tile; keys past L read as zero on masked tiles only."""
+    ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+    if MASKED:
+        k = tl.load(ptrs, mask=(offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    elif HEAD_DIM == HEAD_DIM_PAD:
+        k = tl.load(ptrs)
+    else:
+        k = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))
-    allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
-    return offs_n, qk, allowed
+    return qk
+
+
+@triton.jit
+def _pass1_tile(m_i, l_i, a_i, t, allowed, MASKED: tl.constexpr):
+    """Online update of the running max m, l = sum 2^(t - m) and a = sum 2^(t - m) (t - m) by one tile."""
+    if MASKED:
+        t = tl.where(allowed, t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_old = tl.where(m_i == float("-inf"), m_safe, m_i)
+    alpha = tl.exp2(m_old - m_safe)
+    e = tl.exp2(t - m_safe[:, None])  # masked -> 0
+    d = t - m_safe[:, None]
+    if MASKED:
+        d = tl.where(allowed, d, 0.0)
+    # -- update m_i, l_i, a_i --
+    a_i = alpha * (a_i + (m_old - m_safe) * l_i) + tl.sum(e * d, 1)
+    l_i = alpha * l_i + tl.sum(e, 1)
+    return m_new, l_i, a_i
+
+
+@triton.jit
+def _pass2_tile(
+    acc,
+    t,
+    allowed,
+    offs_m,
+    offs_n,
+    lse2,
+    tq,
+    rc,
+    bucket_ids,
+    start,
+    m_lo,
+    is_final,
+    HIST_ALL,
+    HIST_LOG,
+    FINAL,
+    RECV_SUM,
+    RECV_MAX,
+    THUMB,
+    CELL,
+    TOK,
+    TOKB,
+    tok_row,
+    vec_row,
+    hist_row,
+    thumb_row,
+    R,
+    L,
+    NB: tl.constexpr,
+    log_min,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Reduce one tile of p into every statistic; ``acc`` is the tuple of per-program accumulators."""
+    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax = acc
+    lp2 = t - lse2[:, None]  # log2 p
+    if MASKED:
+        p = tl.where(allowed, tl.exp2(lp2), 0.0)
+        key_ok = offs_n < L
+    else:
+        p = tl.exp2(lp2)
+    # -- moments, and the entropy and row max when pass 1 was skipped --
+    s1 += tl.sum(p, 1)
+    s2 += tl.sum(p * p, 1)
+    if HAS_LSE:
+        pt += tl.sum(p * lp2, 1)
+        pmax = tl.maximum(pmax, tl.max(p, 1))
+    # -- histograms: relaxed atomics; linear bin 0 is filled in from the counts at the end --
+    col_max = tl.max(p, 0)  # [BN]
+    lg = ((lp2 * _LOG10_2 - log_min) * (NB / -log_min)).to(tl.int32)  # truncation = floor for x >= 0
+    lg = tl.minimum(tl.maximum(lg, 0), NB - 1)
+    if MASKED:
+        tl.atomic_add(HIST_LOG + hist_row + lg, 1, mask=allowed, sem="relaxed")
+        n_ok += tl.sum(tl.sum(allowed.to(tl.int32), 1), 0)
+    else:
+        tl.atomic_add(HIST_LOG + hist_row + lg, 1, sem="relaxed")
+        n_ok += BLOCK_M * BLOCK_N
+    if tl.max(col_max, 0) * NB >= 1.0:  # a tile all under one linear bin adds only to bin 0
+        lin = tl.minimum((p * NB).to(tl.int32), NB - 1)  # masked pairs: p = 0, bin 0
+        tl.atomic_add(HIST_ALL + hist_row + lin, 1, mask=lin > 0, sem="relaxed")
+        n_hi += tl.sum(tl.sum((lin > 0).to(tl.int32), 1), 0)
+    # -- attention received --
+    if MASKED:
+        tl.atomic_add(RECV_SUM + vec_row + offs_n, tl.sum(p, 0), mask=key_ok, sem="relaxed")
+        tl.atomic_max(RECV_MAX + vec_row + offs_n, col_max.to(tl.int32, bitcast=True), mask=key_ok, sem="relaxed")
+    else:
+        tl.atomic_add(RECV_SUM + vec_row + offs_n, tl.sum(p, 0), sem="relaxed")
+        tl.atomic_max(RECV_MAX + vec_row + offs_n, col_max.to(tl.int32, bitcast=True), sem="relaxed")
+    # -- head-role masses: earlier keys holding the query's token, or following it --
+    if MASKED:
+        tk = tl.load(TOK + tok_row + offs_n, mask=key_ok, other=-3)  # [BN]
+        tkb = tl.load(TOKB + tok_row + offs_n, mask=key_ok, other=-3)  # [BN]
+    else:
+        tk = tl.load(TOK + tok_row + offs_n)
+        tkb = tl.load(TOKB + tok_row + offs_n)
+    dj = offs_m[:, None] - offs_n[None, :]  # [BM, BN] distance i - j
+    if MASKED:
+        # -- values on fixed diagonals and columns: only on-band tiles hold them --
+        diag += tl.sum(tl.where(dj == 0, p, 0.0), 1)
+        prev += tl.sum(tl.where(dj == 1, p, 0.0), 1)
+        sink += tl.sum(tl.where(offs_n[None, :] == start, p, 0.0), 1)
+        earlier = dj > 0
+        dup += tl.sum(tl.where(earlier & (tq[:, None] == tk[None, :]), p, 0.0), 1)
+        ind += tl.sum(tl.where(earlier & (tq[:, None] == tkb[None, :]), p, 0.0), 1)
+        fin = tl.sum(tl.where(is_final[:, None], p, 0.0), 0)  # [BN] the final row, if in this tile
+        n_final = tl.sum(is_final.to(tl.int32), 0)  # 1 when the final row is in this tile
+        tl.store(FINAL + vec_row + offs_n, fin, mask=key_ok & (tl.zeros([BLOCK_N], tl.int32) + n_final > 0))
+        bk = _floor_log2(tl.maximum(dj, 0) + 1)
+        k_lo = tl.min(tl.min(tl.where(allowed, bk, 64), 1), 0)
+        k_hi = tl.max(tl.max(tl.where(allowed, bk, -1), 1), 0)
+    else:
+        dup += tl.sum(tl.where(tq[:, None] == tk[None, :], p, 0.0), 1)
+        ind += tl.sum(tl.where(tq[:, None] == tkb[None, :], p, 0.0), 1)
+        bk = _floor_log2(dj + 1)
+        n0 = tl.min(offs_n, 0)
+        k_lo = _floor_log2(m_lo - (n0 + BLOCK_N - 1) + 1)
+        k_hi = _floor_log2(m_lo + BLOCK_M - 1 - n0 + 1)
+    # -- distance buckets floor(log2(i - j + 1)): a tile spans few of them --
+    for kb in range(k_lo, k_hi + 1):
+        mass = tl.sum(tl.sum(tl.where(bk == kb, p, 0.0), 1), 0)
+        dist = tl.where(bucket_ids == kb, dist + mass, dist)
+    # -- thumbnail: sum p over each key cell the tile spans (cells are contiguous runs of keys), per row --
+    if MASKED:
+        cc = tl.load(CELL + tok_row + offs_n, mask=key_ok, other=-1)
+        c_lo = tl.min(tl.where(cc >= 0, cc, 1 << 30), 0)
+    else:
+        cc = tl.load(CELL + tok_row + offs_n)
+        c_lo = tl.min(cc, 0)
+    c_hi = tl.max(cc, 0)
+    for c in range(c_lo, c_hi + 1):
+        cell_sum = tl.sum(tl.where(cc[None, :] == c, p, 0.0), 1)  # [BM]
+        if MASKED:
+            tl.atomic_add(THUMB + thumb_row + rc * R + c, cell_sum, mask=rc >= 0, sem="relaxed")
+        else:
+            tl.atomic_add(THUMB + thumb_row + rc * R + c, cell_sum, sem="relaxed")
+    return s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax
 
 
 @triton.jit
@@ -94,8 +246,8 @@ def _qk_stats_fused_kernel(
     DUP,
     IND,  # [B, H, L] float32, every element stored
     FINAL,
-    RECV_SUM,
-    RECV_MAX,  # [B, H, L] float32, zero-initialised
+    RECV_SUM,  # [B, H, L] float32, zero-initialised
+    RECV_MAX,  # [B, H, L] int32 bits of float32 p, zero-initialised (atomic max)
     Q,
     stride_qb,
     stride_qh,
@@ -104,6 +256,7 @@ def _qk_stats_fused_kernel(
     stride_kb,
     stride_kh,
     stride_kn,  # [B, H_kv, L, D]
+    LSE,  # [B, H, L] float32 natural log-sum-exp of each row (read when HAS_LSE)
     START,
     END,  # [B] int64 key ranges
     CELL,  # [B, L] int32 thumbnail cell of each position (-1: padding)
@@ -119,172 +272,134 @@ def _qk_stats_fused_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NB: tl.constexpr,
-    R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_LSE: tl.constexpr,
 ):
     """Every attention statistic of one (query tile, batch row, head); see the module docstring."""
     tl.static_assert(BLOCK_N >= 16 and BLOCK_M >= 16)
-    tl.static_assert(R_PAD >= 16)
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP
-    start = tl.load(START + b)
-    end = tl.load(END + b)
+    start = tl.load(START + b).to(tl.int32)
+    end = tl.load(END + b).to(tl.int32)
+    bh = pid_bh.to(tl.int64)
+    vec_row = bh * L  # offset of this (b, h) in the [B, H, L] vectors
+    tok_row = b.to(tl.int64) * L  # offset of this b in the [B, L] inputs
+    hist_row = bh * NB
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] absolute query positions
+    m_lo = pid_m * BLOCK_M
+    offs_m = m_lo + tl.arange(0, BLOCK_M)  # [BM] absolute query positions (int32: L < 2^24)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ok = (offs_m >= start) & (offs_m < end)
-    lo_row = tl.zeros([BLOCK_M], dtype=tl.int64) + start
+    lo_row = tl.zeros([BLOCK_M], dtype=tl.int32) + start
     if WINDOW > 0:
         lo_row = tl.maximum(lo_row, offs_m - WINDOW + 1)
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + offs_m[:, None].to(tl.int64) * stride_qm
+        + offs_d[None, :],
         mask=(offs_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :],
         other=0.0,
     )
     if UPCAST:  # the interpreter's tl.dot mishandles bfloat16; the compiled kernel keeps the bf16 dot
         q = q.to(tl.float32)
-    k_base = K + b * stride_kb + kvh * stride_kh
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
 
-    # key tiles that can hold an allowed key of this query tile
-    m_lo = pid_m * BLOCK_M
-    k_end = tl.minimum(m_lo + BLOCK_M, end)
+    # -- key tiles: [k_begin, u_lo) and [u_hi, k_end) on-band (masked), [u_lo, u_hi) off-band (no mask) --
+    m_hi = m_lo + BLOCK_M
+    k_end = tl.minimum(m_hi, end)
     k_begin = start
     if WINDOW > 0:
         k_begin = tl.maximum(start, m_lo - WINDOW + 1)
     k_begin = (k_begin // BLOCK_N) * BLOCK_N
+    # off-band: every row real, no final row, keys past the sink column and at least 2 before the first row
+    u_lo = (start // BLOCK_N + 1) * BLOCK_N
+    if WINDOW > 0:
+        u_lo = tl.maximum(u_lo, tl.cdiv(tl.maximum(m_hi - WINDOW, 0), BLOCK_N) * BLOCK_N)
+    u_lo = tl.maximum(u_lo, k_begin)
+    u_hi = (tl.maximum(m_lo - 1, 0) // BLOCK_N) * BLOCK_N
+    if (m_lo < start) | (m_hi >= end) | (u_hi <= u_lo):  # no off-band tile: one masked range
+        u_lo = k_end
+        u_hi = k_end
+    # the masked tiles [k_begin, u_lo) and [u_hi, k_end) run in one loop (one copy of the masked code)
+    n_first = tl.cdiv(u_lo - k_begin, BLOCK_N)
+    n_masked = n_first + tl.cdiv(k_end - u_hi, BLOCK_N)
 
-    # -- pass 1: running max, sum and sum(e * (t - m)) per row --
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    a_i = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(k_begin, k_end, BLOCK_N):
-        offs_n, qk, allowed = _score_tile(
-            q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L, HEAD_DIM, BLOCK_N, IEEE, UPCAST
-        )
-        t = tl.where(allowed, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(t, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        m_old = tl.where(m_i == float("-inf"), m_safe, m_i)
-        alpha = tl.exp2(m_old - m_safe)
-        e = tl.exp2(t - m_safe[:, None])  # masked -> 0
-        d = tl.where(allowed, t - m_safe[:, None], 0.0)
-        # -- update m_i, l_i, a_i --
-        a_i = alpha * (a_i + (m_old - m_safe) * l_i) + tl.sum(e * d, 1)
-        l_i = alpha * l_i + tl.sum(e, 1)
-        m_i = m_new
-    valid = row_ok & (l_i > 0)
-    l_safe = tl.where(valid, l_i, 1.0)
-    lse2 = tl.where(valid, m_i + tl.log2(l_safe), 0.0)
-    ent = tl.where(valid, _LN2 * (tl.log2(l_safe) - a_i / l_safe), 0.0)
-    rowmax = tl.where(valid, 1.0 / l_safe, 0.0)
+    if HAS_LSE:
+        lse_in = tl.load(LSE + vec_row + offs_m, mask=row_ok, other=0.0)
+        lse2 = tl.where(row_ok, lse_in * 1.4426950408889634, 0.0)
+    else:
+        # -- pass 1: running max, sum and sum(e * (t - m)) per row --
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        a_i = tl.zeros([BLOCK_M], tl.float32)
+        for it in range(0, n_masked):
+            n0 = k_begin + it * BLOCK_N + (it >= n_first).to(tl.int32) * (u_hi - u_lo)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, True)
+            allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
+            m_i, l_i, a_i = _pass1_tile(m_i, l_i, a_i, qk * qk_scale, allowed, True)
+        for n0 in range(u_lo, u_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, False)
+            m_i, l_i, a_i = _pass1_tile(m_i, l_i, a_i, qk * qk_scale, row_ok[:, None], False)
+        valid = row_ok & (l_i > 0)
+        l_safe = tl.where(valid, l_i, 1.0)
+        lse2 = tl.where(valid, m_i + tl.log2(l_safe), 0.0)
+        ent = tl.where(valid, _LN2 * (tl.log2(l_safe) - a_i / l_safe), 0.0)
+        rowmax = tl.where(valid, 1.0 / l_safe, 0.0)
 
     # -- pass 2: p tile by tile, reduced into every statistic --
-    hist_all = tl.zeros([NB], tl.int32)
-    hist_log = tl.zeros([NB], tl.int32)
-    s1 = tl.zeros([BLOCK_M], tl.float32)
-    s2 = tl.zeros([BLOCK_M], tl.float32)
-    diag = tl.zeros([BLOCK_M], tl.float32)
-    prev = tl.zeros([BLOCK_M], tl.float32)
-    sink = tl.zeros([BLOCK_M], tl.float32)
-    dup = tl.zeros([BLOCK_M], tl.float32)
-    ind = tl.zeros([BLOCK_M], tl.float32)
-    tq = tl.load(TOK + b * L + offs_m, mask=offs_m < L, other=-2)  # [BM] query tokens
-    dist = tl.zeros([32], tl.float32)
+    zm = tl.zeros([BLOCK_M], tl.float32)
+    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([32], tl.float32), 0, 0, zm, zm)
+    tq = tl.load(TOK + tok_row + offs_m, mask=offs_m < L, other=-2)  # [BM] query tokens
+    rc = tl.load(CELL + tok_row + offs_m, mask=offs_m < L, other=-1)  # [BM] thumbnail row cells
+    thumb_row = bh * R * R
     bucket_ids = tl.arange(0, 32)
-    cells = tl.arange(0, R_PAD)
-    pool = tl.zeros([BLOCK_M, R_PAD], tl.float32)
     is_final = offs_m == end - 1
-    bh = b * H + h
-    log_scale = NB / -log_min
-    for n0 in range(k_begin, k_end, BLOCK_N):
-        offs_n, qk, allowed = _score_tile(
-            q, k_base, stride_kn, n0, offs_m, offs_d, row_ok, lo_row, L, HEAD_DIM, BLOCK_N, IEEE, UPCAST
-        )
-        lp2 = qk * qk_scale - lse2[:, None]  # log2 p
-        p = tl.where(allowed, tl.exp2(lp2), 0.0)
-        # -- histograms and moments --
-        flat_ok = tl.reshape(allowed, [BLOCK_M * BLOCK_N])
-        lin = tl.minimum((p * NB).to(tl.int32), NB - 1)
-        hist_all += tl.histogram(tl.reshape(lin, [BLOCK_M * BLOCK_N]), NB, mask=flat_ok)
-        x = (lp2 * _LOG10_2 - log_min) * log_scale
-        lg = tl.minimum(tl.maximum(x, 0.0).to(tl.int32), NB - 1)
-        hist_log += tl.histogram(tl.reshape(lg, [BLOCK_M * BLOCK_N]), NB, mask=flat_ok)
-        s1 += tl.sum(p, 1)
-        s2 += tl.sum(p * p, 1)
-        # -- values on fixed diagonals and columns --
-        dj = offs_m[:, None] - offs_n[None, :]  # [BM, BN] distance i - j
-        diag += tl.sum(tl.where(dj == 0, p, 0.0), 1)
-        prev += tl.sum(tl.where(dj == 1, p, 0.0), 1)
-        sink += tl.sum(tl.where(offs_n[None, :] == start, p, 0.0), 1)
-        # -- head-role masses: earlier keys holding the query's token, or following it --
-        tk = tl.load(TOK + b * L + offs_n, mask=offs_n < L, other=-3)  # [BN]
-        tkb = tl.load(TOKB + b * L + offs_n, mask=offs_n < L, other=-3)  # [BN]
-        earlier = dj > 0
-        dup += tl.sum(tl.where(earlier & (tq[:, None] == tk[None, :]), p, 0.0), 1)
-        ind += tl.sum(tl.where(earlier & (tq[:, None] == tkb[None, :]), p, 0.0), 1)
-        fin = tl.sum(tl.where(is_final[:, None], p, 0.0), 0)  # [BN] the final row, if in this tile
-        n_final = tl.sum(is_final.to(tl.int32), 0)  # 1 when the final row is in this tile
-        tl.store(FINAL + bh * L + offs_n, fin, mask=(offs_n < L) & (tl.zeros([BLOCK_N], tl.int32) + n_final > 0))
-        # -- attention received --
-        tl.atomic_add(RECV_SUM + bh * L + offs_n, tl.sum(p, 0), mask=offs_n < L)
-        tl.atomic_max(RECV_MAX + bh * L + offs_n, tl.max(p, 0), mask=offs_n < L)
-        # -- distance buckets floor(log2(i - j + 1)): a tile spans few of them --
-        bk = _floor_log2(tl.maximum(dj, 0) + 1)
-        k_lo = tl.min(tl.where(allowed, bk, 64))
-        k_hi = tl.max(tl.where(allowed, bk, -1))
-        for kb in range(k_lo, k_hi + 1):
-            mass = tl.sum(tl.sum(tl.where(bk == kb, p, 0.0), 1), 0)
-            dist = tl.where(bucket_ids == kb, dist + mass, dist)
-        # -- thumbnail: pool p over the key cells with a one-hot matmul --
-        cc = tl.load(CELL + b * L + offs_n, mask=offs_n < L, other=-1)
-        onehot = (cc[:, None] == cells[None, :]).to(tl.float32)  # [BN, R_PAD]
-        pool += tl.dot(p, onehot, input_precision="ieee")
+    for it in range(0, n_masked):
+        n0 = k_begin + it * BLOCK_N + (it >= n_first).to(tl.int32) * (u_hi - u_lo)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, True)
+        allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
+        acc = _pass2_tile(
+            acc, qk * qk_scale, allowed, offs_m, offs_n, lse2, tq, rc, bucket_ids, start, m_lo, is_final,
+            HIST_ALL, HIST_LOG, FINAL, RECV_SUM, RECV_MAX, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
+            thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, True,
+        )  # fmt: skip
+    for n0 in range(u_lo, u_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, False)
+        acc = _pass2_tile(
+            acc, qk * qk_scale, row_ok[:, None], offs_m, offs_n, lse2, tq, rc, bucket_ids, start, m_lo, is_final,
+            HIST_ALL, HIST_LOG, FINAL, RECV_SUM, RECV_MAX, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
+            thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, False,
+        )  # fmt: skip
+    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax = acc
+    if HAS_LSE:
+        ent = tl.where(row_ok, -_LN2 * pt, 0.0)
+        rowmax = tl.where(row_ok, pmax, 0.0)
 
     # -- write the per-row vectors (every element of the tile), then the accumulators --
     rmask = offs_m < L
-    tl.store(DIAG + bh * L + offs_m, diag, mask=rmask)
-    tl.store(PREV + bh * L + offs_m, prev, mask=rmask)
-    tl.store(DUP + bh * L + offs_m, dup, mask=rmask)
-    tl.store(IND + bh * L + offs_m, ind, mask=rmask)
-    tl.store(SINK + bh * L + offs_m, sink, mask=rmask)
-    tl.store(ENT + bh * L + offs_m, ent, mask=rmask)
-    tl.store(ROWMAX + bh * L + offs_m, rowmax, mask=rmask)
-    bins = tl.arange(0, NB)
-    tl.atomic_add(HIST_ALL + bh * NB + bins, hist_all)
-    tl.atomic_add(HIST_LOG + bh * NB + bins, hist_log)
-    tl.atomic_add(MOM + bh * 2, tl.sum(s1, 0).to(tl.float64))
-    tl.atomic_add(MOM + bh * 2 + 1, tl.sum(s2, 0).to(tl.float64))
-    tl.atomic_add(DIST + bh * 32 + bucket_ids, dist.to(tl.float64))
-    rc = tl.load(CELL + b * L + offs_m, mask=rmask, other=-1)
-    tl.atomic_add(
-        THUMB + bh * R * R + rc[:, None] * R + cells[None, :], pool, mask=(rc >= 0)[:, None] & (cells < R)[None, :]
-    )
-
-
-def _keep(conf: triton.Config) -> bool:
-    """Prune configs whose tiles are too large for the register file with 4 warps."""
-    return not (conf.kwargs["BLOCK_M"] * conf.kwargs["BLOCK_N"] >= 128 * 128 and conf.num_warps < 8)
-
-
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm in (64, 128)
-    for bn in (32, 64, 128)
-    for w in (4, 8)
-    for s in (2, 3)
-]
-# the accumulators are added to atomically: autotuning's repeated launches must start from zero each time
-_qk_stats_autotuned = triton.autotune(
-    configs=[c for c in _CONFIGS if _keep(c)],
-    key=["L", "HEAD_DIM", "NB", "R_PAD"],
-    reset_to_zero=["HIST_ALL", "HIST_LOG", "MOM", "DIST", "THUMB", "FINAL", "RECV_SUM", "RECV_MAX"],
-)(_qk_stats_fused_kernel)
+    tl.store(DIAG + vec_row + offs_m, diag, mask=rmask)
+    tl.store(PREV + vec_row + offs_m, prev, mask=rmask)
+    tl.store(DUP + vec_row + offs_m, dup, mask=rmask)
+    tl.store(IND + vec_row + offs_m, ind, mask=rmask)
+    tl.store(SINK + vec_row + offs_m, sink, mask=rmask)
+    tl.store(ENT + vec_row + offs_m, ent, mask=rmask)
+    tl.store(ROWMAX + vec_row + offs_m, rowmax, mask=rmask)
+    tl.atomic_add(HIST_ALL + hist_row, n_ok - n_hi, sem="relaxed")  # linear bin 0: every pair not added above
+    tl.atomic_add(MOM + bh * 2, tl.sum(s1, 0).to(tl.float64), sem="relaxed")
+    tl.atomic_add(MOM + bh * 2 + 1, tl.sum(s2, 0).to(tl.float64), sem="relaxed")
+    tl.atomic_add(DIST + bh * 32 + bucket_ids, dist.to(tl.float64), sem="relaxed")
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
@@ -315,10 +430,14 @@ def qk_stats(
     num_warps: int | None = None,
     poison: bool = False,
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
+    lse: torch.Tensor | None = None,  # [B, H, L] float32 natural log-sum-exp of scaling * q.k over allowed keys
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (outputs as ``reference.attn_stats_ref``).
 
-    Tiles are autotuned on CUDA unless ``block_m``/``block_n`` pin them (tests do; the interpreter uses 64 x 64).
+    With ``lse`` (from the forward attention, e.g. SDPA's logsumexp output) the kernel skips its first pass over
+    the keys and takes the entropy and row max from the second; rows outside the key ranges are ignored.
+
+    Tiles come from ``_settings.qk_stats_settings`` unless ``block_m``/``block_n`` pin them (tests do).
     ``poison=True`` fills the stored outputs with NaN first, so a test sees any element the kernel skipped.
     """
     _check(q, k, ranges)
@@ -326,7 +445,7 @@ def qk_stats(
     k = k if k.stride(-1) == 1 else k.contiguous()
     B, H, L, D = q.shape
     R = spec.thumb_size
-    st = qk_stats_settings(D, L, spec.bins, R)
+    st = qk_stats_settings(D, L, spec.bins, R, dtype=str(q.dtype).removeprefix("torch."), lse=lse is not None)
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
     fill = float("nan") if poison else 0.0
@@ -346,6 +465,10 @@ def qk_stats(
     cell = cell.to(torch.int32)
     tok = resolve_tokens(tokens, B, L, dev).contiguous()  # [B, L]
     tok_before = previous_tokens(tok, ranges).contiguous()  # [B, L]
+    if lse is not None:
+        if lse.shape != (B, H, L):
+            raise ValueError(f"lse must be [B, H, L] = {[B, H, L]}, got {list(lse.shape)}")
+        lse = lse.to(device=dev, dtype=torch.float32).contiguous()
     start = ranges.start.to(dev, torch.int64)
     end = ranges.end.to(dev, torch.int64)
 
@@ -364,7 +487,7 @@ def qk_stats(
         stored["induction"],
         final,
         recv_sum,
-        recv_max,
+        recv_max.view(torch.int32),  # float32 bits: for p >= 0 the integer max is the float max
         q,
         q.stride(0),
         q.stride(1),
@@ -373,6 +496,7 @@ def qk_stats(
         k.stride(0),
         k.stride(1),
         k.stride(2),
+        lse if lse is not None else recv_sum,  # not read without lse
         start,
         end,
         cell.to(dev),
@@ -391,19 +515,16 @@ def qk_stats(
         HEAD_DIM=D,
         HEAD_DIM_PAD=st["HEAD_DIM_PAD"],
         NB=spec.bins,
-        R_PAD=st["R_PAD"],
         IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast,
+        HAS_LSE=lse is not None,
     )
-    if block_m is None and block_n is None and not is_interpreter():
-        grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)  # noqa: E731
-        _qk_stats_autotuned[grid](*args, **meta)
-    else:
-        block_m, block_n = block_m or 64, block_n or 64
-        if num_warps is None:
-            num_warps = 4 if block_m * block_n <= 64 * 64 else 8
-        grid = (triton.cdiv(L, block_m), B * H)
-        _qk_stats_fused_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    if is_interpreter():  # small tiles keep the interpreter fast; the tests pin their own
+        st.update(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    block_m, block_n = block_m or st["BLOCK_M"], block_n or st["BLOCK_N"]
+    grid = (triton.cdiv(L, block_m), B * H)
+    warps, stages = num_warps or st["num_warps"], st["num_stages"]
+    _qk_stats_fused_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
     n = _pairs(ranges)  # [B]
     moments = torch.stack([n[:, None].expand(B, H).to(dev), mom[..., 0], mom[..., 1]], dim=-1)  # [B, H, 3]

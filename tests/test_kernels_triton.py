@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attnscope.kernels import AttnStatsSpec, attn_stats, attn_stats_torch
-from attnscope.kernels.reference import attn_stats_ref, down_proj_stats_ref
+from attnscope.kernels.reference import attention_probs_ref, attn_stats_ref, down_proj_stats_ref
 from helpers import assert_verbose_allclose
 from test_attn_stats import _check, _inputs, _tokens
 
@@ -36,6 +36,8 @@ SHAPES = [
     (1, 3, 1, 50, 32, 7, False, 32, 16),  # MQA, sliding window
     (2, 2, 2, 40, 128, 19, True, 16, 16),  # window + padding, d_head 128
     (1, 2, 1, 150, 64, 100, True, 64, 64),  # the default 64 x 64 tiles over several query and key tiles
+    (2, 2, 1, 130, 32, None, True, 16, 16),  # off-band tiles (no mask) between padding and the diagonal band
+    (1, 2, 1, 180, 64, 90, False, 32, 16),  # off-band tiles between a window edge and the diagonal band
 ]
 
 
@@ -122,3 +124,55 @@ def test_profile_with_triton_equals_torch_path(kdev, rng):
             assert np.array_equal(x, y), name
         else:
             assert_verbose_allclose(x, y, atol=1e-5, rtol=1e-4, name=name)
+
+
+def _near_edge_per_bin(values: torch.Tensor, coord, bins: int, tol: float) -> torch.Tensor:
+    """[bins] how many values lie within ``tol`` bin units of an edge of each bin (a value counts for both sides)."""
+    x = coord(values.double())
+    x = torch.nan_to_num(x, neginf=-1.0)
+    near = torch.zeros(bins, dtype=torch.long)
+    frac = x - x.floor()
+    edge = (x > 0) & (x < bins) & ((frac < tol) | (frac > 1 - tol))
+    e = x[edge].round().long()  # the edge: bins e - 1 and e may trade the value
+    for side in (e - 1, e):
+        ok = (side >= 0) & (side < bins)
+        near += torch.bincount(side[ok], minlength=bins)
+    return near
+
+
+# (batch, heads, kv heads, L, d_head, window, padded, block_m, block_n): tiles >= 64 x 64 holding the diagonal,
+# padding and a window edge, where a mask paired with the wrong elements would move counts between bins
+HIST_SHAPES = [
+    (2, 2, 1, 200, 64, 70, True, 64, 64),
+    (1, 2, 2, 400, 80, None, False, 128, 64),  # with off-band tiles
+]
+
+
+@pytest.mark.parametrize("B, H, Hkv, L, D, window, padded, bm, bn", HIST_SHAPES)
+def test_qk_stats_histograms_bin_by_bin(kdev, B, H, Hkv, L, D, window, padded, bm, bn):
+    from attnscope.kernels.qk_stats import qk_stats
+
+    q, k, ranges = _inputs(B, H, Hkv, L, D, window, padded, scale=2.0)
+    spec = AttnStatsSpec()  # the default 4096 bins: most bins hold a few values, so a moved count shows
+    scaling = D**-0.5
+    out = qk_stats(q.to(kdev), k.to(kdev), scaling, ranges, spec, block_m=bm, block_n=bn)
+    ref = attn_stats_ref(q, k, scaling, ranges, spec)
+    p = attention_probs_ref(q, k, scaling, ranges)  # [B, H, L, L] float64
+    allowed = ranges.allowed(L).expand_as(p)
+    nb = spec.bins
+    coords = {
+        "hist_all": lambda x: x * nb,
+        "hist_log": lambda x: (torch.log10(x) - spec.log_min) * nb / -spec.log_min,
+    }
+    for name, coord in coords.items():
+        a, e = out[name].cpu().long(), ref[name].long()  # [H, NB]
+        assert torch.equal(a.sum(-1), e.sum(-1)), f"{name}: totals {a.sum(-1).tolist()} vs {e.sum(-1).tolist()}"
+        assert (e > 0).sum() > nb // 8, f"{name}: too few bins populated for a bin-by-bin test"
+        for h in range(H):
+            # fp32 p differs from fp64 p by ~1e-6 relative (1e-2 bins at p ~ 1): only values this close to an edge move
+            slack = _near_edge_per_bin(p[:, h][allowed[:, h]], coord, nb, 1e-2)
+            bad = torch.nonzero((a[h] - e[h]).abs() > slack).flatten()
+            assert bad.numel() == 0, (
+                f"{name} head {h}: {bad.numel()} bins differ, first {bad[:5].tolist()}: "
+                f"kernel {a[h][bad[:5]].tolist()} vs reference {e[h][bad[:5]].tolist()}"
+            )

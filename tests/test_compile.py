@@ -1,0 +1,87 @@
+"""Every Triton kernel compiles for Hopper (sm_90) and Ampere (sm_80), with no GPU.
+
+``kernels/_compile_check.py`` runs triton's whole pipeline down to a cubin (the triton wheel carries ptxas) at the
+configurations the launchers pick, in a subprocess without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
+returns a Python function that cannot be compiled). Once with the installed triton and once with triton 3.6.0, the
+version of the GPU image, in a side environment this test creates in the cache on first use. Each configuration
+prints its registers, spill bytes and SASS size (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "kernels" / "_compile_check.py"
+SIDE_TRITON = "3.6.0"  # the GPU image's triton
+
+# (arch, configuration names of _compile_check.CONFIGS): one or two per kernel keep the suite fast
+INSTALLED = [
+    (90, ["qk_stats_d80_bf16_L2k", "qk_stats_d128_bf16_L32k", "down_proj_pythia_bf16"]),
+    (80, ["qk_stats_d64_fp16_L2k", "down_proj_smollm2_fp32"]),
+]
+SIDE = [(90, ["qk_stats_d80_bf16_L2k", "qk_stats_d128_bf16_L32k", "down_proj_pythia_bf16"])]
+
+
+def _compile(python: str, arch: int, names: list[str]) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [python, str(SCRIPT), "--json", "--arch", str(arch)] + [a for n in names for a in ("--only", n)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for r in rows:
+        print(" ".join(f"{k}={v}" for k, v in r.items() if k != "error"))
+    errors = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in rows if "error" in r]
+    assert not errors, "\n".join(errors)
+    assert proc.returncode == 0 and len(rows) == len(names), proc.stderr[-4000:]
+    for r in rows:
+        assert r["regs"] > 0 and r["sass"] > 0, r  # ptxas reported and the cubin disassembled
+    return rows
+
+
+@pytest.mark.parametrize("arch, names", INSTALLED, ids=[f"sm{a}" for a, _ in INSTALLED])
+def test_kernels_compile_with_installed_triton(arch, names):
+    _compile(sys.executable, arch, names)
+
+
+def _side_python() -> str:
+    """A venv in the cache that sees this interpreter's packages but holds its own triton (created once)."""
+    cache = Path(os.environ.get("ATTNSCOPE_CACHE", Path.home() / ".cache" / "attnscope"))
+    env_dir = cache / f"triton-{SIDE_TRITON}"
+    python = env_dir / "bin" / "python"
+    ready = env_dir / "ready"
+    if ready.exists():
+        return str(python)
+    shutil.rmtree(env_dir, ignore_errors=True)  # a half-made one from an interrupted run
+    base = getattr(sys, "_base_executable", sys.executable)
+    try:
+        subprocess.run([base, "-m", "venv", "--system-site-packages", str(env_dir)], check=True, capture_output=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"triton=={SIDE_TRITON}"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        out = subprocess.run(
+            [str(python), "-c", "import triton; print(triton.__version__)"], check=True, capture_output=True, text=True
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        shutil.rmtree(env_dir, ignore_errors=True)
+        pytest.skip(f"cannot install triton=={SIDE_TRITON} in a side environment: {str(e.stderr or e)[-500:]}")
+    assert out.stdout.strip() == SIDE_TRITON, out.stdout
+    ready.write_text(SIDE_TRITON)
+    return str(python)
+
+
+@pytest.mark.parametrize("arch, names", SIDE, ids=[f"sm{a}" for a, _ in SIDE])
+def test_kernels_compile_with_gpu_image_triton(arch, names):
+    rows = _compile(_side_python(), arch, names)
+    assert {r["triton"] for r in rows} == {SIDE_TRITON}
