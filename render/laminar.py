@@ -74,7 +74,12 @@ def laminar_data(prof, kind: str, points: int = 300, head: int | None = None, al
     if kind in ("self", "final", "all"):
         top = max(_largest_weight(p, kind) for p in (prof, *also))
         hi = next((c for c in _CUTS if c >= 1.1 * top), 1.0)
-        grid, dens = prof.laminar(kind, points=points, head=head, hi=hi)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grid, dens = prof.laminar(kind, points=points, head=head, hi=hi)
+        who = "" if head is None else f", head {head}"
+        for m in sorted({str(w.message) for w in caught}):  # the KDE's rows are layers here
+            warnings.warn(f"laminar {kind}{who}: {m.replace('row(s)', 'layer(s)')}", UserWarning, stacklevel=2)
         note = f"axis cut at {hi:g}: no weight above {top:.3g}" if hi < 1.0 else ""
         return grid, dens, "density", "attention weight", note, _one_sample(prof, kind, head)
     if kind != "log":
@@ -153,8 +158,8 @@ def _kde_notes(caught, kind: str, heads: int | None = None) -> str:
     if not msgs:
         return ""
     if heads is None:
-        text = "; ".join(m.replace("row(s)", "layer(s)") for m in msgs)
-        warnings.warn(f"laminar {kind}: {text}", UserWarning, stacklevel=3)
+        for m in msgs:
+            warnings.warn(m, UserWarning, stacklevel=3)
     else:
         warnings.warn(
             f"laminar {kind}, per head: the KDE bandwidth is under 3 histogram bins in some layers of {len(msgs)} "

@@ -24,6 +24,7 @@ __all__ = ["plot_compare", "plot_down_proj", "plot_heatmaps", "plot_layer_grid",
 
 MAX_LABELS = 48  # token labels per axis before thinning
 MATRIX_CMAP = "viridis"
+MAX_TOKEN_ROWS = 1000  # the down_proj heatmap draws at most this many rows (max over blocks of tokens past it)
 
 
 def _plt():
@@ -240,7 +241,11 @@ def plot_layer_grid(
     for layer in layers:
         check_layer_head(prof, layer, head)
     labels = token_labels(prof, prompt)
-    mats = [(_causal_only(m), full, L) for m, full, L in (attention_matrix(prof, prompt, la, head) for la in layers)]
+    mats = []
+    for la in layers:
+        m, full, L = attention_matrix(prof, prompt, la, head)
+        k = _pool(m)[1] if full else 1  # a long full matrix: averaged over k x k cells, like the heatmap
+        mats.append((_causal_only(_pool(m)[0] if k > 1 else m), k, L))
     sc = matrix_scale([m for m, _, _ in mats], scale)
     marks = high_entropy_positions(prof, prompt, mark_top) if mark_top else []
     cols = min(len(layers), 4)
@@ -252,9 +257,11 @@ def plot_layer_grid(
     )
     im = None
     n_labels = 24 if L > 40 else 40
-    for i, (layer, (m, _full, L)) in enumerate(zip(layers, mats)):
+    for i, (layer, (m, k, L)) in enumerate(zip(layers, mats)):
         ax = axes[i // cols][i % cols]
-        im = _draw_matrix(ax, m, L, cmap, sc.norm())
+        im = _draw_matrix(ax, m, m.shape[0] * k if k > 1 else L, cmap, sc.norm())
+        ax.set_xlim(-0.5, L - 0.5)
+        ax.set_ylim(L - 0.5, -0.5)
         _crosshairs(ax, marks)
         ax.set_title(f"layer {layer}", fontsize=9)
         _label_ticks(ax, labels, "x", max_labels=n_labels, fontsize=5)
@@ -286,6 +293,11 @@ def plot_down_proj(prof, prompt: int = 0, mark_top: int = 5, scale: str = "log")
     marks = high_entropy_positions(prof, prompt, mark_top) if mark_top else []
     for ax, name, title in zip(axes[0], ("mlp.in_norm", "mlp.out_norm"), ("down_proj input", "down_proj output")):
         m = np.asarray(prof.arrays[name][:, sl], dtype=np.float64).T  # [tokens, layers]
+        k = -(-L // MAX_TOKEN_ROWS)
+        if k > 1:  # more tokens than pixel rows: the max of each k tokens, so no outlier drops out of the picture
+            pad = np.full((-(-L // k) * k, m.shape[1]), -np.inf)
+            pad[:L] = m
+            m = pad.reshape(-1, k, m.shape[1]).max(1)
         if scale == "log":
             sc = log_scale(m, decades=6.0)
         elif scale == "linear":
@@ -298,10 +310,11 @@ def plot_down_proj(prof, prompt: int = 0, mark_top: int = 5, scale: str = "log")
             cmap=_cmap("magma"),
             norm=sc.norm(),
             interpolation="nearest",
-            extent=(-0.5, m.shape[1] - 0.5, L - 0.5, -0.5),
+            extent=(-0.5, m.shape[1] - 0.5, m.shape[0] * k - 0.5, -0.5),
         )
+        ax.set_ylim(L - 0.5, -0.5)
         ax.set_xlabel("layer")
-        ax.set_ylabel("token")
+        ax.set_ylabel("token" if k == 1 else f"token (each row: the max over {k} tokens)")
         ax.set_title(f"{title} L2 norm", fontsize=9)
         _label_ticks(ax, labels, "y", max_labels=60)
         for p in marks:
@@ -343,7 +356,8 @@ def _triple(
     if not shared:
         sa, sb = (Scale(*(lambda v: (v.min(), v.max() if v.max() > v.min() else v.min() + 1))(m[np.isfinite(m)]),
                         False, " (own scale)") for m in (ma, mb))  # fmt: skip
-    panels = [(ma, names[0], seq_cmap(cmap), sa, what), (mb, names[1], seq_cmap(cmap), sb, what),
+    cm_ab = seq_cmap(cmap) if log else _cmap(cmap)  # log: zeros at the floor; otherwise NaN (no data) is grey
+    panels = [(ma, names[0], cm_ab, sa, what), (mb, names[1], cm_ab, sb, what),
               (diff, f"{names[1]} - {names[0]}", _cmap("RdBu_r", bad="0.88"), dsc, diff_what)]  # fmt: skip
     for ax, (m, title, cm, s, label) in zip(row, panels):
         im = ax.imshow(m.T, origin="lower", aspect="auto", cmap=cm, norm=s.norm(), interpolation="nearest",
