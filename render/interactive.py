@@ -28,27 +28,40 @@ def _go():
     return go
 
 
-def laminar_figure(prof, kind: str = "self", points: int = 300, head: int | None = None):
-    """Interactive laminar heatmap: X layer, Y attention weight, colour KDE density."""
+def laminar_figure(prof, kind: str = "self", points: int = 300, head: int | None = None, scale: str = "log"):
+    """Interactive laminar heatmap: X layer, Y attention weight (or log10 weight for ``kind="log"``), colour the
+    density on a log10 scale (default; values under a tenth of one sample's share drawn at that floor, as the
+    title says), per-layer normalised (``scale="layer"``) or linear."""
+    from .laminar import laminar_data, laminar_scale
+
     go = _go()
-    grid, dens = prof.laminar(kind, points=points, head=head)
+    y, values, what, ylabel, _, floor = laminar_data(prof, kind, points, head=head)
+    img, sc = laminar_scale(values, scale, floor)
     who = "all heads pooled" if head is None else f"head {head}"
+    if sc.log:
+        z = np.log10(np.clip(img, sc.vmin, None))
+        title, zmin, zmax, fmt = f"log10 {what}", np.log10(sc.vmin), np.log10(sc.vmax), "10^%{z:.2f}"
+    else:
+        z, title, zmin, zmax, fmt = img, what, sc.vmin, sc.vmax, "%{z:.3g}"
+    clip = sc.note.strip().strip("()")
     fig = go.Figure(
         go.Heatmap(
-            z=dens.T,
+            z=z.T,  # [len(y), layers]
             x=np.arange(prof.n_layers),
-            y=grid,
+            y=y,
+            zmin=zmin,
+            zmax=zmax,
             colorscale="Magma",
-            colorbar={"title": "density"},
-            hovertemplate="layer %{x}<br>weight %{y:.3f}<br>density %{z:.3g}<extra></extra>",
+            colorbar={"title": {"text": title, "side": "right"}},
+            hovertemplate=f"layer %{{x}}<br>{ylabel} %{{y:.3f}}<br>{what} {fmt}<extra></extra>",
         )
     )
     fig.update_layout(
-        title=f"laminar: {LAMINAR_KINDS[kind]} ({who})",
+        title={"text": f"{LAMINAR_KINDS[kind]} ({who})<br><sup>{clip}</sup>", "font": {"size": 14}},
         xaxis_title="layer",
-        yaxis_title="attention weight",
-        height=380,
-        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        yaxis_title=ylabel,
+        height=400,
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
     )
     return fig
 
@@ -68,14 +81,27 @@ def down_proj_scatter(prof, prompt: int = 0, max_points: int = 20000):
         x, y, z, v = x[keep], y[keep], z[keep], v[keep]
     labels = np.array(token_labels(prof, prompt), dtype=object)
     a = np.abs(v)
-    size = 2 + 10 * a / (a.max() or 1.0)
+    # a few massive activations would bleach every other marker: the colour is clipped at the 99th percentile of
+    # |value| (stated in the colourbar), the size follows sqrt(|value|) unclipped
+    lim = float(np.percentile(a, 99)) if a.size else 1.0
+    lim = lim or float(a.max()) or 1.0
+    over = int(np.sum(a > lim))
+    size = 2 + 10 * np.sqrt(a / (a.max() or 1.0))
+    cbar = "activation" + (f"<br>(colour clipped at ±{lim:.3g};<br>{over} larger, up to {a.max():.3g})" if over else "")
     fig = go.Figure(
         go.Scatter3d(
             x=x,
             y=y,
             z=z,
             mode="markers",
-            marker={"size": size, "color": v, "colorscale": "RdBu", "cmid": 0, "colorbar": {"title": "activation"}},
+            marker={
+                "size": size,
+                "color": v,
+                "colorscale": "RdBu_r",
+                "cmin": -lim,
+                "cmax": lim,
+                "colorbar": {"title": {"text": cbar}},
+            },
             text=[f"{labels[i]!r} (pos {i})" for i in x],
             hovertemplate="%{text}<br>layer %{y}<br>neuron %{z}<br>value %{marker.color:.3g}<extra></extra>",
         )

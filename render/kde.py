@@ -36,6 +36,18 @@ class KDEWarning(UserWarning):
     """The KDE's inputs make its result less trustworthy (degenerate samples, bandwidth near the bin width)."""
 
 
+def _rows(idx: list[int]) -> str:
+    """``0-3, 7, 9`` for [0, 1, 2, 3, 7, 9]."""
+    parts, start = [], None
+    for k, i in enumerate(idx):
+        if start is None:
+            start = i
+        if k + 1 == len(idx) or idx[k + 1] != i + 1:
+            parts.append(f"{start}" if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(parts)
+
+
 def scott_bandwidth(n: float, var: float) -> float:
     """Scott's rule in one dimension: sqrt(var) * n^(-1/5) (var with ddof=1)."""
     return math.sqrt(var) * n ** (-0.2)
@@ -101,19 +113,24 @@ class ExactKDE:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         bws = np.zeros(len(sets))
         spacing = (self.grid[-1] - self.grid[0]) / max(len(self.grid) - 1, 1) or 1.0
+        empty, flat = [], []
         for i, s in enumerate(sets):
             var = float(np.var(s, ddof=1)) if s.size > 1 else 0.0
             if s.size == 0:
-                warnings.warn(f"KDE of sample set {i}: no samples, density set to 0", KDEWarning, stacklevel=2)
+                empty.append(i)
             elif var <= 0.0:
-                warnings.warn(
-                    f"KDE of sample set {i}: {s.size} sample(s) without spread, bandwidth set to the grid spacing",
-                    KDEWarning,
-                    stacklevel=2,
-                )
+                flat.append(i)
                 bws[i] = spacing
             else:
                 bws[i] = scott_bandwidth(s.size, var)
+        if empty:
+            warnings.warn(f"KDE: no samples in set(s) {_rows(empty)}, density set to 0", KDEWarning, stacklevel=2)
+        if flat:
+            warnings.warn(
+                f"KDE: samples without spread in set(s) {_rows(flat)}, bandwidth set to the grid spacing",
+                KDEWarning,
+                stacklevel=2,
+            )
         self.bandwidths = bws
         xs = np.concatenate(sets) if sets else np.zeros(0)
         out = np.zeros((len(sets), self.grid.size))
@@ -146,23 +163,30 @@ class BinnedKDE:
         out = np.zeros((rows, self.grid.size))
         self.bandwidths = np.zeros(rows)
         self.error_bounds = np.zeros(rows)
+        few, narrow = [], []
         for r in range(rows):
             n, s1, s2 = moments[r]
             if n < 2:
-                warnings.warn(f"binned KDE row {r}: fewer than 2 samples, density set to 0", KDEWarning, stacklevel=2)
+                few.append(r)
                 continue
             var = max((s2 - s1 * s1 / n) / (n - 1), 0.0)
             bw = scott_bandwidth(n, var) if var > 0 else h
             if bw < self.min_bins_per_bw * h:
-                warnings.warn(
-                    f"binned KDE row {r}: bandwidth {bw:.3g} is under {self.min_bins_per_bw:g} bins ({h:.3g} each); "
-                    "the log10 histogram is the honest view of these weights",
-                    KDEWarning,
-                    stacklevel=2,
-                )
+                narrow.append(r)
             nz = np.nonzero(hist[r])[0]
             z = (self.grid[:, None] - centres[None, nz]) / bw  # [points, nonzero bins]
             out[r] = (np.exp(-0.5 * z * z) @ hist[r, nz]) / (n * bw * _SQRT2PI)
             self.bandwidths[r] = bw
             self.error_bounds[r] = h / (2.0 * bw * bw * math.sqrt(2.0 * math.pi * math.e))
+        if few:
+            msg = f"binned KDE: fewer than 2 samples in row(s) {_rows(few)}, density set to 0"
+            warnings.warn(msg, KDEWarning, stacklevel=2)
+        if narrow:
+            low = float(self.bandwidths[narrow].min())
+            warnings.warn(
+                f"binned KDE: bandwidth under {self.min_bins_per_bw:g} bins ({h:.3g} each) in row(s) {_rows(narrow)} "
+                f"(down to {low:.3g}); the log10 histogram is the honest view of these weights",
+                KDEWarning,
+                stacklevel=2,
+            )
         return out

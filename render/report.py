@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,10 @@ h1{font-size:22px} h2{font-size:18px;margin-top:32px;border-bottom:1px solid #dd
 table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4;cursor:pointer;user-select:none} td.l,th.l{text-align:left}
 .card td{text-align:left} .scroll{max-height:480px;overflow:auto;display:inline-block}
-img{max-width:100%} .note{color:#666;font-size:12px}
+img{max-width:100%} .note{color:#666;font-size:12px} .how{color:#444;font-size:13px;max-width:900px}
+nav#toc{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:6px 0;z-index:10;font-size:13px}
+nav#toc ol{display:inline;margin:0;padding:0} nav#toc li{display:inline;margin-left:14px}
+section{scroll-margin-top:44px}
 """
 
 _SORT_JS = """
@@ -132,39 +136,100 @@ class ReportRenderer(Renderer):
             prof.check_compatible_model(self.compare)
         prof.prompt_slice(self.prompt)
         out_path = Path(out_path)
-        parts: list[str] = []
-        title = f"attnscope report: {prof.meta.get('model_id')}"
-        parts.append(f"<h1>{html.escape(title)}</h1>")
-        parts.append("<h2>Model</h2>" + _card(prof))
-        parts.append(
-            "<h2>Laminar profiles</h2><p class=note>Per layer, the KDE of attention weights of all heads "
-            "pooled: self-attention p(i,i), the final token's row, and every causal pair (from the "
-            "histogram).</p>"
+        sections: list[tuple[str, str, str, str]] = []  # (id, title, how to read it, body)
+        sections.append(
+            (
+                "model",
+                "Model",
+                "What was profiled: the model and its geometry, the prompts, and the settings of the statistics.",
+                _card(prof),
+            )
         )
-        for kind in ("self", "final", "all"):
-            fig = laminar_figure(prof, kind)
-            parts.append(
+        lam = []
+        for kind in ("self", "final", "all", "log"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the KDE's bandwidth warning: the 'log' panel is its answer
+                fig = laminar_figure(prof, kind)
+            lam.append(
                 f'<div class="plot" id="laminar-{kind}">{fig.to_html(full_html=False, include_plotlyjs=False)}</div>'
             )
-        layers = _grid_layers(prof.n_layers)
-        parts.append(
-            f"<h2>Layer grid</h2><p class=note>Prompt {self.prompt}, layers {layers}, heads averaged, one "
-            "shared colour scale; yellow cross-hairs mark the tokens of highest next-token entropy.</p>"
+        sections.append(
+            (
+                "laminar",
+                "Laminar profiles",
+                "One column per layer, all heads pooled. Up the Y axis the attention weight, and the colour says "
+                "how many weights of that size the layer has (log colour; the floor is a tenth of one sample's "
+                "share). A bright band at 0 is attention spread thinly; weight near 1 is a head locking onto one "
+                "token. Self: p(i,i); final: the last token's row; all: every causal pair. The last panel bins "
+                "log10 p, which resolves the small weights the other panels pile up at 0.",
+                "".join(lam),
+            )
         )
-        parts.append(_png(plot_layer_grid(prof, layers, None, self.prompt)))
-        parts.append("<h2>Heads</h2>" + _head_table(prof))
-        parts.append("<h2>down_proj</h2>" + _png(plot_down_proj(prof, self.prompt)))
+        layers = _grid_layers(prof.n_layers)
+        sections.append(
+            (
+                "grid",
+                "Layer grid",
+                f"Prompt {self.prompt}, layers {layers}, heads averaged: query on Y, key on X, one log colour scale "
+                "for all panels (grey: no causal pair). A bright first column is an attention sink, a bright "
+                "diagonal self/previous-token attention, parallel off-diagonals copying of a repeated passage. "
+                "Yellow cross-hairs mark the tokens of highest next-token entropy.",
+                _png(plot_layer_grid(prof, layers, None, self.prompt)),
+            )
+        )
+        sections.append(
+            (
+                "heads",
+                "Heads",
+                "One row per layer and head, over every token profiled. Click a column to sort: high sink = "
+                "attends to the first token, high prev = previous-token head, low entropy = sharp attention.",
+                _head_table(prof),
+            )
+        )
         fig = down_proj_scatter(prof, self.prompt)
-        parts.append(f'<div class="plot" id="downproj-3d">{fig.to_html(full_html=False, include_plotlyjs=False)}</div>')
-        parts.append(
-            f"<h2>High-entropy tokens</h2><p class=note>Prompt {self.prompt}.</p>" + _entropy_table(prof, self.prompt)
+        sections.append(
+            (
+                "downproj",
+                "down_proj",
+                f"Prompt {self.prompt}. The L2 norm of the MLP down-projection's input (neuron activations) and "
+                "output per token and layer, log colour: bright rows are tokens with massive activations. Below, "
+                "each token's top neurons by |activation| in 3-D (drag to turn, hover for the token).",
+                _png(plot_down_proj(prof, self.prompt))
+                + f'<div class="plot" id="downproj-3d">{fig.to_html(full_html=False, include_plotlyjs=False)}</div>',
+            )
+        )
+        sections.append(
+            (
+                "entropy",
+                "High-entropy tokens",
+                f"Prompt {self.prompt}: the positions where the model was least sure of the next token "
+                "(entropy of its next-token distribution, nats).",
+                _entropy_table(prof, self.prompt),
+            )
         )
         if self.compare is not None:
-            parts.append(f"<h2>Comparison: {html.escape(self.names[0])} vs {html.escape(self.names[1])}</h2>")
-            parts.append(_png(plot_compare(prof, self.compare, self.names)))
+            a, b = (html.escape(n) for n in self.names)
+            sections.append(
+                (
+                    "compare",
+                    f"Comparison: {a} vs {b}",
+                    f"Left {a}, middle {b} on one colour scale; right {b} - {a} on a diverging scale symmetric "
+                    "about 0 (red: more in B; for laminar rows and norms the log10 ratio). Each colourbar says what "
+                    "its scale clips. Norms are by relative position, so prompt sets of any lengths compare.",
+                    _png(plot_compare(prof, self.compare, self.names)),
+                )
+            )
+        title = f"attnscope report: {prof.meta.get('model_id')}"
+        toc = "".join(f'<li><a href="#{sid}">{html.escape(t)}</a></li>' for sid, t, _, _ in sections)
+        body = "".join(
+            f'<section id="{sid}"><h2>{html.escape(t)}</h2><p class="how"><b>How to read this.</b> '
+            f"{html.escape(how)}</p>{content}</section>"
+            for sid, t, how, content in sections
+        )
         doc = (
             f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head><body>{''.join(parts)}"
+            f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head><body>"
+            f"<h1>{html.escape(title)}</h1><nav id=toc><b>Contents</b><ol>{toc}</ol></nav>{body}"
             f"<script>{_SORT_JS}</script></body></html>"
         )
         out_path.parent.mkdir(parents=True, exist_ok=True)

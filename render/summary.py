@@ -152,8 +152,8 @@ def down_proj_by_position(prof, which: str = "in", bins: int = 50) -> np.ndarray
     off = prof.offsets
     lengths = np.diff(off)
     prompt = np.repeat(np.arange(len(lengths)), lengths)
-    rel = (np.arange(prof.n_tokens) - off[prompt]) / lengths[prompt]  # [tokens] in [0, 1)
-    b = np.minimum((rel * bins).astype(int), bins - 1)
+    pos = np.arange(prof.n_tokens) - off[prompt]  # [tokens]
+    b = np.minimum(pos * bins // lengths[prompt], bins - 1)  # integer arithmetic: no bin lost to rounding
     total = np.zeros((norms.shape[0], bins))
     np.add.at(total.T, b, norms.T)
     count = np.bincount(b, minlength=bins)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["CLIError", "figdir", "int_list", "load_profile", "parse_heads", "slug"]
+__all__ = ["CLIError", "MissingArray", "figdir", "int_list", "load_profile", "parse_heads", "slug"]
 
 
 class CLIError(Exception):
     """An error in the user's input: printed as one line, exit code 2."""
 
 
-def parse_heads(items: list[str] | None) -> tuple[tuple[int, int], ...]:
+def parse_heads(items: list[str] | None, what: str = "--keep-head") -> tuple[tuple[int, int], ...]:
+    """``["0:3", "14:0"]`` -> ``((0, 3), (14, 0))``; ``what`` names the option in the error message."""
     out = []
     for item in items or []:
         m = re.fullmatch(r"\s*(\d+)\s*[:,]\s*(\d+)\s*", item)
         if not m:
-            raise CLIError(f"--keep-head takes LAYER:HEAD (e.g. 0:3), got {item!r}")
+            raise CLIError(f"{what} takes LAYER:HEAD pairs of non-negative integers (e.g. 0:3), got {item!r}")
         out.append((int(m.group(1)), int(m.group(2))))
     return tuple(out)
 
@@ -26,10 +27,35 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name if name.endswith(".gguf") else name).strip("_") or "model"
 
 
+class MissingArray(KeyError):
+    """A profile lacks an array a view needs (written by another version, or damaged)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Arrays(dict):
+    """The arrays of a loaded profile; a missing one raises ``MissingArray`` naming the profile directory."""
+
+    source = ""
+
+    def __missing__(self, name):
+        raise MissingArray(
+            f"{self.source} has no array {name!r}: the profile is incomplete or was written by another version of "
+            "attnscope; profile again"
+        )
+
+
 def load_profile(path: str):
+    """Load a profile for a view: a missing array later gives a one-line error that names the directory."""
     from attnscope.profiler.data import load
 
-    return load(path)
+    prof = load(path)
+    if type(prof.arrays) is dict:
+        arrays = _Arrays(prof.arrays)
+        arrays.source = str(path)
+        prof.arrays = arrays
+    return prof
 
 
 def figdir(args) -> Path:

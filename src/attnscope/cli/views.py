@@ -5,19 +5,60 @@ Every view reads a saved profile alone (no model, no GPU).
 
 from __future__ import annotations
 
+import functools
+import sys
+import warnings
 from pathlib import Path
 
-from ._common import CLIError, figdir, int_list, load_profile, parse_heads, slug
+from ._common import CLIError, MissingArray, figdir, int_list, load_profile, parse_heads, slug
 
 __all__ = ["register"]
 
 
+def _view_command(func):
+    """Run a view: each distinct warning printed once as one line (no source line); a missing array, one error."""
+
+    @functools.wraps(func)
+    def run(args) -> int:
+        seen: set[str] = set()
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = " ".join(str(message).split())
+            if text not in seen:
+                seen.add(text)
+                print(f"attnscope: warning: {text}", file=sys.stderr)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            try:
+                return func(args)
+            except MissingArray as e:
+                raise CLIError(str(e)) from None
+            except KeyError as e:  # a profile object whose arrays are not the plain mapping load_profile wraps
+                raise CLIError(
+                    f"the profile has no array {e.args[0]!r}: it is incomplete or was written by another version "
+                    "of attnscope; profile again"
+                ) from None
+
+    return run
+
+
+def _mark_top(args) -> int:
+    if args.mark_top < 0:
+        raise CLIError(f"--mark-top takes a number of tokens, 0 for none; got {args.mark_top}")
+    return args.mark_top
+
+
+@_view_command
 def cmd_render(args) -> int:
     from attnscope.render.laminar import LaminarRenderer
 
     prof = load_profile(args.profile)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    renderer = LaminarRenderer(kinds=kinds, points=args.points, per_head=args.per_head, fmt=args.format)
+    renderer = LaminarRenderer(
+        kinds=kinds, points=args.points, per_head=args.per_head, fmt=args.format, scale=args.scale
+    )
     out = figdir(args)
     for path in renderer.render(prof, out):
         print(path)
@@ -25,42 +66,47 @@ def cmd_render(args) -> int:
         from attnscope.render.interactive import laminar_figure, write_standalone
 
         for kind in kinds:
-            print(write_standalone(laminar_figure(prof, kind, args.points), out / f"laminar_{kind}.html"))
+            fig = laminar_figure(prof, kind, args.points, scale=args.scale)
+            print(write_standalone(fig, out / f"laminar_{kind}.html"))
     return 0
 
 
+@_view_command
 def cmd_heatmap(args) -> int:
     from attnscope.render.views import plot_heatmaps, save
 
     prof = load_profile(args.profile)
-    pairs = list(parse_heads(args.heads.split(",")))
-    fig = plot_heatmaps(prof, pairs, prompt=args.prompt, mark_top=args.mark_top)
+    pairs = list(parse_heads(args.heads.split(","), "--heads"))
+    fig = plot_heatmaps(prof, pairs, prompt=args.prompt, mark_top=_mark_top(args), scale=args.scale)
     print(save(fig, figdir(args) / f"heatmaps_p{args.prompt}.{args.format}"))
     return 0
 
 
+@_view_command
 def cmd_patterns(args) -> int:
     from attnscope.render.views import plot_patterns, save
 
     prof = load_profile(args.profile)
-    pairs = list(parse_heads(args.heads.split(",")))
-    fig = plot_patterns(prof, pairs, prompt=args.prompt, mode=args.mode, token=args.token)
+    pairs = list(parse_heads(args.heads.split(","), "--heads"))
+    fig = plot_patterns(prof, pairs, prompt=args.prompt, mode=args.mode, token=args.token, scale=args.scale)
     print(save(fig, figdir(args) / f"patterns_{args.mode}_p{args.prompt}.{args.format}"))
     return 0
 
 
+@_view_command
 def cmd_grid(args) -> int:
     from attnscope.render.views import plot_layer_grid, save
 
     prof = load_profile(args.profile)
     layers = int_list(args.layers, "--layers") if args.layers else list(range(prof.n_layers))
     head = None if args.head in (None, "mean") else int_list(args.head, "--head")[0]
-    fig = plot_layer_grid(prof, layers, head=head, prompt=args.prompt, mark_top=args.mark_top)
+    fig = plot_layer_grid(prof, layers, head=head, prompt=args.prompt, mark_top=_mark_top(args), scale=args.scale)
     who = "mean" if head is None else f"h{head}"
     print(save(fig, figdir(args) / f"layer_grid_{who}_p{args.prompt}.{args.format}"))
     return 0
 
 
+@_view_command
 def cmd_downproj(args) -> int:
     from attnscope.render.views import plot_down_proj, save
 
@@ -68,7 +114,7 @@ def cmd_downproj(args) -> int:
     out = figdir(args)
     print(
         save(
-            plot_down_proj(prof, prompt=args.prompt, mark_top=args.mark_top),
+            plot_down_proj(prof, prompt=args.prompt, mark_top=_mark_top(args), scale=args.scale),
             out / f"down_proj_p{args.prompt}.{args.format}",
         )
     )
@@ -78,6 +124,7 @@ def cmd_downproj(args) -> int:
     return 0
 
 
+@_view_command
 def cmd_compare(args) -> int:
     from attnscope.render.views import plot_compare, save
 
@@ -90,6 +137,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
+@_view_command
 def cmd_export(args) -> int:
     from attnscope.render.export import export_tables
 
@@ -100,13 +148,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+@_view_command
 def cmd_report(args) -> int:
     from attnscope.render.report import write_report
 
     prof = load_profile(args.profile)
     other = load_profile(args.compare) if args.compare else None
     names = (Path(args.profile).name, Path(args.compare).name) if args.compare else ("A", "B")
-    out = Path(args.out) if args.out else Path(args.profile) / "report.html"
+    if args.out:
+        out = Path(args.out)
+    elif args.compare:  # its own file: the plain report.html stays
+        out = Path(args.profile) / f"report_vs_{slug(Path(args.compare).resolve().name)}.html"
+    else:
+        out = Path(args.profile) / "report.html"
     print(write_report(prof, out, compare=other, names=names, prompt=args.prompt))
     return 0
 
@@ -119,7 +173,18 @@ def register(sub) -> None:
     )
     r.add_argument("profile", help="a profile directory written by `attnscope profile`")
     r.add_argument("--out", metavar="DIR", help="where to write the figures (default: PROFILE/figures)")
-    r.add_argument("--kinds", default="self,final,all", help="comma-separated: self, final, all (default: all three)")
+    r.add_argument(
+        "--kinds",
+        default="self,final,all,log",
+        help="comma-separated: self (p(i,i)), final (last token's row), all (every causal pair), log (log10 p of "
+        "every pair, from the log histogram) (default: all four)",
+    )
+    r.add_argument(
+        "--scale",
+        default="log",
+        choices=["log", "layer", "linear"],
+        help="colour: log (default), layer (each layer normalised to its maximum) or linear",
+    )
     r.add_argument("--per-head", action="store_true", help="also one panel per head for each kind")
     r.add_argument("--points", type=int, default=300, help="KDE grid points on [0, 1] (default: 300)")
     r.add_argument("--format", default="png", choices=["png", "pdf"], help="image format (default: png)")
@@ -133,8 +198,11 @@ def register(sub) -> None:
         v.set_defaults(func=func)
         return v
 
-    def per_prompt(v, fmt=True, marks=True):
+    def per_prompt(v, fmt=True, marks=True, scale="colour"):
         v.add_argument("--prompt", type=int, default=0, help="which prompt of the profile (default: 0)")
+        v.add_argument(
+            "--scale", default="log", choices=["log", "linear"], help=f"{scale} scale: log (default) or linear"
+        )
         if marks:
             v.add_argument(
                 "--mark-top",
@@ -167,7 +235,7 @@ def register(sub) -> None:
         default=None,
         help="with --mode token: the query position (default: the final token; others need --keep-head)",
     )
-    per_prompt(v, marks=False)
+    per_prompt(v, marks=False, scale="y axis")
     v = view("grid", "grid of layers' attention on one shared colour scale (RdBu_r)", cmd_grid)
     v.add_argument("--layers", metavar="L,...", help="layers to show, e.g. 0,1,2,9,14 (default: all)")
     v.add_argument("--head", default=None, help="one head, or 'mean' to average the heads (default: mean)")
@@ -201,7 +269,7 @@ def register(sub) -> None:
         "report",
         "one self-contained HTML report (plotly.js embedded, no network needed)",
         cmd_report,
-        out_help="output file (default: PROFILE/report.html)",
+        out_help="output file (default: PROFILE/report.html; with --compare, PROFILE/report_vs_OTHER.html)",
     )
     v.add_argument("--compare", metavar="OTHER", help="another profile of the same model to compare with")
     v.add_argument("--prompt", type=int, default=0, help="prompt for the per-prompt views (default: 0)")
