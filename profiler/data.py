@@ -47,12 +47,14 @@ import numpy as np
 __all__ = [
     "ACCUM_NAMES",
     "ATTN_VECTORS",
+    "LENS_ARRAYS",
     "SCHEMA_VERSION",
     "TOKEN_AXIS",
     "Profile",
     "ProfileError",
     "combine_accum",
     "load",
+    "topk_fold",
 ]
 
 SCHEMA_VERSION = 2  # 2: the head-role vectors attn.dup and attn.induction
@@ -76,17 +78,32 @@ ACCUM_ADDITIVE = (
     "mlp.neuron_sum",
     "mlp.neuron_sumsq",
 )
-ACCUM_NAMES = ACCUM_ADDITIVE + ("mlp.neuron_max", "mlp.neuron_argmax")
+# running top-k activating tokens per neuron (FFN memories' trigger contexts), [Ly, k, d_ff], largest first
+ACCUM_TOPK = ("mlp.ctx_value", "mlp.ctx_token")
+ACCUM_NAMES = ACCUM_ADDITIVE + ("mlp.neuron_max", "mlp.neuron_argmax") + ACCUM_TOPK
+# logit lens per layer and token (``--logit-lens``), [Ly, T]
+LENS_ARRAYS = (
+    "lens.top_id",
+    "lens.top_prob",
+    "lens.entropy",
+    "lens.target_prob",
+    "lens.target_rank",
+    "lens.final_prob",
+)
 _ADDITIVE = ACCUM_ADDITIVE
 # per-token arrays: name -> the axis that runs over the tokens of all prompts
-TOKEN_AXIS = {f"attn.{v}": 2 for v in ATTN_VECTORS} | {
-    "mlp.in_norm": 1,
-    "mlp.out_norm": 1,
-    "mlp.topk_idx": 1,
-    "mlp.topk_val": 1,
-    "tokens.ids": 0,
-    "tokens.logit_entropy": 0,
-}
+TOKEN_AXIS = (
+    {f"attn.{v}": 2 for v in ATTN_VECTORS}
+    | {
+        "mlp.in_norm": 1,
+        "mlp.out_norm": 1,
+        "mlp.topk_idx": 1,
+        "mlp.topk_val": 1,
+        "tokens.ids": 0,
+        "tokens.logit_entropy": 0,
+    }
+    | {name: 1 for name in LENS_ARRAYS}
+)
 # metadata that must agree for two profiles to be merged
 _IDENTITY_KEYS = ("model_id", "config_digest", "weights_digest", "spec", "top_k")
 
@@ -104,13 +121,34 @@ def combine_accum(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray], b_t
         out = {k: v.copy() for k, v in b.items() if k in ACCUM_NAMES}
         if "mlp.neuron_argmax" in out:
             out["mlp.neuron_argmax"] = out["mlp.neuron_argmax"] + b_token_offset
+        if "mlp.ctx_token" in out:
+            out["mlp.ctx_token"] = np.where(out["mlp.ctx_token"] >= 0, out["mlp.ctx_token"] + b_token_offset, -1)
         return out
     out = {name: a[name] + b[name] for name in ACCUM_ADDITIVE if name in a and name in b}
+    if "mlp.ctx_value" in a and "mlp.ctx_value" in b:
+        tb = np.where(b["mlp.ctx_token"] >= 0, b["mlp.ctx_token"] + b_token_offset, -1)
+        out["mlp.ctx_value"], out["mlp.ctx_token"] = topk_fold(
+            a["mlp.ctx_value"], a["mlp.ctx_token"], b["mlp.ctx_value"], tb
+        )
     if "mlp.neuron_max" in a and "mlp.neuron_max" in b:
         take_b = b["mlp.neuron_max"] > a["mlp.neuron_max"]
         out["mlp.neuron_max"] = np.where(take_b, b["mlp.neuron_max"], a["mlp.neuron_max"])
         out["mlp.neuron_argmax"] = np.where(take_b, b["mlp.neuron_argmax"] + b_token_offset, a["mlp.neuron_argmax"])
     return out
+
+
+def topk_fold(
+    value: np.ndarray, token: np.ndarray, new_value: np.ndarray, new_token: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k (k = value.shape[-2]) of two candidate sets along axis -2: arrays [..., k, F] and [..., k', F]
+    of values and global token indices (-1: none). Larger values first, ties to the earlier token, so folding
+    batches one by one or merging two runs gives the same result as one pass."""
+    k = value.shape[-2]
+    v = np.concatenate([value, new_value], axis=-2)
+    t = np.concatenate([token, new_token], axis=-2)
+    late = np.where(t < 0, np.iinfo(np.int64).max, t)
+    order = np.lexsort((late, -v), axis=-2)[..., :k, :]
+    return np.take_along_axis(v, order, -2), np.take_along_axis(t, order, -2)
 
 
 @dataclass

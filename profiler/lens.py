@@ -16,7 +16,16 @@ import torch
 
 from .hooks import model_geometry
 
-__all__ = ["LENS_FIELDS", "lens_modules", "logit_lens", "next_token_targets", "residual_hooks", "vocab_stats"]
+__all__ = [
+    "LENS_FIELDS",
+    "LensCollector",
+    "lens_modules",
+    "logit_lens",
+    "next_token_entropy",
+    "next_token_targets",
+    "residual_hooks",
+    "vocab_stats",
+]
 
 LENS_FIELDS = ("top_id", "top_prob", "entropy", "target_prob", "target_rank", "final_prob")
 
@@ -85,6 +94,44 @@ def residual_hooks(model: torch.nn.Module, fn: Callable[[int, torch.Tensor], Non
             h.remove()
 
 
+class LensCollector:
+    """Reduces every layer's residual stream of one batch as the forward pass produces it (``on_layer``), then
+    ``finish()`` gives ``{field: [layers, T]}`` over the batch's real tokens in row-major order."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, impl: str = "auto"):
+        self.sel = mask.bool()  # [B, L]
+        self.target = next_token_targets(ids, mask)[self.sel]  # [T]
+        _, self.norm, self.head = lens_modules(model)
+        self.bias = getattr(self.head, "bias", None)
+        self.impl = impl
+        self.rows: dict[int, dict[str, torch.Tensor]] = {}
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def on_layer(self, layer: int, resid: torch.Tensor) -> None:
+        h = self.norm(resid[self.sel.to(resid.device)])  # [T, d]
+        self.rows[layer] = vocab_stats(h, self.head.weight, self.target.to(h.device), self.bias, self.impl)
+        self.kept[layer] = h
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        rows, w, bias = self.rows, self.head.weight, self.bias
+        final_top = rows[max(rows)]["top_id"]  # [T] the model's own prediction
+        for layer, h in self.kept.items():
+            z = torch.linalg.vecdot(h.float(), w[final_top].float())  # [T] logit of the final prediction
+            if bias is not None:
+                z = z + bias[final_top].float()
+            rows[layer]["final_prob"] = torch.exp(z - rows[layer]["lse"])
+        self.kept.clear()
+        return {f: torch.stack([rows[i][f].cpu() for i in sorted(rows)]) for f in LENS_FIELDS}
+
+
+def next_token_entropy(model: torch.nn.Module, hidden: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Entropy (nats) of the model's next-token distribution at each row of the final hidden states [T, d] (after
+    the final norm), by the lens' own reduction: the logits are never held at once."""
+    head = model.get_output_embeddings()
+    target = torch.full(hidden.shape[:1], -1, dtype=torch.long, device=hidden.device)
+    return vocab_stats(hidden, head.weight, target, getattr(head, "bias", None), impl)["entropy"]
+
+
 def logit_lens(
     model: torch.nn.Module,
     batch: dict,
@@ -97,27 +144,7 @@ def logit_lens(
     """
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    sel = mask.bool()
-    target = next_token_targets(ids, mask)[sel]  # [T]
-    _, norm, head = lens_modules(model)
-    bias = getattr(head, "bias", None)
-    rows: dict[int, dict[str, torch.Tensor]] = {}
-
-    kept: dict[int, torch.Tensor] = {}
-
-    def on_layer(layer: int, resid: torch.Tensor) -> None:
-        h = norm(resid[sel.to(resid.device)])  # [T, d]
-        rows[layer] = vocab_stats(h, head.weight, target.to(h.device), bias, impl)
-        kept[layer] = h
-
-    with torch.no_grad(), residual_hooks(model, on_layer):
+    lens = LensCollector(model, ids, torch.ones_like(ids) if mask is None else mask, impl)
+    with torch.no_grad(), residual_hooks(model, lens.on_layer):
         output = model(**batch)
-        final_top = rows[max(rows)]["top_id"]  # [T]
-        for layer, h in kept.items():
-            z = torch.linalg.vecdot(h.float(), head.weight[final_top].float())  # [T] logit of the final prediction
-            if bias is not None:
-                z = z + bias[final_top].float()
-            rows[layer]["final_prob"] = torch.exp(z - rows[layer]["lse"])
-    lens = {f: torch.stack([rows[i][f].cpu() for i in sorted(rows)]) for f in LENS_FIELDS}
-    return output, lens
+        return output, lens.finish()

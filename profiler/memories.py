@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import topk_fold
 from .hooks import down_proj_modules
 from .lens import lens_modules
 
@@ -55,12 +56,7 @@ class NeuronTopK:
         self._fold(layer, val.cpu().numpy(), idx.cpu().numpy() + first_token)
 
     def _fold(self, layer: int, val: np.ndarray, tok: np.ndarray) -> None:
-        v = np.concatenate([self.value[layer], val])  # [k + k', d_ff]
-        t = np.concatenate([self.token[layer], tok])
-        # stable order: the larger value first, then the earlier token, so a merge equals one pass
-        order = np.lexsort((np.where(t < 0, np.iinfo(np.int64).max, t), -v), axis=0)[: self.k]
-        self.value[layer] = np.take_along_axis(v, order, 0)
-        self.token[layer] = np.take_along_axis(t, order, 0)
+        self.value[layer], self.token[layer] = topk_fold(self.value[layer], self.token[layer], val, tok)
 
     def merge(self, other: NeuronTopK, token_offset: int) -> NeuronTopK:
         """The top-k over both token sets; ``other``'s token indices are shifted by ``token_offset``."""

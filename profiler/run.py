@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -15,8 +16,9 @@ import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats, set_cpu_threads
 from attnscope.kernels.reference import attention_probs_ref
 
-from .data import ATTN_VECTORS, SCHEMA_VERSION, Profile, combine_accum
+from .data import ATTN_VECTORS, LENS_ARRAYS, SCHEMA_VERSION, Profile, combine_accum, topk_fold
 from .hooks import capture, model_geometry
+from .lens import LensCollector, next_token_entropy, residual_hooks
 from .store import Shard
 
 __all__ = [
@@ -31,6 +33,9 @@ __all__ = [
     "shard_windows",
     "shards_to_profile",
 ]
+
+
+_LENS_DTYPE = {"lens.top_id": np.int32, "lens.target_rank": np.int32}
 
 
 class PromptError(ValueError):
@@ -50,6 +55,8 @@ class ProfileConfig:
     keep_full: tuple[tuple[int, int], ...] = ()  # (layer, head) pairs whose full L x L matrices are kept
     full_max_tokens: int = 4096  # refuse to keep a full matrix of a longer prompt (L^2 * 4 bytes each)
     top_k: int = 8  # down_proj neurons kept per token
+    neuron_contexts: int = 8  # running top-k activating tokens kept per neuron (FFN memories); 0: none
+    logit_lens: bool = False  # per layer and token: top-1 token, entropy, p and rank of the next token
     impl: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "torch" or "triton"
     block_q: int = 128  # query block of the torch path: memory O(heads * block_q * L) per layer
     threads: int | None = None  # CPU threads of torch and of the Numba statistics (None: torch's default)
@@ -65,6 +72,8 @@ class ProfileConfig:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.neuron_contexts < 0:
+            raise ValueError(f"neuron_contexts must be >= 0, got {self.neuron_contexts}")
         if self.block_q < 1:
             raise ValueError(f"block_q must be >= 1, got {self.block_q}")
         if self.full_max_tokens < 1:
@@ -84,6 +93,8 @@ class ProfileConfig:
             "keep_full": [list(x) for x in self.keep_full],
             "full_max_tokens": self.full_max_tokens,
             "top_k": self.top_k,
+            "neuron_contexts": self.neuron_contexts,
+            "logit_lens": self.logit_lens,
             "impl": self.impl,
             "block_q": self.block_q,
         }
@@ -327,13 +338,26 @@ class _Engine:
         sel = mask.bool().to(self.device)
 
         def on_down_proj(layer, x, y):
-            st = down_proj_stats(x.detach()[sel], y.detach()[sel], cfg.top_k, cfg.impl)
+            xs = x.detach()[sel]  # [T_batch, d_ff]
+            st = down_proj_stats(xs, y.detach()[sel], cfg.top_k, cfg.impl)
+            if cfg.neuron_contexts:  # this batch's candidates for the running top-k per neuron
+                val, idx = xs.float().topk(min(cfg.neuron_contexts, xs.shape[0]), dim=0)  # [k, d_ff]
+                st["ctx_value"], st["ctx_index"] = val, idx
             r["mlp"][layer] = {name: t.cpu().numpy() for name, t in st.items()}
 
-        with torch.no_grad(), capture(self.model, on_attention, on_down_proj):
+        lens = LensCollector(self.model, dev_ids, mask.to(self.device), cfg.impl) if cfg.logit_lens else None
+        with (
+            torch.no_grad(),
+            capture(self.model, on_attention, on_down_proj),
+            residual_hooks(self.model, lens.on_layer) if lens else contextlib.nullcontext(),
+        ):
             hidden = self.base(input_ids=dev_ids, attention_mask=mask.to(self.device), use_cache=False)[0]
-            # real tokens only, a chunk at a time: never [batch, L, vocab] logits
-            r["entropy"] = _next_token_entropy(self.model, hidden[sel][None])[0].float().cpu().numpy()  # [T_batch]
+            # real tokens only; the vocabulary is reduced a chunk at a time, never [batch, L, vocab] logits
+            if lens is not None:  # the last layer's lens is the model's own distribution: one reduction serves both
+                r["lens"] = {f: t.numpy() for f, t in lens.finish().items()}
+                r["entropy"] = r["lens"]["entropy"][-1].astype(np.float32)
+            else:
+                r["entropy"] = next_token_entropy(self.model, hidden[sel], cfg.impl).float().cpu().numpy()
         r["lengths"] = lengths
         return r
 
@@ -356,6 +380,7 @@ class _Engine:
             "topk_val": np.zeros((Ly, T, cfg.top_k), np.float32),
         }
         entropy = np.zeros(T, np.float32)
+        lens = {n: np.zeros((Ly, T), _LENS_DTYPE.get(n, np.float32)) for n in LENS_ARRAYS} if cfg.logit_lens else None
         row_means = np.zeros((P, Ly, H, V), np.float32)
         distance = np.full((P, Ly, H), np.nan)
         acc = {
@@ -414,6 +439,9 @@ class _Engine:
             # down_proj: the batch's real tokens in row-major order -> shard token positions
             where = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in sel.tolist()])
             entropy[where] = r["entropy"]
+            if lens is not None:
+                for f, a in r["lens"].items():
+                    lens[f"lens.{f}"][:, where] = a
             for layer in range(Ly):
                 st = r["mlp"][layer]
                 for name in mlp:
@@ -430,6 +458,17 @@ class _Engine:
                 acc["mlp.neuron_max"][layer] = np.where(take, mx, cur)
                 acc["mlp.neuron_argmax"][layer] = np.where(take, amx, acc["mlp.neuron_argmax"][layer])
                 acc["mlp.neuron_sum"][layer] += st["neuron_sum"]
+                if "ctx_value" in st:  # FFN memories: fold this batch's top-k tokens per neuron (shard positions)
+                    if "mlp.ctx_value" not in acc:
+                        shape = (Ly, cfg.neuron_contexts, st["ctx_value"].shape[1])
+                        acc["mlp.ctx_value"] = np.full(shape, -np.inf, np.float32)
+                        acc["mlp.ctx_token"] = np.full(shape, -1, np.int64)
+                    acc["mlp.ctx_value"][layer], acc["mlp.ctx_token"][layer] = topk_fold(
+                        acc["mlp.ctx_value"][layer],
+                        acc["mlp.ctx_token"][layer],
+                        st["ctx_value"],
+                        where[st["ctx_index"]],
+                    )
                 acc["mlp.neuron_sumsq"][layer] += st["neuron_sumsq"]
             if bar is not None:
                 bar.update(B)
@@ -452,7 +491,14 @@ class _Engine:
             vectors=vectors,
             thumbs=thumbs,
             full=full,
+            lens=lens,
+            lens_vocab=self._vocab(lens["lens.top_id"]) if lens is not None else None,
         )
+
+    def _vocab(self, ids: np.ndarray) -> dict[int, str]:
+        """The decoded text of each distinct token id in ``ids``."""
+        u = np.unique(ids)
+        return dict(zip(u.tolist(), self.decode(u)))
 
     def meta(self) -> dict:
         model, cfg = self.model, self.cfg
@@ -473,6 +519,8 @@ class _Engine:
             },
             "spec": cfg.spec.to_dict(),
             "top_k": cfg.top_k,
+            "neuron_contexts": cfg.neuron_contexts,
+            "logit_lens": cfg.logit_lens,
             "vectors": list(self.vectors),
             "keep_vectors": cfg.keep_vectors,
             "config": cfg.to_dict(),
@@ -487,17 +535,6 @@ def _add_hist(hist: np.ndarray, x: np.ndarray, bins: int) -> None:
     b = np.clip(np.floor(x.astype(np.float32) * np.float32(bins)), 0, bins - 1).astype(np.int64)
     flat = b + (np.arange(Ly * H, dtype=np.int64) * bins).reshape(Ly, H, 1)
     hist += np.bincount(flat.ravel(), minlength=Ly * H * bins).reshape(Ly, H, bins)
-
-
-def _next_token_entropy(model, hidden: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Entropy (nats) of the next-token distribution at every position, lm_head applied a chunk at a time."""
-    head = model.get_output_embeddings()
-    out = []
-    for t0 in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, t0 : t0 + chunk]).float()  # [B, chunk, V]
-        logp = torch.log_softmax(logits, dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))  # [B, chunk]
-    return torch.cat(out, dim=1)  # [B, L]
 
 
 def run_meta(model: torch.nn.Module, tokenizer, config: ProfileConfig | None = None) -> dict:
@@ -595,6 +632,9 @@ def shards_to_profile(meta: dict, shards: Sequence[Shard]) -> Profile:
     arrays["mlp.topk_val"] = cat([s.mlp["topk_val"] for s in shards], 1)
     arrays["tokens.ids"] = cat([s.token_ids for s in shards], 0).astype(np.int64)
     arrays["tokens.logit_entropy"] = cat([s.logit_entropy for s in shards], 0).astype(np.float32)
+    if shards and shards[0].lens is not None:
+        for name in LENS_ARRAYS:
+            arrays[name] = cat([s.lens[name] for s in shards], 1)
     lengths = cat([s.lengths for s in shards], 0)
     arrays["prompts.offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     p0 = 0
@@ -622,6 +662,8 @@ def shards_to_profile(meta: dict, shards: Sequence[Shard]) -> Profile:
         if isinstance(arrays[name], list):
             arrays[name] = np.concatenate(arrays[name], axis=-1)
     meta = dict(meta)
+    if shards and shards[0].lens_vocab is not None:  # decoded lens top-1 tokens (saved in profile.json)
+        meta["lens_vocab"] = {str(i): t for sh in shards for i, t in sh.lens_vocab.items()}
     if meta.get("d_ff") is None and "mlp.neuron_max" in arrays:
         meta["d_ff"] = int(arrays["mlp.neuron_max"].shape[1])
     return Profile(meta=meta, prompts=prompts, arrays=arrays)

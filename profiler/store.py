@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Profile, ProfileError, combine_accum
+from .data import LENS_ARRAYS, Profile, ProfileError, combine_accum
 
 __all__ = [
     "RUN_FILE",
@@ -58,7 +58,12 @@ IDENTITY = {
     "spec": "the statistics settings (--bins, --thumb-size) differ",
     "top_k": "--top-k differs",
     "vectors": "the attention vectors differ (another attnscope version)",
+    "neuron_contexts": "--neuron-contexts differs",
+    "logit_lens": "--logit-lens differs (a run keeps the lens on or off throughout)",
 }
+
+
+_LENS_INT = ("lens.top_id", "lens.target_rank")
 
 
 class RunError(ProfileError):
@@ -92,6 +97,8 @@ class Shard:
     vectors: dict[str, np.ndarray] | None = None  # attn.<v> [Ly, H, T]
     thumbs: list[np.ndarray] | None = None  # per prompt [Ly, H, r, r]
     full: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)  # (prompt, layer, head) -> [L, L]
+    lens: dict[str, np.ndarray] | None = None  # data.LENS_ARRAYS, each [Ly, T] (--logit-lens)
+    lens_vocab: dict[int, str] | None = None  # decoded text of every lens top-1 id of the shard
 
     @property
     def n_prompts(self) -> int:
@@ -213,6 +220,14 @@ def _shard_tables(shard: Shard, name_prompt0: int, token0: int, Ly: int, H: int,
             "topk_val": per_token(shard.mlp["topk_val"].astype(np.float32), Ly * k),
         }
     )
+    if shard.lens is not None:  # the logit lens: one value per layer and token, and the top-1 tokens' text
+        for name, a in shard.lens.items():
+            tokens = tokens.append_column(name.replace(".", "_"), per_token(a, Ly))
+        top = shard.lens["lens.top_id"]
+        text = np.array([shard.lens_vocab[int(t)] for t in np.unique(top)], dtype=object)[
+            np.searchsorted(np.unique(top), top)
+        ]  # [Ly, T]
+        tokens = tokens.append_column("lens_top_token", per_token(text, Ly))
     return index, prompts, tokens
 
 
@@ -537,7 +552,7 @@ class _RunData:
         col = pq.read_table(self.path / f"tokens/{self.shards[s]['name']}.parquet", columns=[column]).column(column)
         col = col.combine_chunks()
         if isinstance(col.type, pa.FixedSizeListType):
-            return col.flatten().to_numpy().reshape(-1, col.type.list_size)
+            return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
         return col.to_numpy(zero_copy_only=False)
 
     def vector_keys(self) -> dict[str, tuple[int, str]]:
@@ -662,6 +677,8 @@ class _RunArrays(Mapping):
         self.vec_names = [f"attn.{v}" for v in meta["vectors"]] if data.doc.get("keep_vectors") else []
         self.token_names = ["tokens.ids", "tokens.logit_entropy", "mlp.in_norm", "mlp.out_norm", "mlp.topk_idx"]
         self.token_names += ["mlp.topk_val", "prompts.offsets"]
+        if meta.get("logit_lens"):
+            self.token_names += [*LENS_ARRAYS, "lens.top_token"]
 
     def _names(self) -> list[str]:
         return list(self.accum) + self.token_names + self.vec_names + list(self.data.vector_keys())
@@ -706,6 +723,14 @@ class _RunArrays(Mapping):
                 return np.ascontiguousarray(d.token_part(s, col).reshape(-1, Ly, k).transpose(1, 0, 2))
 
             out = lazy(load, 1, (Ly, T, k), dt)
+        elif name in LENS_ARRAYS or name == "lens.top_token":
+            col = name.replace(".", "_")
+            dt = object if name == "lens.top_token" else np.int32 if name in _LENS_INT else np.float32
+
+            def load(s, col=col, dt=dt):  # [Ly, T_s]
+                return np.ascontiguousarray(d.token_part(s, col).reshape(-1, Ly).T).astype(dt)
+
+            out = lazy(load, 1, (Ly, T), dt)
         elif name in self.vec_names:
             out = lazy(lambda s: d.vector_part(s, name), 2, (Ly, H, T), np.float32)
         elif name.startswith("attn.") and name in d.vector_keys():

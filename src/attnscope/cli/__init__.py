@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from attnscope.profiler.data import ProfileError
 
     expected: tuple[type[BaseException], ...] = (CLIError, ProfileError)
-    if args.command == "profile":
+    if args.command in ("profile", "rules"):
         from attnscope.profiler.corpus import CorpusError
         from attnscope.profiler.hooks import UnsupportedModelError
         from attnscope.profiler.models import ModelLoadError

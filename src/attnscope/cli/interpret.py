@@ -1,4 +1,4 @@
-"""The interpretation commands: ``heads`` (the head-role table and map)."""
+"""The interpretation commands: ``heads`` (head roles), ``lens`` (the logit-lens figure), ``rules`` (FFN memories)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,96 @@ def cmd_heads(args) -> int:
     return 0
 
 
+def cmd_lens(args) -> int:
+    import numpy as np
+
+    from attnscope.render.lens import MAX_LENS_TOKENS, plot_logit_lens
+    from attnscope.render.summary import token_labels
+    from attnscope.render.views import save
+
+    prof = load_profile(args.profile)
+    if "lens.top_id" not in prof.arrays:
+        raise CLIError(f"{args.profile} has no logit lens: profile again with --logit-lens")
+    try:
+        sl = prof.prompt_slice(args.prompt)
+    except IndexError as e:
+        raise CLIError(str(e)) from None
+    n = sl.stop - sl.start
+    if args.tokens:
+        a, _, b = args.tokens.partition(":")
+        try:
+            lo, hi = int(a or 0), int(b or n)
+        except ValueError:
+            raise CLIError(f"--tokens takes START:END positions, got {args.tokens!r}") from None
+    else:  # the last tokens that fit with readable text
+        lo, hi = max(0, n - MAX_LENS_TOKENS), n
+    lo, hi = max(0, lo + n if lo < 0 else lo), min(n, hi + n if hi < 0 else hi)
+    if hi <= lo:
+        raise CLIError(f"--tokens {args.tokens} selects no token of prompt {args.prompt} ({n} tokens)")
+    cols = slice(sl.start + lo, sl.start + hi)
+    top = np.asarray(prof.arrays["lens.top_id"][:, cols])  # [Ly, n]
+    if "lens.top_token" in prof.arrays:
+        text = np.asarray(prof.arrays["lens.top_token"][:, cols]).tolist()
+    else:
+        vocab = prof.meta.get("lens_vocab", {})
+        text = [[vocab.get(str(int(t)), str(int(t))) for t in row] for row in top]
+    fig = plot_logit_lens(
+        np.asarray(prof.arrays["lens.final_prob"][:, cols]),
+        text,
+        token_labels(prof, args.prompt)[lo:hi],
+        first=lo,
+        title=f"logit lens: {prof.meta.get('model_id', '')}, prompt {args.prompt}",
+    )
+    out = Path(args.out) if args.out else Path(args.profile) / "figures"
+    print(save(fig, out / f"logit_lens_p{args.prompt}.{args.format}"))
+    return 0
+
+
+def cmd_rules(args) -> int:
+    import json
+
+    import numpy as np
+
+    from attnscope.profiler.memories import promoted_tokens
+    from attnscope.profiler.models import DEFAULT_MODEL, cache_dir, load_model
+    from attnscope.profiler.run import _config_digest, _weights_digest
+    from attnscope.render.export import write_table
+    from attnscope.render.memories import neuron_rules, rules_table
+
+    for name, v in (("--top-neurons", args.top_neurons), ("--promoted", args.promoted), ("--window", args.window)):
+        if v < 1:
+            raise CLIError(f"{name} must be >= 1, got {v}")
+    prof = load_profile(args.profile)
+    if "mlp.ctx_value" not in prof.arrays:
+        raise CLIError(f"{args.profile} kept no neuron contexts: profile again with --neuron-contexts K (K > 0)")
+    model_id = args.model or prof.meta.get("model_id")
+    model, tok, _ = load_model(
+        None if model_id == DEFAULT_MODEL else model_id, device=args.device, dtype=prof.meta.get("model_dtype", "auto")
+    )
+    if (_config_digest(model), _weights_digest(model)) != (
+        prof.meta.get("config_digest"),
+        prof.meta.get("weights_digest"),
+    ):
+        raise CLIError(f"{model_id} is not the model of {args.profile} (its config or weights differ); pass --model")
+    cache = cache_dir() / "promoted" / f"{prof.meta['weights_digest']}-k{args.promoted}.safetensors"
+    promoted = promoted_tokens(model, k=args.promoted, cache=cache)
+    ids = np.unique(promoted["token"])
+    vocab = dict(zip(ids.tolist(), tok.batch_decode([[int(i)] for i in ids])))
+    rules = neuron_rules(prof, promoted, vocab, top_neurons=args.top_neurons, window=args.window)
+    out = Path(args.out) if args.out else Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "rules.json", "w", encoding="utf-8") as f:
+        json.dump(rules, f, ensure_ascii=False, indent=1)
+    print(out / "rules.json")
+    table = {c: np.array(v, dtype=object) for c, v in rules_table(rules).items()}
+    try:
+        print(write_table(table, out / "rules", "parquet"))
+    except ImportError:
+        print(write_table(table, out / "rules", "csv"))
+    print(f"attnscope: {len(rules)} rules ({args.top_neurons} neurons a layer) from {len(prof.prompts)} prompts")
+    return 0
+
+
 def register(sub) -> None:
     v = sub.add_parser(
         "heads",
@@ -51,3 +141,30 @@ def register(sub) -> None:
     v.add_argument("--parquet", action="store_true", help="write the table as Parquet (needs pyarrow) instead of CSV")
     v.add_argument("--format", default="png", choices=["png", "pdf"], help="image format (default: png)")
     v.set_defaults(func=cmd_heads)
+    v = sub.add_parser(
+        "lens",
+        help="the logit-lens figure of one prompt (needs a profile made with --logit-lens)",
+        description="Layers x tokens, each cell coloured by the probability that layer gives to the model's final "
+        "prediction, with the layer's own top-1 next token written in it. Draws from a saved profile alone.",
+    )
+    v.add_argument("profile", help="a profile directory written by `attnscope profile --logit-lens`")
+    v.add_argument("--prompt", type=int, default=0, help="which prompt (default: 0)")
+    v.add_argument("--tokens", metavar="START:END", help="token positions to show (default: the last 48)")
+    v.add_argument("--out", metavar="DIR", help="figure directory (default: PROFILE/figures)")
+    v.add_argument("--format", default="png", choices=["png", "pdf"], help="image format (default: png)")
+    v.set_defaults(func=cmd_lens)
+    v = sub.add_parser(
+        "rules",
+        help="FFN key-value memories: each neuron's trigger contexts and the tokens it promotes, as rules.json",
+        description="For the most strongly firing MLP neurons of each layer, write rules.json (trigger context, "
+        "neuron, promoted tokens with the logit they gain) and rules.parquet (the `rules` SQL view). Loads the "
+        "run's model once to project each neuron's output vector through the unembedding (cached).",
+    )
+    v.add_argument("profile", help="a profile or run directory (with neuron contexts, the default)")
+    v.add_argument("--model", help="the model, when the run's model id does not load it (same weights)")
+    v.add_argument("--top-neurons", type=int, default=20, help="neurons per layer, by largest activation (default: 20)")
+    v.add_argument("--promoted", type=int, default=10, help="promoted tokens per neuron (default: 10)")
+    v.add_argument("--window", type=int, default=8, help="tokens of context shown up to the trigger (default: 8)")
+    v.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    v.add_argument("--out", metavar="DIR", help="where to write rules.json and rules.parquet (default: PROFILE)")
+    v.set_defaults(func=cmd_rules)

@@ -86,6 +86,8 @@ def cmd_profile(args) -> int:
         keep_full=parse_heads(args.keep_head),
         full_max_tokens=args.full_max_tokens,
         top_k=args.top_k,
+        neuron_contexts=args.neuron_contexts,
+        logit_lens=args.logit_lens,
         impl=args.impl,
         threads=args.threads,
         progress=not args.no_progress,
@@ -210,6 +212,20 @@ def register(sub) -> None:
         help="longest prompt whose full matrices may be kept (default: 4096 = 64 MB per head)",
     )
     p.add_argument("--top-k", type=int, default=8, help="down_proj neurons kept per token (default: 8)")
+    p.add_argument(
+        "--neuron-contexts",
+        type=int,
+        default=8,
+        metavar="K",
+        help="most-activating tokens kept per MLP neuron over the whole run, for `attnscope rules` "
+        "(default: 8; 0: none)",
+    )
+    p.add_argument(
+        "--logit-lens",
+        action="store_true",
+        help="also the logit lens: per layer and token the top-1 next token, its probability, the entropy, and the "
+        "probability and rank of the true next token (Ly x 6 numbers a token)",
+    )
     p.add_argument("--allow-long", action="store_true", help="allow prompts longer than the model's positions")
     p.add_argument(
         "--impl",

@@ -17,6 +17,10 @@ VIEWS = {
     "tokens": "one row per token: prompt, position, token_id, token, logit_entropy, in_norm[], out_norm[], topk_*[]",
     "neurons": "one row per (layer, neuron) of down_proj: max, argmax_token, mean, std over all tokens",
     "prompt_index": "one row per prompt: prompt, prompt_id, sha256, n_tokens, token_offset, preview",
+    "logit_lens": "one row per (token, layer) of a --logit-lens run: top_id, top_token, top_prob, entropy, "
+    "target_prob, target_rank, final_prob",
+    "rules": "one row per (layer, neuron, context) written by `attnscope rules`: activation, trigger text and token, "
+    "promoted tokens and their logits",
 }
 
 
@@ -58,10 +62,37 @@ def sql_connection(run: str | Path):
             "join prompt_index i using (prompt)"
         )
         con.execute(f"create view tokens as select * from read_parquet({files('tokens')})")
-    con.register("heads", t["heads"])
+        if "lens_top_prob" in [d[0] for d in con.execute("select * from tokens limit 0").description]:
+            fields = ("top_id", "top_token", "top_prob", "entropy", "target_prob", "target_rank", "final_prob")
+            lists = ", ".join(f"unnest(lens_{f}) as {f}" for f in fields)
+            con.execute(
+                "create view logit_lens as select prompt, position, token_id, token, "
+                f"unnest(range(len(lens_top_prob))) as layer, {lists} from tokens"
+            )
+    rules = Path(run) / "rules.parquet"
+    if rules.is_file():
+        con.execute(f"create view rules as select * from read_parquet('{_quote(rules)}')")
+    con.register("heads", _heads_with_roles(run, t["heads"]))
     if t["neurons"] is not None:
         con.register("neurons", t["neurons"])
     return con
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _heads_with_roles(run, heads):
+    """The heads table with the head-role scores and label of ``attnscope.render.roles`` added."""
+    from attnscope.profiler.data import load
+    from attnscope.render.roles import head_roles
+
+    if heads.num_rows == 0 or "entropy" not in heads.column_names:
+        return heads
+    r = head_roles(load(run))
+    for name in ("local", "broad", "role"):
+        heads = heads.append_column(name, [r[name].reshape(-1).tolist()])
+    return heads
 
 
 def cmd_sql(args) -> int:
