@@ -60,13 +60,14 @@ def _spec(fn, pointers: dict, floats: tuple, constexprs: dict, options: dict):
     return fn, sig, constexprs, attrs, options
 
 
-def _qk_stats(head_dim: int, dtype: str, seq_len: int, lse: bool = False):
-    """The attention-statistics kernel as its launcher configures it for this shape."""
+def _qk_stats(head_dim: int, dtype: str, seq_len: int, lse: bool = False, **override):
+    """The attention-statistics kernel as its launcher configures it for this shape (``override``: other tiles)."""
     pkg = _kernels_pkg()
     qk = importlib.import_module(pkg.__name__ + ".qk_stats")
     st = importlib.import_module(pkg.__name__ + "._settings")
     dt = _DT[dtype]
     cfg = st.qk_stats_settings(head_dim, seq_len, 4096, 64, dtype=dtype, lse=lse)
+    cfg.update(override)
     pointers = {n: "fp32" for n in qk.OUT_F32}
     pointers.update(HIST_ALL="i32", HIST_LOG="i32", RECV_MAX="i32", MOM="fp64", DIST="fp64", Q=dt, K=dt, LSE="fp32")
     pointers.update(START="i64", END="i64", CELL="i32", TOK="i64", TOKB="i64")
@@ -85,21 +86,22 @@ def _down_proj(d_ff: int, d_model: int, dtype: str, top_k: int = 8):
     cfg = st.down_proj_settings(d_ff, d_model, top_k)
     pointers = {n: "fp32" for n in ("IN_SQ", "OUT_SQ", "CAND_VAL", "P_MAX", "P_SUM", "P_SQ")}
     pointers.update(CAND_IDX="i32", P_ARG="i64", X=dt, Y=dt)
+    warps = cfg.pop("num_warps")
     constexprs = dict(cfg, K=top_k)
-    return _spec(dp._down_proj_act_norm_kernel, pointers, (), constexprs, {"num_warps": 4, "num_stages": 2})
+    return _spec(dp._down_proj_act_norm_kernel, pointers, (), constexprs, {"num_warps": warps, "num_stages": 2})
 
 
 # name -> (builder, kwargs): the launchers' own configurations at the shapes that matter (Pythia-2.8B: d_head 80,
-# bf16; Llama-style d_head 64 and 128; the fp32 path of the tests)
+# bf16; Llama-style d_head 64 and 128; the fp32 path of the tests). The length is a runtime argument of the kernels:
+# one compile serves every length.
 CONFIGS = {
-    "qk_stats_d80_bf16_L2k": (_qk_stats, dict(head_dim=80, dtype="bfloat16", seq_len=2048)),
-    "qk_stats_d80_bf16_L32k": (_qk_stats, dict(head_dim=80, dtype="bfloat16", seq_len=32768)),
-    "qk_stats_d128_bf16_L2k": (_qk_stats, dict(head_dim=128, dtype="bfloat16", seq_len=2048)),
-    "qk_stats_d128_bf16_L32k": (_qk_stats, dict(head_dim=128, dtype="bfloat16", seq_len=32768)),
-    "qk_stats_d64_fp16_L2k": (_qk_stats, dict(head_dim=64, dtype="float16", seq_len=2048)),
-    "qk_stats_d64_fp32_L2k": (_qk_stats, dict(head_dim=64, dtype="float32", seq_len=2048)),
-    "qk_stats_lse_d80_bf16_L2k": (_qk_stats, dict(head_dim=80, dtype="bfloat16", seq_len=2048, lse=True)),
-    "qk_stats_lse_d128_bf16_L32k": (_qk_stats, dict(head_dim=128, dtype="bfloat16", seq_len=32768, lse=True)),
+    "qk_stats_d80_bf16": (_qk_stats, dict(head_dim=80, dtype="bfloat16", seq_len=2048)),
+    "qk_stats_d128_bf16": (_qk_stats, dict(head_dim=128, dtype="bfloat16", seq_len=2048)),
+    "qk_stats_d64_fp16": (_qk_stats, dict(head_dim=64, dtype="float16", seq_len=2048)),
+    "qk_stats_d64_fp32": (_qk_stats, dict(head_dim=64, dtype="float32", seq_len=2048)),
+    "qk_stats_d128_fp32": (_qk_stats, dict(head_dim=128, dtype="float32", seq_len=2048)),
+    "qk_stats_lse_d80_bf16": (_qk_stats, dict(head_dim=80, dtype="bfloat16", seq_len=2048, lse=True)),
+    "qk_stats_lse_d128_bf16": (_qk_stats, dict(head_dim=128, dtype="bfloat16", seq_len=2048, lse=True)),
     "down_proj_pythia_bf16": (_down_proj, dict(d_ff=10240, d_model=2560, dtype="bfloat16")),
     "down_proj_smollm2_fp32": (_down_proj, dict(d_ff=1536, d_model=576, dtype="float32")),
 }

@@ -126,6 +126,7 @@ def down_proj_stats_triton(
             BLOCK_T=BT,
             BLOCK_F=BF,
             BLOCK_O=st["BLOCK_O"],
+            num_warps=st["num_warps"],
         )
     # -- reduce the candidates and partials (small) --
     cv = cand_val.reshape(T, -1)  # [T, n_chunks * k]

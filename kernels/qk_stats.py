@@ -200,19 +200,18 @@ def _pass2_tile(
         fin = tl.sum(tl.where(is_final[:, None], p, 0.0), 0)  # [BN] the final row, if in this tile
         n_final = tl.sum(is_final.to(tl.int32), 0)  # 1 when the final row is in this tile
         tl.store(FINAL + vec_row + offs_n, fin, mask=key_ok & (tl.zeros([BLOCK_N], tl.int32) + n_final > 0))
-        bk = _floor_log2(tl.maximum(dj, 0) + 1)
-        k_lo = tl.min(tl.min(tl.where(allowed, bk, 64), 1), 0)
-        k_hi = tl.max(tl.max(tl.where(allowed, bk, -1), 1), 0)
+        k_lo = _floor_log2(tl.min(tl.min(tl.where(allowed, dj, 1 << 24), 1), 0) + 1)
+        k_hi = _floor_log2(tl.max(tl.max(tl.where(allowed, dj, -1), 1), 0) + 1)  # -127 with no allowed pair
     else:
         dup += tl.sum(tl.where(tq[:, None] == tk[None, :], p, 0.0), 1)
         ind += tl.sum(tl.where(tq[:, None] == tkb[None, :], p, 0.0), 1)
-        bk = _floor_log2(dj + 1)
         n0 = tl.min(offs_n, 0)
         k_lo = _floor_log2(m_lo - (n0 + BLOCK_N - 1) + 1)
         k_hi = _floor_log2(m_lo + BLOCK_M - 1 - n0 + 1)
     # -- distance buckets floor(log2(i - j + 1)): a tile spans few of them --
     for kb in range(k_lo, k_hi + 1):
-        mass = tl.sum(tl.sum(tl.where(bk == kb, p, 0.0), 1), 0)
+        in_kb = (dj + 1 >= (1 << kb)) & (dj + 1 < (2 << kb))  # floor(log2(i - j + 1)) == kb
+        mass = tl.sum(tl.sum(tl.where(in_kb, p, 0.0), 1), 0)
         dist = tl.where(bucket_ids == kb, dist + mass, dist)
     # -- thumbnail: sum p over each key cell the tile spans (cells are contiguous runs of keys), per row --
     if MASKED:
@@ -519,8 +518,6 @@ def qk_stats(
         UPCAST=upcast,
         HAS_LSE=lse is not None,
     )
-    if is_interpreter():  # small tiles keep the interpreter fast; the tests pin their own
-        st.update(BLOCK_M=64, BLOCK_N=64, num_warps=4)
     block_m, block_n = block_m or st["BLOCK_M"], block_n or st["BLOCK_N"]
     grid = (triton.cdiv(L, block_m), B * H)
     warps, stages = num_warps or st["num_warps"], st["num_stages"]

@@ -25,10 +25,10 @@ SIDE_TRITON = "3.6.0"  # the GPU image's triton
 
 # (arch, configuration names of _compile_check.CONFIGS): one or two per kernel keep the suite fast
 INSTALLED = [
-    (90, ["qk_stats_d80_bf16_L2k", "qk_stats_d128_bf16_L32k", "down_proj_pythia_bf16"]),
-    (80, ["qk_stats_d64_fp16_L2k", "down_proj_smollm2_fp32"]),
+    (90, ["qk_stats_d80_bf16", "qk_stats_lse_d128_bf16", "down_proj_pythia_bf16"]),
+    (80, ["qk_stats_d64_fp16", "qk_stats_d64_fp32", "down_proj_smollm2_fp32"]),
 ]
-SIDE = [(90, ["qk_stats_d80_bf16_L2k", "qk_stats_d128_bf16_L32k", "down_proj_pythia_bf16"])]
+SIDE = [(90, ["qk_stats_d80_bf16", "qk_stats_d128_bf16", "qk_stats_lse_d80_bf16", "down_proj_pythia_bf16"])]
 
 
 def _compile(python: str, arch: int, names: list[str]) -> list[dict]:
@@ -43,6 +43,7 @@ def _compile(python: str, arch: int, names: list[str]) -> list[dict]:
     assert proc.returncode == 0 and len(rows) == len(names), proc.stderr[-4000:]
     for r in rows:
         assert r["regs"] > 0 and r["sass"] > 0, r  # ptxas reported and the cubin disassembled
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{r['name']} spills on sm_{arch}: {r}"
     return rows
 
 

@@ -176,3 +176,36 @@ def test_qk_stats_histograms_bin_by_bin(kdev, B, H, Hkv, L, D, window, padded, b
                 f"{name} head {h}: {bad.numel()} bins differ, first {bad[:5].tolist()}: "
                 f"kernel {a[h][bad[:5]].tolist()} vs reference {e[h][bad[:5]].tolist()}"
             )
+
+
+def _masked_lse(q, k, scaling, ranges):
+    """[B, H, L] float32 natural log-sum-exp of the allowed scores (as the forward's attention returns it)."""
+    B, H, L, _ = q.shape
+    kk = k.double().repeat_interleave(H // k.shape[1], dim=1)  # [B, H, L, D]
+    s = torch.matmul(q.double(), kk.transpose(-1, -2)) * scaling  # [B, H, L, L]
+    s = s.masked_fill(~ranges.allowed(L), float("-inf"))
+    return torch.logsumexp(s, dim=-1).float()  # -inf on rows without keys: the kernel ignores them
+
+
+@pytest.mark.parametrize(
+    "B, H, Hkv, L, D, window, padded, bm, bn",
+    [SHAPES[2], SHAPES[4], SHAPES[6], SHAPES[7]],  # GQA + padding, window + padding, off-band tiles
+)
+def test_qk_stats_with_lse_from_the_forward(kdev, B, H, Hkv, L, D, window, padded, bm, bn):
+    from attnscope.kernels.qk_stats import qk_stats
+
+    q, k, ranges = _inputs(B, H, Hkv, L, D, window, padded, scale=2.0)
+    spec = AttnStatsSpec(bins=64, thumb_size=8)
+    scaling = D**-0.5
+    tokens = _tokens(B, L)
+    lse = _masked_lse(q, k, scaling, ranges)  # [B, H, L]
+    kw = dict(block_m=bm, block_n=bn, poison=True, tokens=tokens.to(kdev))
+    out = qk_stats(q.to(kdev), k.to(kdev), scaling, ranges, spec, lse=lse.to(kdev), **kw)
+    out = {n: v.cpu() for n, v in out.items()}
+    ref = attn_stats_ref(q, k, scaling, ranges, spec, tokens=tokens)
+    _check(out, ref, spec, q, k, scaling, ranges, name="triton with lse ")
+    # the kernel really uses the lse it is given: a shifted one scales every p by exp(-0.5)
+    off = qk_stats(q.to(kdev), k.to(kdev), scaling, ranges, spec, lse=(lse + 0.5).to(kdev), **kw)
+    rows = ranges.allowed(L).any(-1).expand(B, H, L) & (ref["diag"] > 1e-30)  # [B, H, L] rows with keys
+    ratio = off["diag"].cpu()[rows] / ref["diag"].float()[rows]
+    assert torch.allclose(ratio, torch.full_like(ratio, torch.exp(torch.tensor(-0.5)).item()), rtol=1e-4)
