@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAX_LENS_TOKENS", "plot_logit_lens"]
+__all__ = ["MAX_LENS_TOKENS", "has_lens", "plot_logit_lens", "plot_logit_lens_of"]
 
 MAX_LENS_TOKENS = 48  # columns with readable text; longer prompts show a window of them
 
@@ -55,3 +55,38 @@ def plot_logit_lens(
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="p(final prediction) at this layer")
     fig.tight_layout()
     return fig
+
+
+def has_lens(prof) -> bool:
+    """Whether the profile was made with ``--logit-lens``."""
+    return "lens.top_id" in prof.arrays
+
+
+def plot_logit_lens_of(prof, prompt: int = 0, lo: int | None = None, hi: int | None = None):
+    """The logit-lens figure of tokens ``lo:hi`` of one prompt of a profile (default: the last ``MAX_LENS_TOKENS``);
+    negative positions count from the end."""
+    from .summary import ViewError, token_labels
+
+    if not has_lens(prof):
+        raise ViewError("this profile has no logit lens: profile again with --logit-lens")
+    sl = prof.prompt_slice(prompt)
+    n = sl.stop - sl.start
+    lo = max(0, n - MAX_LENS_TOKENS) if lo is None else (lo + n if lo < 0 else lo)
+    hi = n if hi is None else (hi + n if hi < 0 else hi)
+    lo, hi = max(0, lo), min(n, hi)
+    if hi <= lo:
+        raise ViewError(f"positions {lo}:{hi} select no token of prompt {prompt} ({n} tokens)")
+    cols = slice(sl.start + lo, sl.start + hi)
+    top = np.asarray(prof.arrays["lens.top_id"][:, cols])  # [Ly, n]
+    if "lens.top_token" in prof.arrays:
+        text = np.asarray(prof.arrays["lens.top_token"][:, cols]).tolist()
+    else:
+        vocab = prof.meta.get("lens_vocab", {})
+        text = [[vocab.get(str(int(t)), str(int(t))) for t in row] for row in top]
+    return plot_logit_lens(
+        np.asarray(prof.arrays["lens.final_prob"][:, cols]),
+        text,
+        token_labels(prof, prompt)[lo:hi],
+        first=lo,
+        title=f"logit lens: {prof.meta.get('model_id', '')}, prompt {prompt}",
+    )

@@ -113,6 +113,24 @@ def _entropy_table(prof, prompt: int, top: int = 10) -> str:
     )
 
 
+def _top_heads(prof, top: int = 3) -> str:
+    """A line per role: how many heads take it and the highest-scoring heads."""
+    from .roles import ROLE_THRESHOLDS, head_roles
+
+    r = head_roles(prof)
+    H = prof.n_heads
+    rows = []
+    for role, (col, thr) in ROLE_THRESHOLDS.items():
+        order = np.argsort(-r[col].ravel(), kind="stable")[:top]
+        best = ", ".join(f"{i // H}:{i % H} ({r[col].ravel()[i]:.2f})" for i in order)
+        n = int((r["role"] == role).sum())
+        rows.append(f"<tr><td>{html.escape(role)}</td><td>{col} &ge; {thr}</td><td>{n}</td><td>{best}</td></tr>")
+    return (
+        "<table><thead><tr><th>role</th><th>threshold</th><th>heads</th><th>highest layer:head (score)</th></tr>"
+        f"</thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
 def _grid_layers(n_layers: int, k: int = 8) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, min(k, n_layers))})
 
@@ -130,6 +148,8 @@ class ReportRenderer(Renderer):
         from plotly.offline import get_plotlyjs
 
         from .interactive import down_proj_scatter, laminar_figure
+        from .lens import has_lens, plot_logit_lens_of
+        from .roles import plot_head_roles
         from .views import plot_compare, plot_down_proj, plot_layer_grid
 
         if self.compare is not None:
@@ -186,6 +206,27 @@ class ReportRenderer(Renderer):
                 _head_table(prof),
             )
         )
+        sections.append(
+            (
+                "roles",
+                "Head roles",
+                "Left, each head's role (the score it passes by the largest factor: sink, previous-token, induction, "
+                "duplicate, self, local, broad; grey 'mixed' passes none); right, the scores behind it, each on its "
+                "own scale from 0 to its maximum. Induction and duplicate scores need text that repeats.",
+                _png(plot_head_roles(prof)) + _top_heads(prof),
+            )
+        )
+        if has_lens(prof):
+            sections.append(
+                (
+                    "lens",
+                    "Logit lens",
+                    f"Prompt {self.prompt}, its last tokens: what each layer would predict next if the model stopped "
+                    "there (the text in a cell), coloured by the probability that layer gives to the model's final "
+                    "prediction (top row). The layer where a column turns bright is where the answer forms.",
+                    _png(plot_logit_lens_of(prof, self.prompt)),
+                )
+            )
         fig = down_proj_scatter(prof, self.prompt)
         sections.append(
             (

@@ -54,10 +54,7 @@ def head_roles(prof) -> dict[str, np.ndarray]:
     Returns name -> [layers, heads] arrays (``role`` holds strings).
     """
     s = head_summary(prof)
-    a = prof.arrays
-    s["dup"] = a["attn.dup"].mean(-1).astype(np.float64)
-    s["induction"] = a["attn.induction"].mean(-1).astype(np.float64)
-    dist = a["attn.dist"]  # [Ly, H, 32], bucket k: i - j + 1 in [2^k, 2^(k+1))
+    dist = prof.arrays["attn.dist"]  # [Ly, H, 32], bucket k: i - j + 1 in [2^k, 2^(k+1))
     total = dist.sum(-1)
     s["local"] = np.divide(dist[..., :3].sum(-1), total, out=np.zeros_like(total), where=total > 0)
     s["broad"] = s["entropy"] / max(_mean_log_keys(prof), 1e-12)

@@ -23,6 +23,8 @@ HEAD_COLUMNS = {
     "sink": "mean attention to the first token",
     "prev": "mean attention to the previous token",
     "self": "mean self-attention p(i, i)",
+    "induction": "mean induction mass (earlier keys that follow a copy of the query's token)",
+    "dup": "mean duplicate-token mass (earlier keys holding the query's token)",
     "distance": "mean attention distance (tokens, bucket midpoints)",
     "rowmax": "mean of the largest weight per row",
 }
@@ -50,6 +52,8 @@ def head_summary(prof) -> dict[str, np.ndarray]:
         "sink": a["attn.sink"].mean(-1),
         "prev": a["attn.prev"].mean(-1),
         "self": a["attn.diag"].mean(-1),
+        "induction": a["attn.induction"].mean(-1),
+        "dup": a["attn.dup"].mean(-1),
         "rowmax": a["attn.rowmax"].mean(-1),
     }
     dist = a["attn.dist"]  # [Ly, H, 32]: bucket k holds distances d with d + 1 in [2^k, 2^(k+1))

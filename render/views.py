@@ -229,6 +229,31 @@ def plot_patterns(prof, pairs, prompt: int = 0, mode: str = "mean", token: int |
     return fig
 
 
+def _sink_row(prof, prompt: int, layer: int, head: int | None, length: int) -> np.ndarray | None:
+    """Each query's exact attention to the first token, p(i, 0), heads averaged or one head: [L], or None for a run
+    without the per-token vectors. A pooled cell averages the first key with its neighbours, so a strong sink
+    would otherwise look faint."""
+    try:
+        sink = np.asarray(prof.arrays["attn.sink"][layer, :, prof.prompt_slice(prompt)])  # [H, L]
+    except (KeyError, ValueError, TypeError, IndexError):
+        return None
+    if sink.ndim != 2 or sink.shape[1] != length:
+        return None
+    return sink.mean(0) if head is None else sink[head]
+
+
+def _sink_strip(ax, row: np.ndarray, cmap, norm) -> None:
+    """The sink row as a strip right of a panel, on the panel's colour scale."""
+    cax = ax.inset_axes([1.015, 0.0, 0.045, 1.0])
+    n = row.shape[0]
+    cax.imshow(
+        row[:, None], aspect="auto", cmap=_cmap(cmap), norm=norm, interpolation="nearest",
+        extent=(-0.5, 0.5, n - 0.5, -0.5),
+    )  # fmt: skip
+    cax.set_xticks([0], ["sink"], fontsize=5, rotation=90)
+    cax.set_yticks([])
+
+
 def plot_layer_grid(
     prof, layers, head: int | None = None, prompt: int = 0, mark_top: int = 5, cmap: str = "RdBu_r", scale: str = "log"
 ):
@@ -246,7 +271,8 @@ def plot_layer_grid(
         m, full, L = attention_matrix(prof, prompt, la, head)
         k = _pool(m)[1] if full else 1  # a long full matrix: averaged over k x k cells, like the heatmap
         mats.append((_causal_only(_pool(m)[0] if k > 1 else m), k, L))
-    sc = matrix_scale([m for m, _, _ in mats], scale)
+    sinks = [_sink_row(prof, prompt, la, head, L) for la, (_, _, L) in zip(layers, mats)]
+    sc = matrix_scale([m for m, _, _ in mats] + [r for r in sinks if r is not None], scale)
     marks = high_entropy_positions(prof, prompt, mark_top) if mark_top else []
     cols = min(len(layers), 4)
     rows = -(-len(layers) // cols)
@@ -263,6 +289,8 @@ def plot_layer_grid(
         ax.set_xlim(-0.5, L - 0.5)
         ax.set_ylim(L - 0.5, -0.5)
         _crosshairs(ax, marks)
+        if sinks[i] is not None:
+            _sink_strip(ax, sinks[i], cmap, sc.norm())
         ax.set_title(f"layer {layer}", fontsize=9)
         _label_ticks(ax, labels, "x", max_labels=n_labels, fontsize=5)
         _label_ticks(ax, labels, "y", max_labels=n_labels, fontsize=5)
@@ -273,7 +301,8 @@ def plot_layer_grid(
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7).set_label(sc.label("attention weight"), fontsize=8)
     who = "heads averaged" if head is None else f"head {head}"
     fig.suptitle(
-        f"{prof.meta.get('model_id')}: layer grid ({who}), prompt {prompt}, one colour scale; grey: no causal pair",
+        f"{prof.meta.get('model_id')}: layer grid ({who}), prompt {prompt}, one colour scale; grey: no causal pair; "
+        "strip: each query's exact attention to the first token",
         fontsize=10,
     )
     return fig

@@ -36,45 +36,20 @@ def cmd_heads(args) -> int:
 
 
 def cmd_lens(args) -> int:
-    import numpy as np
-
-    from attnscope.render.lens import MAX_LENS_TOKENS, plot_logit_lens
-    from attnscope.render.summary import token_labels
+    from attnscope.render.lens import has_lens, plot_logit_lens_of
     from attnscope.render.views import save
 
     prof = load_profile(args.profile)
-    if "lens.top_id" not in prof.arrays:
+    if not has_lens(prof):
         raise CLIError(f"{args.profile} has no logit lens: profile again with --logit-lens")
-    try:
-        sl = prof.prompt_slice(args.prompt)
-    except IndexError as e:
-        raise CLIError(str(e)) from None
-    n = sl.stop - sl.start
+    lo = hi = None
     if args.tokens:
         a, _, b = args.tokens.partition(":")
         try:
-            lo, hi = int(a or 0), int(b or n)
+            lo, hi = int(a) if a else 0, int(b) if b else None
         except ValueError:
             raise CLIError(f"--tokens takes START:END positions, got {args.tokens!r}") from None
-    else:  # the last tokens that fit with readable text
-        lo, hi = max(0, n - MAX_LENS_TOKENS), n
-    lo, hi = max(0, lo + n if lo < 0 else lo), min(n, hi + n if hi < 0 else hi)
-    if hi <= lo:
-        raise CLIError(f"--tokens {args.tokens} selects no token of prompt {args.prompt} ({n} tokens)")
-    cols = slice(sl.start + lo, sl.start + hi)
-    top = np.asarray(prof.arrays["lens.top_id"][:, cols])  # [Ly, n]
-    if "lens.top_token" in prof.arrays:
-        text = np.asarray(prof.arrays["lens.top_token"][:, cols]).tolist()
-    else:
-        vocab = prof.meta.get("lens_vocab", {})
-        text = [[vocab.get(str(int(t)), str(int(t))) for t in row] for row in top]
-    fig = plot_logit_lens(
-        np.asarray(prof.arrays["lens.final_prob"][:, cols]),
-        text,
-        token_labels(prof, args.prompt)[lo:hi],
-        first=lo,
-        title=f"logit lens: {prof.meta.get('model_id', '')}, prompt {args.prompt}",
-    )
+    fig = plot_logit_lens_of(prof, args.prompt, lo, hi)
     out = Path(args.out) if args.out else Path(args.profile) / "figures"
     print(save(fig, out / f"logit_lens_p{args.prompt}.{args.format}"))
     return 0
