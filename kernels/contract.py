@@ -165,7 +165,7 @@ def thumb_edges(length: int, thumb_size: int) -> list[int]:
 
 
 def thumb_layout(ranges: KeyRanges, length: int, thumb_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each position of a padded batch falls in its prompt's thumbnail.
+    """Where each position of a padded batch falls in its prompt's thumbnail (``thumb_edges`` for every row at once).
 
     Returns:
         ``edges`` [B, R + 1] int64 absolute cell edges (past the prompt's last cell, repeated),
@@ -173,20 +173,19 @@ def thumb_layout(ranges: KeyRanges, length: int, thumb_size: int) -> tuple[torch
         ``count`` [B, R, R] float64 number of (query, key) pairs pooled into each cell (1 where none, so a
         division by it leaves empty cells at 0).
     """
-    B, R = ranges.start.numel(), thumb_size
-    edges = torch.zeros(B, R + 1, dtype=torch.long)
-    cell = torch.full((B, length), -1, dtype=torch.long)
-    count = torch.ones(B, R, R, dtype=torch.float64)
-    for b, (lo, hi) in enumerate(zip(ranges.start.tolist(), ranges.end.tolist())):
-        e = torch.tensor(thumb_edges(max(hi - lo, 0), R))
-        nc = len(e) - 1
-        edges[b, : nc + 1] = e + lo
-        edges[b, nc + 1 :] = e[-1] + lo
-        if nc:
-            sizes = e[1:] - e[:-1]
-            count[b, :nc, :nc] = (sizes[:, None] * sizes[None, :]).double()
-            cell[b, lo:hi] = torch.repeat_interleave(torch.arange(nc), sizes)
-    return edges, cell, count
+    lo = ranges.start.cpu().long()  # [B]
+    n = (ranges.end.cpu().long() - lo).clamp_min(0)  # [B] real tokens
+    r = n.clamp_max(thumb_size)  # [B] cells per axis
+    t = torch.arange(thumb_size + 1)  # [R + 1]
+    tt = torch.minimum(t[None, :], r[:, None])  # [B, R + 1]; edges past the last cell repeat it
+    rel = -(-tt * n[:, None] // r.clamp_min(1)[:, None])  # [B, R + 1] ceil(t * n / r)
+    edges = rel + lo[:, None]
+    pos = torch.arange(length)[None, :] - lo[:, None]  # [B, L] position relative to the prompt
+    real = (pos >= 0) & (pos < n[:, None])
+    cell = torch.where(real, pos.clamp_min(0) * r[:, None] // n.clamp_min(1)[:, None], -1)  # floor(rel * r / n)
+    sizes = (rel[:, 1:] - rel[:, :-1]).double()  # [B, R]; 0 past the last cell
+    count = sizes[:, :, None] * sizes[:, None, :]  # [B, R, R]
+    return edges, cell, torch.where(count > 0, count, 1.0)
 
 
 def validate_qk(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:

@@ -67,6 +67,11 @@ def test_layer_grid_shares_one_colour_scale(run_dirs):
     assert len(clims) == 1
     vmin, vmax = clims.pop()
     top = max(float(summary.attention_matrix(prof, 0, layer, None)[0].max()) for layer in (0, 1))
+    # each panel has a strip of the exact sink mass p(i, 0) per query, on the same scale
+    sink = prof.arrays["attn.sink"][:2, :, prof.prompt_slice(0)].mean(1)  # [2 layers, L]
+    top = max(top, float(sink.max()))
+    strips = [im for ax in fig.axes for child in ax.child_axes for im in child.get_images()]
+    assert len(strips) == 2 and {im.get_clim() for im in strips} == {(vmin, vmax)}
     assert 0 < vmin < vmax and vmax == pytest.approx(top)  # log colour: the floor is stated on the colourbar
     (label,) = {ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"}
     assert "log colour" in label
@@ -444,7 +449,7 @@ def test_report_compare_writes_its_own_file_with_every_section_explained(run_dir
     text = (a / "report_vs_neutral.html").read_text()
     assert "Comparison: critical vs neutral" in text
     links = re.findall(r'<a href="#([\w-]+)">', text)
-    assert links == ["model", "laminar", "grid", "heads", "downproj", "entropy", "compare"]
+    assert links == ["model", "laminar", "grid", "heads", "roles", "downproj", "entropy", "compare"]
     for sid in links:
         how = rf'<section id="{sid}"><h2>[^<]+</h2><p class="how"><b>How to read this.</b> [^<]{{20,}}'
         assert re.search(how, text), sid
