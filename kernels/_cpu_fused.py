@@ -85,8 +85,8 @@ def _fused_block_py(
     kstart,  # absolute position of column 0 of the block
     start,  # [B] int64 first real token
     final_row,  # [B] int64 last real token
-    tokens,  # [B, L] int64
-    tok_before,  # [B, L] int64 token j - 1 at key j (-1: none)
+    tokens,  # [B, L] int32
+    tok_before,  # [B, L] int32 token j - 1 at key j (-1: none)
     cell,  # [B, L] int64 thumbnail cell of each position (-1: padding)
     edges,  # [B, R + 1] int64 absolute thumbnail cell edges
     bins,
@@ -245,8 +245,8 @@ def fused_block(
     kstart: int,
     start: np.ndarray,  # [B] int64
     final_row: np.ndarray,  # [B] int64
-    tokens: np.ndarray,  # [B, L] int64
-    tok_before: np.ndarray,  # [B, L] int64
+    tokens: np.ndarray,  # [B, L] int32
+    tok_before: np.ndarray,  # [B, L] int32
     cell: np.ndarray,  # [B, L] int64
     edges: np.ndarray,  # [B, R + 1] int64
     bins: int,
