@@ -1,8 +1,9 @@
 """The post-matmul work of one query block on the CPU in a single Numba pass, parallel over (batch, head).
 
-Before it, torch forms log p = s - lse in place and p = exp(log p) over the block (two vectorised element-wise
-passes: Numba has no vector exp without Intel's SVML). With the forward's lse that is all; without it torch first
-finds lse (``torch.logsumexp`` over the masked block). The Numba pass then reads log p and p once for each row i and
+Before it, torch forms log p and p = exp(log p) over the block (``attn_stats_torch._attn_stats_fused``): with the
+forward's lse, log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmul; without it, torch
+finds lse (``torch.logsumexp`` over the masked scores) and subtracts it. ``exp`` stays in torch, vectorised (Numba
+has no vector exp without Intel's SVML). The Numba pass then reads log p and p once for each row i and
 its allowed keys j in [lo, hi) and reduces them to every statistic of the contract: entropy H_i = -sum_j p_ij
 log p_ij, row max, attention received (sum and max per key), the linear and log10 histograms, the moments,
 distance buckets, thumbnail cells, the diagonal, previous-token, sink and final-row values, and the
