@@ -1,8 +1,9 @@
 """The post-matmul work of one query block on the CPU in a single Numba pass, parallel over (batch, head).
 
-Before it, torch forms log p = s - lse in place and p = exp(log p) over the block (two vectorised element-wise
-passes: Numba has no vector exp without Intel's SVML). With the forward's lse that is all; without it torch first
-finds lse (``torch.logsumexp`` over the masked block). The Numba pass then reads log p and p once for each row i and
+Before it, torch forms log p and p = exp(log p) over the block (``attn_stats_torch._attn_stats_fused``): with the
+forward's lse, log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmul; without it, torch
+finds lse (``torch.logsumexp`` over the masked scores) and subtracts it. ``exp`` stays in torch, vectorised (Numba
+has no vector exp without Intel's SVML). The Numba pass then reads log p and p once for each row i and
 its allowed keys j in [lo, hi) and reduces them to every statistic of the contract: entropy H_i = -sum_j p_ij
 log p_ij, row max, attention received (sum and max per key), the linear and log10 histograms, the moments,
 distance buckets, thumbnail cells, the diagonal, previous-token, sink and final-row values, and the
@@ -85,8 +86,8 @@ def _fused_block_py(
     kstart,  # absolute position of column 0 of the block
     start,  # [B] int64 first real token
     final_row,  # [B] int64 last real token
-    tokens,  # [B, L] int64
-    tok_before,  # [B, L] int64 token j - 1 at key j (-1: none)
+    tokens,  # [B, L] int32
+    tok_before,  # [B, L] int32 token j - 1 at key j (-1: none)
     cell,  # [B, L] int64 thumbnail cell of each position (-1: padding)
     edges,  # [B, R + 1] int64 absolute thumbnail cell edges
     bins,
@@ -245,8 +246,8 @@ def fused_block(
     kstart: int,
     start: np.ndarray,  # [B] int64
     final_row: np.ndarray,  # [B] int64
-    tokens: np.ndarray,  # [B, L] int64
-    tok_before: np.ndarray,  # [B, L] int64
+    tokens: np.ndarray,  # [B, L] int32
+    tok_before: np.ndarray,  # [B, L] int32
     cell: np.ndarray,  # [B, L] int64
     edges: np.ndarray,  # [B, R + 1] int64
     bins: int,

@@ -234,7 +234,7 @@ def _attn_stats_fused(
     W = ranges.window
     R = spec.thumb_size
     tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
-    tok_before = previous_tokens(tokens, ranges).contiguous().numpy()  # [B, L]
+    tok_before = previous_tokens(tokens, ranges).to(torch.int32).contiguous().numpy()  # [B, L]; ids < 2^31
     start = ranges.start.cpu().long()  # [B]
     end = ranges.end.cpu().long()  # [B]
     edges, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, R + 1], [B, L], [B, R, R]
@@ -242,7 +242,7 @@ def _attn_stats_fused(
     common = dict(
         start=start.numpy(),
         final_row=(end - 1).numpy(),
-        tokens=tokens.contiguous().numpy(),
+        tokens=tokens.to(torch.int32).contiguous().numpy(),
         tok_before=tok_before,
         cell=row_cell.contiguous().numpy(),
         edges=edges.contiguous().numpy(),

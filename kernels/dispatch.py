@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -53,7 +54,8 @@ def attn_stats(
     if _resolve(impl, q.device) == "triton":
         from .qk_stats import qk_stats
 
-        extra = {} if lse is None else {"lse": lse}
+        # a qk_stats without an ``lse`` parameter computes its own (both give the same statistics)
+        extra = {"lse": lse} if lse is not None and "lse" in inspect.signature(qk_stats).parameters else {}
         return qk_stats(q, k, scaling, ranges, spec, tokens=tokens, **extra)
     return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens, lse=lse)
 

@@ -275,6 +275,8 @@ def run_bench(cfg: BenchConfig, log=lambda msg: print(msg, file=sys.stderr, flus
                     log(f"{L} tokens, eager: skipped ({row[mode]['skipped']})")
                     continue
             r = _measure(cfg, mode, L, log)
+            if mode == "forward" and "error" in r and not result["runs"]:
+                raise RuntimeError(f"the plain forward of {cfg.model or 'the default model'} failed: {r['error']}")
             if "model" in r:
                 result["model"] = r.pop("model")
             row[mode] = r

@@ -176,11 +176,12 @@ def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):
     slot: list = []
     if session.original == "sdpa":
         token = _LSE_SLOT.set(slot)
+        before = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = _sdpa_collecting
         try:
             out = fn(module, query, key, value, attention_mask, **kwargs)
         finally:
-            torch.nn.functional.scaled_dot_product_attention = _SDPA
+            torch.nn.functional.scaled_dot_product_attention = before
             _LSE_SLOT.reset(token)
     else:
         out = fn(module, query, key, value, attention_mask, **kwargs)

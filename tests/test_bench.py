@@ -55,3 +55,9 @@ def test_eager_skipped_where_predicted_not_to_fit(model_dir, monkeypatch):
     assert "more than the" in row["eager"]["skipped"] and row["eager_predicted_bytes"] > 10_000
     with pytest.raises(ValueError, match="lengths"):
         bench.BenchConfig(lengths=[])
+
+
+def test_bench_cli_names_a_model_it_cannot_load(tmp_path):
+    cmd = [sys.executable, "-m", "attnscope.cli", "bench", str(tmp_path / "nothing"), "--lengths", "8", "--no-eager"]
+    res = subprocess.run(cmd + ["--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert res.returncode == 2 and "plain forward" in res.stderr and "does not exist" in res.stderr, res.stderr
