@@ -333,8 +333,11 @@ class _Engine:
         return r
 
     # -- a shard --
-    def run_shard(self, items: Sequence[PromptItem], token_lists: list[np.ndarray], bar=None) -> Shard:
-        """The ``Shard`` of ``items`` (in their order), computed in length-bucketed batches."""
+    def run_shard(
+        self, items: Sequence[PromptItem], token_lists: list[np.ndarray], bar=None, token_text: list[str] | None = None
+    ) -> Shard:
+        """The ``Shard`` of ``items`` (in their order), computed in length-bucketed batches; ``token_text`` is the
+        decoded text of every token (decoded here when None)."""
         cfg, Ly, H, R = self.cfg, self.Ly, self.H, self.cfg.spec.thumb_size
         V, nb = len(self.vectors), cfg.spec.bins
         P = len(items)
@@ -438,7 +441,7 @@ class _Engine:
             previews=[it.text[:80] for it in items],
             lengths=lengths,
             token_ids=token_ids,
-            token_text=self.decode(token_ids),
+            token_text=self.decode(token_ids) if token_text is None else token_text,
             logit_entropy=entropy,
             mlp=mlp,
             row_means=row_means,
@@ -546,8 +549,12 @@ def run_corpus(
     model.eval()
 
     def prepare(first: int, window: list[PromptItem]):
+        # all tokenizer calls happen here, in one thread: a fast tokenizer is not safe to share across threads
         todo = [it for it in window if it.id not in skip]
-        return len(window) - len(todo), todo, (eng.tokenize(todo, first) if todo else [])
+        if not todo:
+            return len(window), todo, [], []
+        token_lists = eng.tokenize(todo, first)
+        return len(window) - len(todo), todo, token_lists, eng.decode(np.concatenate(token_lists))
 
     windows = shard_windows(items, cfg)
     pool = ThreadPoolExecutor(
@@ -557,13 +564,13 @@ def run_corpus(
         nxt = next(windows, None)
         pending = pool.submit(prepare, *nxt) if nxt else None
         while pending is not None:
-            skipped, todo, token_lists = pending.result()
+            skipped, todo, token_lists, token_text = pending.result()
             nxt = next(windows, None)
             pending = pool.submit(prepare, *nxt) if nxt else None
             if skipped:
                 bar.update(skipped)
             if todo:
-                sink(eng.run_shard(todo, token_lists, bar))
+                sink(eng.run_shard(todo, token_lists, bar, token_text))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
