@@ -15,6 +15,7 @@ import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats
 from attnscope.kernels.reference import attention_probs_ref
 
+from .corpus import PromptItem
 from .data import ATTN_VECTORS, SCHEMA_VERSION, Profile, combine_accum
 from .hooks import capture, model_geometry
 from .store import Shard
@@ -157,14 +158,6 @@ def _versions() -> dict:
     if "triton" in sys.modules:
         v["triton"] = sys.modules["triton"].__version__
     return v
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    """One prompt of a corpus: a stable id (the corpus's ``id`` where it has one, else index and content hash)."""
-
-    id: str
-    text: str
 
 
 def prompt_items(prompts: Sequence[str | PromptItem], first_index: int = 0) -> list[PromptItem]:
