@@ -423,10 +423,10 @@ class _Engine:
                 acc["mlp.neuron_sum"][layer] += st["neuron_sum"]
                 acc["mlp.neuron_sumsq"][layer] += st["neuron_sumsq"]
             if bar is not None:
-                bar.update(B)
                 bar.tokens += int(blen.sum())
                 rate = bar.tokens / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+                bar.update(B)
         token_ids = np.concatenate(token_lists) if token_lists else np.zeros(0, np.int64)
         return Shard(
             prompt_ids=[it.id for it in items],
