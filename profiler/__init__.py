@@ -1,4 +1,5 @@
-"""attnscope.profiler: capture q/k and down_proj activations from Hugging Face models and build a ``Profile``.
+"""attnscope.profiler: capture q/k and down_proj activations from Hugging Face models and build a ``Profile``,
+in memory (``profile``) or streamed into a run directory shard by shard (``run_corpus`` + ``RunWriter``).
 
 ``Profile`` (``attnscope.profiler.data``) needs numpy only; the capture and run modules load torch and
 transformers on first use, so renderers can read profiles without them.
@@ -10,6 +11,12 @@ import importlib
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Corpus",
+    "PromptItem",
+    "RunWriter",
+    "load_run",
+    "merge_runs",
+    "run_corpus",
     "SUPPORTED_MODEL_TYPES",
     "Profile",
     "ProfileConfig",
@@ -29,6 +36,12 @@ _WHERE = {
     "Profile": "data",
     "ProfileError": "data",
     "load": "data",
+    "Corpus": "corpus",
+    "PromptItem": "corpus",
+    "RunWriter": "store",
+    "load_run": "store",
+    "merge_runs": "store",
+    "run_corpus": "run",
     "SUPPORTED_MODEL_TYPES": "hooks",
     "UnsupportedModelError": "hooks",
     "capture": "hooks",

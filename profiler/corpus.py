@@ -14,7 +14,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Corpus", "CorpusError", "read_text_file"]
+__all__ = ["Corpus", "CorpusError", "PromptItem", "read_text_file"]
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a corpus: a stable id (the corpus's ``id`` where it has one, else index and content hash)."""
+
+    id: str
+    text: str
 
 
 class CorpusError(ValueError):
@@ -149,8 +157,6 @@ class Corpus:
                     yield None, line, f"{p}:{n}"
 
     def __iter__(self):
-        from .run import PromptItem
-
         for index, (pid, text, where) in enumerate(self._rows(), self.first_index):
             if not isinstance(text, str):
                 raise CorpusError(f"{where}: the prompt is not a string ({type(text).__name__})")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import platform
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats, set_cpu_threads
 from attnscope.kernels.reference import attention_probs_ref
 
+from .corpus import PromptItem
 from .data import ATTN_VECTORS, LENS_ARRAYS, SCHEMA_VERSION, Profile, combine_accum, topk_fold
 from .hooks import capture, model_geometry
 from .lens import LensCollector, next_token_entropy, residual_hooks
@@ -173,14 +175,6 @@ def _versions() -> dict:
     return v
 
 
-@dataclass(frozen=True)
-class PromptItem:
-    """One prompt of a corpus: a stable id (the corpus's ``id`` where it has one, else index and content hash)."""
-
-    id: str
-    text: str
-
-
 def prompt_items(prompts: Sequence[str | PromptItem], first_index: int = 0) -> list[PromptItem]:
     """``PromptItem``s of texts, ids ``<index>:<sha256 prefix>`` (stable for the same corpus)."""
     out = []
@@ -216,10 +210,13 @@ class _Engine:
         self.base = model.base_model
         self.vectors = ATTN_VECTORS
         self._decoded: dict[int, str] = {}
+        # the tokenising thread and the lens' decoding (main thread) share the tokenizer: one call at a time
+        self._tok_lock = threading.Lock()
 
     # -- tokenisation (batched, once per shard window) --
     def tokenize(self, items: Sequence[PromptItem], first_index: int) -> list[np.ndarray]:
-        enc = self.tok([it.text for it in items], add_special_tokens=True)["input_ids"]
+        with self._tok_lock:
+            enc = self.tok([it.text for it in items], add_special_tokens=True)["input_ids"]
         max_pos, cfg = self.geom["max_positions"], self.cfg
         out = []
         for n, ids in enumerate(enc):
@@ -241,11 +238,12 @@ class _Engine:
 
     def decode(self, ids: np.ndarray) -> list[str]:
         """Token texts, each id decoded once per run (the vocabulary bounds the cache)."""
-        cache = self._decoded
-        missing = [int(t) for t in np.unique(ids) if int(t) not in cache]
-        for t, text in zip(missing, self.tok.batch_decode([[t] for t in missing])):
-            cache[t] = text
-        return [cache[t] for t in ids.tolist()]
+        with self._tok_lock:
+            cache = self._decoded
+            missing = [int(t) for t in np.unique(ids) if int(t) not in cache]
+            for t, text in zip(missing, self.tok.batch_decode([[t] for t in missing])):
+                cache[t] = text
+            return [cache[t] for t in ids.tolist()]
 
     def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         """Length-bucketed batches: prompts sorted by length, cut by batch size or the padded-token budget."""
@@ -362,8 +360,11 @@ class _Engine:
         return r
 
     # -- a shard --
-    def run_shard(self, items: Sequence[PromptItem], token_lists: list[np.ndarray], bar=None) -> Shard:
-        """The ``Shard`` of ``items`` (in their order), computed in length-bucketed batches."""
+    def run_shard(
+        self, items: Sequence[PromptItem], token_lists: list[np.ndarray], bar=None, token_text: list[str] | None = None
+    ) -> Shard:
+        """The ``Shard`` of ``items`` (in their order), computed in length-bucketed batches; ``token_text`` is the
+        decoded text of every token (decoded here when None)."""
         cfg, Ly, H, R = self.cfg, self.Ly, self.H, self.cfg.spec.thumb_size
         V, nb = len(self.vectors), cfg.spec.bins
         P = len(items)
@@ -471,10 +472,10 @@ class _Engine:
                     )
                 acc["mlp.neuron_sumsq"][layer] += st["neuron_sumsq"]
             if bar is not None:
-                bar.update(B)
                 bar.tokens += int(blen.sum())
                 rate = bar.tokens / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+                bar.update(B)
         token_ids = np.concatenate(token_lists) if token_lists else np.zeros(0, np.int64)
         return Shard(
             prompt_ids=[it.id for it in items],
@@ -482,7 +483,7 @@ class _Engine:
             previews=[it.text[:80] for it in items],
             lengths=lengths,
             token_ids=token_ids,
-            token_text=self.decode(token_ids),
+            token_text=self.decode(token_ids) if token_text is None else token_text,
             logit_entropy=entropy,
             mlp=mlp,
             row_means=row_means,
@@ -590,8 +591,12 @@ def run_corpus(
     set_cpu_threads(cfg.threads)  # torch and the Numba pass share one thread count
 
     def prepare(first: int, window: list[PromptItem]):
+        # all tokenizer calls happen here, in one thread: a fast tokenizer is not safe to share across threads
         todo = [it for it in window if it.id not in skip]
-        return len(window) - len(todo), todo, (eng.tokenize(todo, first) if todo else [])
+        if not todo:
+            return len(window), todo, [], []
+        token_lists = eng.tokenize(todo, first)
+        return len(window) - len(todo), todo, token_lists, eng.decode(np.concatenate(token_lists))
 
     windows = shard_windows(items, cfg)
     pool = ThreadPoolExecutor(
@@ -601,13 +606,13 @@ def run_corpus(
         nxt = next(windows, None)
         pending = pool.submit(prepare, *nxt) if nxt else None
         while pending is not None:
-            skipped, todo, token_lists = pending.result()
+            skipped, todo, token_lists, token_text = pending.result()
             nxt = next(windows, None)
             pending = pool.submit(prepare, *nxt) if nxt else None
             if skipped:
                 bar.update(skipped)
             if todo:
-                sink(eng.run_shard(todo, token_lists, bar))
+                sink(eng.run_shard(todo, token_lists, bar, token_text))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()

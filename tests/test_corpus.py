@@ -129,8 +129,9 @@ def test_memory_flat_over_corpus_size(tmp_path, rng):
         c = tmp_path / f"c{n}.txt"
         c.write_text("\n".join(random_text(int(k), rng) for k in rng.integers(4, 17, size=n)) + "\n")
         argv = ["profile", str(d), "--prompts", str(c), "--out", str(tmp_path / f"r{n}"), "--no-progress"]
-        argv += ["--batch-size", "16", "--shard-size", "100", "--keep", "tables", "--bins", "256"]
+        argv += ["--batch-size", "auto", "--shard-size", "100", "--keep", "tables", "--bins", "256"]
         r = subprocess.run([sys.executable, "-c", _RSS] + argv, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         peaks[n] = int(r.stdout.split("maxrss")[-1])
+    print("peak RSS (KB):", peaks)
     assert peaks[2000] <= 1.3 * peaks[200], peaks

@@ -98,3 +98,27 @@ def test_kill9_at_random_moments_then_resume(model_dir, tmp_path, rng, _seed):
         assert main(_args(model_dir, corpus, out) + ["--resume"]) == 0, f"kills {kills}, seed {_seed}"
         _assert_same_run(out, ref)
         _assert_clean(out)
+
+
+def test_second_writer_is_refused_and_nothing_is_lost(model_dir, tmp_path, rng, capsys):
+    """Two real `attnscope profile` processes on one --out: the second gets one line; the first loses nothing."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(random_text(int(k), rng) for k in rng.integers(2, 30, size=120)) + "\n")
+    out = tmp_path / "r"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "attnscope.cli"] + _args(model_dir, corpus, out), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while first.poll() is None and _shards(out) < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert first.poll() is None, "the first writer ended before the second could try"
+        for extra in (["--append"], ["--resume"], ["--force"]):
+            rc = main(_args(model_dir, corpus, out) + extra)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and len(err) == 1 and "is busy" in err[0], err
+    finally:
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    prof = load(out)
+    assert len(prof.prompts) == 120 and len({p["id"] for p in prof.prompts}) == 120
+    _assert_clean(out)

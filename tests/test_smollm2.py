@@ -30,7 +30,7 @@ def test_cli_end_to_end(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (out / "profile.json").is_file() and (out / "profile.safetensors").is_file()
+    assert (out / "run.json").is_file() and (out / "accum").is_dir()  # a run directory (profiler/store.py)
     res = subprocess.run([*exe, "render", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     for kind in ("self", "final", "all"):

@@ -175,10 +175,10 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--batch-size",
-        default="1",
+        default="auto",
         metavar="N|auto",
         help="prompts per forward pass, length-bucketed within a shard; auto: as many as --token-budget padded "
-        "tokens allow (default: 1)",
+        "tokens allow (default: auto)",
     )
     p.add_argument(
         "--token-budget", type=int, default=8192, help="padded tokens per forward pass with --batch-size auto"
