@@ -74,3 +74,14 @@ def smollm2():
 
     model, tok, model_id = load_model(None, device="cpu", dtype="float32")
     return model, tok, model_id
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama (GQA, vocabulary 200) and a word-level tokenizer, saved as a model directory."""
+    from helpers import tiny_model, word_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama", vocab=200).save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    return d

@@ -7,15 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import tiny_model, word_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", vocab=200).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
+def model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def test_bench_cli_writes_json_and_plot(model_dir, tmp_path):

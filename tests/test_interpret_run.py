@@ -15,11 +15,8 @@ from attnscope.cli import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama_lens")
-    tiny_model("llama", vocab=200).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
+def model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def _prompts(rng, n=7):

@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 from attnscope.profiler import load
 from attnscope.profiler.data import ACCUM_NAMES, ATTN_VECTORS
-from helpers import random_text, tiny_model, word_tokenizer
+from helpers import random_text
 
 from attnscope.cli import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", vocab=200).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
+def model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def _profile(model_dir, corpus, out, *extra):
