@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_cpu_profile import WORDS, machine  # noqa: E402
+from attnscope.profiler.bench import _WORDS as WORDS  # noqa: E402
+from attnscope.profiler.bench import machine_info as machine  # noqa: E402
 
 MORE = (
     "river stone light tree mountain city road window letter number market garden winter summer music paper "
