@@ -21,10 +21,8 @@ import numpy as np
 import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, _cpu_fused, attn_stats_torch
 
-_ROLE_LINES = """                if tok[j] == tq:  # at j == i both tests below would hold: removed after the loop
-                    dup += pd
-                if tokb[j] == tq:
-                    ind += pd
+_ROLE_LINES = """                dup += pd * (tok[j] == tq)
+                ind += pd * (tokb[j] == tq)
 """
 
 

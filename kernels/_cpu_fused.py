@@ -192,10 +192,9 @@ def _fused_block_py(
                     lg0[bg] += 1
                 rsum[j] += p
                 rmax[j] = max(rmax[j], p)
-                if tok[j] == tq:  # at j == i both tests below would hold: removed after the loop
-                    dup += pd
-                if tokb[j] == tq:
-                    ind += pd
+                # head-role masses without branches (a repeat is unpredictable); j == i is removed after the loop
+                dup += pd * (tok[j] == tq)
+                ind += pd * (tokb[j] == tq)
             dst[kb] += pz - zb
             thb[rc, cc] += pz - zc
             if e > i:  # the diagonal key j = i is no earlier key: out of the head-role masses

@@ -53,7 +53,7 @@ def vocab_stats(
     target: torch.Tensor,  # [T] int64, -1: none
     bias: torch.Tensor | None = None,
     impl: str = "auto",
-    budget: int = 1 << 25,
+    budget: int = 1 << 22,  # logits per chunk: 16 MB of float32 per temporary
 ) -> dict[str, torch.Tensor]:
     """``kernels.vocab_stats`` on CUDA (Triton) or the CPU (torch, vocabulary chunks of at most ``budget`` logits)."""
     use_triton = impl == "triton" or (impl == "auto" and h.is_cuda)
