@@ -38,7 +38,8 @@ def _without_roles():
     return numba.njit(parallel=True, nogil=True, error_model="numpy")(ns["_fused_block_py"])
 
 
-def _time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one burn-in call (which also compiles)."""
     fn()  # burn-in (and compilation)
     out = []
     for _ in range(repeats):
@@ -62,10 +63,10 @@ def main() -> None:
     run = lambda: attn_stats_torch(q, k, 0.125, ranges, spec, tokens=tokens)  # noqa: E731
     _cpu_fused._kernel()
     shipped = _cpu_fused._compiled
-    with_roles = _time(run, args.repeats)
+    with_roles = median_time(run, args.repeats)
     _cpu_fused._compiled = _without_roles()
     try:
-        without = _time(run, args.repeats)
+        without = median_time(run, args.repeats)
     finally:
         _cpu_fused._compiled = shipped
     res = {

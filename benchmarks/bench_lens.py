@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from attnscope.profiler.bench import machine_info
 from attnscope.profiler.models import load_model
+from bench_head_roles import median_time
 
 import attnscope
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -53,9 +42,9 @@ def main() -> None:
     res = {
         "what": "SmolLM2-135M float32, one prompt, medians (s)",
         "tokens": int(ids.shape[1]),
-        "forward_s": _median(forward, args.repeats),
-        "profile_s": _median(lambda: attnscope.profile(model, tok, [text], **kw), args.repeats),
-        "profile_logit_lens_s": _median(
+        "forward_s": median_time(forward, args.repeats),
+        "profile_s": median_time(lambda: attnscope.profile(model, tok, [text], **kw), args.repeats),
+        "profile_logit_lens_s": median_time(
             lambda: attnscope.profile(model, tok, [text], logit_lens=True, **kw), args.repeats
         ),
         "machine": machine_info("cpu"),
