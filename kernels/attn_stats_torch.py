@@ -289,7 +289,7 @@ def _attn_stats_fused(
         fused_block(state, d, p, lo, hi, i0, kstart, **common)
 
     state.fold()
-    hist = torch.from_numpy(state.hist).sum(0)  # [H, 2, bins]
+    hist = torch.from_numpy(state.hist)  # [H, 2, bins]
     out = {
         "hist_all": hist[:, 0].contiguous(),
         "hist_log": hist[:, 1].contiguous(),
