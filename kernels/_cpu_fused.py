@@ -1,4 +1,4 @@
-"""The post-matmul work of one query block on the CPU in a single Numba pass, parallel over (batch, head).
+"""The post-matmul work of one query block on the CPU in a single Numba pass, parallel over heads.
 
 Before it, torch forms log p and p = exp(log p) over the block (``attn_stats_torch._attn_stats_fused``): with the
 forward's lse, log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmul; without it, torch
