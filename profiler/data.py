@@ -54,6 +54,7 @@ __all__ = [
     "ProfileError",
     "combine_accum",
     "load",
+    "mean_distance",
     "topk_fold",
 ]
 
@@ -135,6 +136,14 @@ def combine_accum(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray], b_t
         out["mlp.neuron_max"] = np.where(take_b, b["mlp.neuron_max"], a["mlp.neuron_max"])
         out["mlp.neuron_argmax"] = np.where(take_b, b["mlp.neuron_argmax"] + b_token_offset, a["mlp.neuron_argmax"])
     return out
+
+
+def mean_distance(dist: np.ndarray) -> np.ndarray:
+    """Mean attention distance (tokens) from distance buckets [..., 32], bucket k holding i - j + 1 in
+    [2^k, 2^(k+1)): each bucket counts at its midpoint 1.5 * 2^k - 1.5; 0 where no mass."""
+    mid = 1.5 * 2.0 ** np.arange(dist.shape[-1]) - 1.5
+    mass = dist.sum(-1)
+    return np.divide((dist * mid).sum(-1), mass, out=np.zeros_like(mass), where=mass > 0)
 
 
 def topk_fold(

@@ -18,7 +18,7 @@ from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_st
 from attnscope.kernels.reference import attention_probs_ref
 
 from .corpus import PromptItem
-from .data import ATTN_VECTORS, LENS_ARRAYS, SCHEMA_VERSION, Profile, combine_accum, topk_fold
+from .data import ATTN_VECTORS, LENS_ARRAYS, SCHEMA_VERSION, Profile, combine_accum, mean_distance, topk_fold
 from .hooks import capture, model_geometry
 from .lens import LensCollector, next_token_entropy, residual_hooks
 from .store import Shard
@@ -398,7 +398,6 @@ class _Engine:
             "attn.thumb_rel_count": np.zeros((R, R), np.int64),
         }
         full: dict = {}
-        mid = 1.5 * 2.0 ** np.arange(32) - 1.5  # distance bucket midpoints (as render.summary)
         for sel in self.batches(lengths):
             r = self.forward([token_lists[i] for i in sel])
             B, Lmax = len(sel), int(r["lengths"].max())
@@ -411,12 +410,9 @@ class _Engine:
             acc["attn.row_sums"] += sums.sum(1)
             row_means[sel] = (sums / blen[None, :, None, None]).transpose(1, 0, 2, 3)
             if r["dist_rows"] is not None:
-                dr = r["dist_rows"]  # [Ly, B, H, 32]
-                m = dr.sum(-1)
-                distance[sel] = np.divide((dr * mid).sum(-1), m, out=np.zeros_like(m), where=m > 0).transpose(1, 0, 2)
+                distance[sel] = mean_distance(r["dist_rows"]).transpose(1, 0, 2)  # [Ly, B, H, 32] -> [B, Ly, H]
             elif B == 1:
-                m = r["dist"].sum(-1)
-                distance[sel] = np.divide((r["dist"] * mid).sum(-1), m, out=np.zeros_like(m), where=m > 0)[None]
+                distance[sel] = mean_distance(r["dist"])[None]
             # histograms and moments of p_ii and of the final rows, from the vectors (valid positions only)
             for which, v in (("self", "diag"), ("final", "final")):
                 x = r["vec"][v].transpose(0, 2, 1, 3)[:, :, valid]  # [Ly, H, n]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import LENS_ARRAYS, Profile, ProfileError, combine_accum
+from .data import LENS_ARRAYS, Profile, ProfileError, combine_accum, mean_distance
 
 __all__ = [
     "RUN_FILE",
@@ -845,10 +845,7 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
     if doc["shards"]:
         for v, m in prof.head_means().items():
             heads[v] = m.reshape(-1)
-        dist = prof.arrays["attn.dist"]
-        mid = 1.5 * 2.0 ** np.arange(dist.shape[-1]) - 1.5
-        mass = dist.sum(-1)
-        heads["distance"] = np.divide((dist * mid).sum(-1), mass, out=np.zeros_like(mass), where=mass > 0).reshape(-1)
+        heads["distance"] = mean_distance(prof.arrays["attn.dist"]).reshape(-1)
     out["heads"] = pa.table(heads)
     neurons: dict[str, np.ndarray] = {}
     if "mlp.neuron_max" in prof.arrays:

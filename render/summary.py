@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from attnscope.profiler.data import mean_distance
 
 __all__ = [
     "HEAD_COLUMNS",
@@ -56,11 +57,7 @@ def head_summary(prof) -> dict[str, np.ndarray]:
         "dup": a["attn.dup"].mean(-1),
         "rowmax": a["attn.rowmax"].mean(-1),
     }
-    dist = a["attn.dist"]  # [Ly, H, 32]: bucket k holds distances d with d + 1 in [2^k, 2^(k+1))
-    k = np.arange(dist.shape[-1])
-    mid = 1.5 * 2.0**k - 1.5  # midpoint of [2^k - 1, 2^(k+1) - 2]
-    mass = dist.sum(-1)
-    out["distance"] = np.divide((dist * mid).sum(-1), mass, out=np.zeros_like(mass), where=mass > 0)
+    out["distance"] = mean_distance(a["attn.dist"])  # [Ly, H] from the [Ly, H, 32] buckets
     return {name: np.asarray(v, dtype=np.float64) for name, v in out.items()}
 
 
