@@ -5,7 +5,8 @@ single-process run (``run.shard_windows``), skips the prompts a resumed run alre
 to ``Dataset.map_batches`` with ``ShardActor``: each actor loads the model once (``num_gpus=1``; CPU actors on a
 machine without GPUs), tokenises and profiles a window into a ``Shard``. The driver receives the shards in corpus
 order (``preserve_order``) and commits them with the same ``RunWriter``, so a Ray run is byte for byte the format
-of a single-process run, and equal to it number for number.
+of a single-process run, and equal to it number for number when both use the same CPU thread count (``--threads``:
+how threads split a float sum changes its last bits).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ class ShardActor:
     """A Ray Data actor: loads the model once, then turns each window of prompts into a pickled ``Shard``."""
 
     def __init__(self, model: str | None, device: str, dtype: str, config: dict, threads: int = 0):
-        import torch
+        from attnscope.kernels import set_cpu_threads
 
         from .models import load_model
         from .run import ProfileConfig, _Engine
 
         if threads:
-            torch.set_num_threads(threads)
+            set_cpu_threads(threads)  # torch and the Numba pass
         self.model, self.tok, _ = load_model(model, device=device, dtype=dtype)
         self.model.eval()
         cfg = ProfileConfig(**config)
@@ -92,7 +93,7 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
             "device": args.device if gpus else "cpu",
             "dtype": args.dtype,
             "config": _config_kwargs(cfg),
-            "threads": 0 if gpus else max(1, cpus // n_actors),
+            "threads": cfg.threads or (0 if gpus else max(1, cpus // n_actors)),
         },
         batch_size=1,
         concurrency=n_actors,

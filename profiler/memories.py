@@ -22,7 +22,28 @@ from .data import topk_fold
 from .hooks import down_proj_modules
 from .lens import lens_modules
 
-__all__ = ["NeuronTopK", "promoted_tokens", "write_out_matrix"]
+__all__ = ["NeuronTopK", "promoted_tokens", "top_contexts", "write_out_matrix"]
+
+
+def top_contexts(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest activations of each neuron over the rows (tokens) of ``x`` [T, d_ff] and their rows,
+    float32 [k, d_ff] and int64 [k, d_ff], ties at the k-th value going to the earliest rows.
+
+    ``torch.topk`` leaves the choice among equal values open (it varies with the thread count), and ties are
+    common: every prompt that begins with the same token (a BOS) has the same activations there. A column whose
+    k-th value is shared past k is re-selected with a stable sort, so the result never depends on the machine.
+    """
+    k = min(k, x.shape[0])
+    x = x.float()
+    val, idx = x.topk(k, dim=0)
+    if k == 0:
+        return val, idx
+    ties = (x >= val[-1]).sum(0) > k  # columns where more rows than k reach the k-th value
+    if bool(ties.any()):
+        cols = ties.nonzero().squeeze(1)
+        v, i = torch.sort(x[:, cols], dim=0, descending=True, stable=True)
+        val[:, cols], idx[:, cols] = v[:k], i[:k]
+    return val, idx
 
 
 @dataclass
@@ -51,8 +72,7 @@ class NeuronTopK:
         """Fold in activations x [T, d_ff] of the tokens ``first_token .. first_token + T - 1``."""
         if x.ndim != 2 or x.shape[1] != self.value.shape[2]:
             raise ValueError(f"x must be [tokens, {self.value.shape[2]}], got {tuple(x.shape)}")
-        k = min(self.k, x.shape[0])
-        val, idx = x.detach().float().topk(k, dim=0)  # [k, d_ff]
+        val, idx = top_contexts(x.detach(), self.k)  # [k, d_ff]
         self._fold(layer, val.cpu().numpy(), idx.cpu().numpy() + first_token)
 
     def _fold(self, layer: int, val: np.ndarray, tok: np.ndarray) -> None:

@@ -21,6 +21,7 @@ from .corpus import PromptItem
 from .data import ATTN_VECTORS, LENS_ARRAYS, SCHEMA_VERSION, Profile, combine_accum, mean_distance, topk_fold
 from .hooks import capture, model_geometry
 from .lens import LensCollector, next_token_entropy, residual_hooks
+from .memories import top_contexts
 from .store import Shard
 
 __all__ = [
@@ -339,8 +340,7 @@ class _Engine:
             xs = x.detach()[sel]  # [T_batch, d_ff]
             st = down_proj_stats(xs, y.detach()[sel], cfg.top_k, cfg.impl)
             if cfg.neuron_contexts:  # this batch's candidates for the running top-k per neuron
-                val, idx = xs.float().topk(min(cfg.neuron_contexts, xs.shape[0]), dim=0)  # [k, d_ff]
-                st["ctx_value"], st["ctx_index"] = val, idx
+                st["ctx_value"], st["ctx_index"] = top_contexts(xs, cfg.neuron_contexts)  # [k, d_ff]
             r["mlp"][layer] = {name: t.cpu().numpy() for name, t in st.items()}
 
         lens = LensCollector(self.model, dev_ids, mask.to(self.device), cfg.impl) if cfg.logit_lens else None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from attnscope.profiler.lens import lens_modules
-from attnscope.profiler.memories import NeuronTopK, promoted_tokens, write_out_matrix
+from attnscope.profiler.memories import NeuronTopK, promoted_tokens, top_contexts, write_out_matrix
 from helpers import tiny_model
 
 
@@ -30,6 +30,22 @@ def test_topk_merge_equals_one_pass():
     val, idx = union.topk(4, dim=0)
     assert np.allclose(one.value[0], val.numpy())
     assert one.token[0, 0, 5] == 2  # the tie went to the first token
+
+
+def test_ties_past_k_go_to_the_earliest_tokens(rng):
+    # the same first token in every prompt (a BOS) gives equal activations: which k of them are kept must not
+    # depend on torch.topk's choice among equals, or on how the tokens were cut into batches
+    x = torch.from_numpy(rng.standard_normal((50, 30)).astype(np.float32))
+    bos = torch.from_numpy(rng.permutation(50)[:20])
+    x[bos] = 9.0  # column j: 20 tied maxima, k = 4 of them kept
+    x[bos[0], 3] = 10.0  # one column with a clear winner ahead of the ties
+    val, idx = top_contexts(x, 4)
+    first = torch.sort(bos).values
+    assert (val[:, :3] == 9.0).all() and torch.equal(idx[:, 0], first[:4])
+    assert idx[0, 3] == bos[0] and torch.equal(idx[1:, 3], first[first != bos[0]][:3])
+    batches = _fold_all(list(x.split([13, 7, 30])), 4)
+    assert np.array_equal(batches.token, _fold_all([x], 4).token)
+    assert np.array_equal(np.sort(batches.token[0, :, 0]), first[:4].numpy())
 
 
 def test_topk_with_fewer_tokens_than_k():
