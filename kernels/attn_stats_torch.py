@@ -86,7 +86,7 @@ def attn_stats_torch(
     hist_all = torch.zeros(H, spec.bins, dtype=torch.long)
     hist_log = torch.zeros(H, spec.bins, dtype=torch.long)
     moments = torch.zeros(H, 3, dtype=torch.float64)
-    dist = torch.zeros(H, N_DIST_BUCKETS, dtype=torch.float64, device=dev)
+    dist = torch.zeros(B, H, N_DIST_BUCKETS, dtype=torch.float64, device=dev)
     thumb = torch.zeros(B, H, R, R, dtype=torch.float64, device=dev)
 
     edges, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, R + 1], [B, L], [B, R, R]
@@ -173,7 +173,7 @@ def attn_stats_torch(
         # bucket k holds keys j with i - j + 1 in [2^k, 2^(k+1)): j in [i + 2 - 2^(k+1), i + 2 - 2^k)
         dedge = (rows[:, None] + 2 - _POW2.to(dev)[None, :] - kstart).clamp(0, Lk)  # [R_blk, 33], decreasing
         at = _prefix(cs, dedge[None, None].expand(B, H, -1, -1))  # [B, H, R_blk, 33]
-        dist += (at[..., :-1] - at[..., 1:]).sum(dim=(0, 2)).double()  # [H, 32]
+        dist += (at[..., :-1] - at[..., 1:]).sum(dim=2).double()  # [B, H, 32]
         tedge = (edges - kstart).clamp(0, Lk)  # [B, R + 1]
         at = _prefix(cs, tedge[:, None, None, :].expand(B, H, i1 - i0, R + 1))  # [B, H, R_blk, R + 1]
         colpool = (at[..., 1:] - at[..., :-1]).double()  # [B, H, R_blk, R] row sums per column cell
@@ -294,7 +294,7 @@ def _attn_stats_fused(
         "hist_all": hist[:, 0].contiguous(),
         "hist_log": hist[:, 1].contiguous(),
         "moments": torch.from_numpy(state.mom).sum(0),
-        "dist": torch.from_numpy(state.dist).sum(0),
+        "dist": torch.from_numpy(state.dist),
         "thumb": (torch.from_numpy(state.thumb) / cell_count[:, None]).float(),
     }
     out.update({name: torch.from_numpy(state.vec[n]) for n, name in enumerate(ATTN_VECTOR_STATS)})

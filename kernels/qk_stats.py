@@ -529,7 +529,7 @@ def qk_stats(
         "hist_all": hist_all.long().sum(0).cpu(),
         "hist_log": hist_log.long().sum(0).cpu(),
         "moments": moments.sum(0).cpu(),
-        "dist": dist.sum(0).cpu(),
+        "dist": dist.cpu(),
         "thumb": (thumb.double().cpu() / count[:, None]).float(),
         "final": final,
         "recv_sum": recv_sum,

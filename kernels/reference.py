@@ -63,7 +63,7 @@ def attn_stats_ref(
 
     Returns:
         ``hist_all``/``hist_log`` [H, bins] int64, ``moments`` [H, 3] float64 (n pairs, sum p, sum p^2),
-        ``dist`` [H, 32] float64 (sum of p by floor(log2(i - j + 1))), ``thumb`` [B, H, R, R] (average-pooled p,
+        ``dist`` [B, H, 32] float64 (sum of p by floor(log2(i - j + 1))), ``thumb`` [B, H, R, R] (average-pooled p,
         cells past min(R, length) zero), and each name of ``ATTN_VECTOR_STATS`` as [B, H, L].
     """
     p = attention_probs_ref(q, k, scaling, ranges, upcast).cpu()  # [B, H, L, L]
@@ -101,11 +101,11 @@ def attn_stats_from_probs_ref(
     i = torch.arange(L)[:, None]
     j = torch.arange(L)[None, :]
     bucket = torch.floor(torch.log2((i - j + 1).clamp(min=1).double())).long()  # [L, L]
-    dist = torch.zeros(H, N_DIST_BUCKETS, dtype=torch.float64)
+    dist = torch.zeros(B, H, N_DIST_BUCKETS, dtype=torch.float64)
     for h in range(H):
         for b in range(B):
             sel = allowed[b, h]
-            dist[h].index_add_(0, bucket[sel], p[b, h][sel].double())
+            dist[b, h].index_add_(0, bucket[sel], p[b, h][sel].double())
     out["dist"] = dist
 
     vec = {name: torch.zeros(B, H, L, dtype=p.dtype) for name in ATTN_VECTOR_STATS}

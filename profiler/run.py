@@ -287,8 +287,7 @@ class _Engine:
             "hist_all": np.zeros((Ly, H, nb), np.int64),
             "hist_log": np.zeros((Ly, H, nb), np.int64),
             "moments": np.zeros((Ly, H, 3)),
-            "dist": np.zeros((Ly, H, 32)),
-            "dist_rows": None,
+            "dist": np.zeros((Ly, B, H, 32)),  # per batch row
             "full": {},
             "mlp": {},
         }
@@ -309,15 +308,8 @@ class _Engine:
             st = attn_stats(
                 q.detach(), k.detach(), scaling, rr, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids, lse=lse
             )
-            for name in ("hist_all", "hist_log", "moments"):
+            for name in ("hist_all", "hist_log", "moments", "dist"):
                 r[name][layer] = st[name].cpu().numpy()
-            d = st["dist"].cpu().numpy()
-            if d.ndim == 3:  # per batch row [B, H, 32]
-                if r["dist_rows"] is None:
-                    r["dist_rows"] = np.zeros((Ly, B, H, d.shape[-1]))
-                r["dist_rows"][layer] = d
-                d = d.sum(0)
-            r["dist"][layer] = d
             for v in self.vectors:
                 r["vec"][v][layer] = st[v].cpu().numpy()
             th = st["thumb"].cpu().numpy()  # [B, H, R, R]: cells past min(R, L) are zero
@@ -403,16 +395,14 @@ class _Engine:
             B, Lmax = len(sel), int(r["lengths"].max())
             blen = r["lengths"]
             valid = np.arange(Lmax)[None, :] < blen[:, None]  # [B, Lmax]
-            for name in ("hist_all", "hist_log", "moments", "dist"):
+            for name in ("hist_all", "hist_log", "moments"):
                 acc[f"attn.{name}"] += r[name]
+            acc["attn.dist"] += r["dist"].sum(1)
             # per prompt: vector sums -> means, head accumulators
             sums = np.stack([r["vec"][v].sum(-1, dtype=np.float64) for v in self.vectors], -1)  # [Ly, B, H, V]
             acc["attn.row_sums"] += sums.sum(1)
             row_means[sel] = (sums / blen[None, :, None, None]).transpose(1, 0, 2, 3)
-            if r["dist_rows"] is not None:
-                distance[sel] = mean_distance(r["dist_rows"]).transpose(1, 0, 2)  # [Ly, B, H, 32] -> [B, Ly, H]
-            elif B == 1:
-                distance[sel] = mean_distance(r["dist"])[None]
+            distance[sel] = mean_distance(r["dist"]).transpose(1, 0, 2)  # [Ly, B, H, 32] -> [B, Ly, H]
             # histograms and moments of p_ii and of the final rows, from the vectors (valid positions only)
             for which, v in (("self", "diag"), ("final", "final")):
                 x = r["vec"][v].transpose(0, 2, 1, 3)[:, :, valid]  # [Ly, H, n]

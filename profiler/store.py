@@ -92,7 +92,7 @@ class Shard:
     logit_entropy: np.ndarray  # [T] float32
     mlp: dict[str, np.ndarray]  # in_norm/out_norm [Ly, T] float32, topk_idx/topk_val [Ly, T, k]
     row_means: np.ndarray  # [P, Ly, H, V] float32: mean of each vector over the prompt's tokens
-    distance: np.ndarray  # [P, Ly, H] float64: mean attention distance (NaN where the kernel summed the batch)
+    distance: np.ndarray  # [P, Ly, H] float64: mean attention distance
     accum: dict[str, np.ndarray]  # data.ACCUM_NAMES; neuron_argmax counts the shard's own tokens from 0
     vectors: dict[str, np.ndarray] | None = None  # attn.<v> [Ly, H, T]
     thumbs: list[np.ndarray] | None = None  # per prompt [Ly, H, r, r]

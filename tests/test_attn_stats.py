@@ -101,7 +101,8 @@ def test_invariants():
     # every real query's row sums to one, so attention received sums to the number of rows
     assert out["recv_sum"].sum(-1).sum(0).double() == pytest.approx([rows] * 3, rel=1e-5)
     assert out["moments"][:, 1] == pytest.approx([rows] * 3, rel=1e-6)
-    assert out["dist"].sum(-1) == pytest.approx([rows] * 3, rel=1e-5)
+    assert out["dist"].sum(-1).sum(0) == pytest.approx([rows] * 3, rel=1e-5)
+    assert out["dist"].sum(-1)[:, 0].tolist() == pytest.approx((ranges.end - ranges.start).tolist(), rel=1e-5)
     n_keys = (torch.arange(60) - ranges.start[:, None] + 1).clamp(min=1)  # [B, L] allowed keys per query
     assert (out["entropy"] >= -1e-6).all()
     assert (out["entropy"] <= torch.log(n_keys.float())[:, None] + 1e-5).all()

@@ -91,3 +91,18 @@ def test_sql_answers_known_queries(model_dir, tmp_path, rng, capsys):
 def _sql(capsys, run, q) -> str:
     assert main(["sql", str(run), q, "--json"]) == 0
     return capsys.readouterr().out
+
+
+def test_per_prompt_distance_with_several_prompts_per_batch(model_dir, tmp_path, rng, capsys):
+    c = tmp_path / "c.txt"
+    c.write_text("\n".join(random_text(int(k), rng) for k in rng.integers(2, 30, size=7)) + "\n")
+    _profile(model_dir, c, tmp_path / "one", "--keep", "tables")
+    _profile(model_dir, c, tmp_path / "many", "--keep", "tables", "--batch-size", "4")  # the last flag wins
+    capsys.readouterr()
+    q = "select prompt, layer, head, distance from prompts order by 1, 2, 3"
+    one, many = (json.loads(_sql(capsys, tmp_path / r, q)) for r in ("one", "many"))
+    assert len(one) == len(many) > 0
+    d1, d4 = (np.array([r["distance"] for r in rows], dtype=np.float64) for rows in (one, many))
+    assert np.isfinite(d4).all() and (d4 >= 0).all()
+    np.testing.assert_allclose(d4, d1, rtol=1e-4, atol=1e-5)  # padding changes float32 rounding only
+    assert len(np.unique(d1.round(6))) > 1  # prompts and heads differ: a per-batch sum would not pass
