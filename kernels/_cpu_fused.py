@@ -3,11 +3,18 @@
 Before it, torch forms log p and p = exp(log p) over the block (``attn_stats_torch._attn_stats_fused``): with the
 forward's lse, log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmul; without it, torch
 finds lse (``torch.logsumexp`` over the masked scores) and subtracts it. ``exp`` stays in torch, vectorised (Numba
-has no vector exp without Intel's SVML). The Numba pass then reads log p and p once for each row i and
-its allowed keys j in [lo, hi) and reduces them to every statistic of the contract: entropy H_i = -sum_j p_ij
-log p_ij, row max, attention received (sum and max per key), the linear and log10 histograms, the moments,
-distance buckets, thumbnail cells, the diagonal, previous-token, sink and final-row values, and the
-duplicate/induction masses.
+has no vector exp without Intel's SVML). The Numba pass then reduces each row i over its allowed keys j in [lo, hi)
+to every statistic of the contract, in loops that LLVM vectorises (each over one contiguous run of keys, with no
+store that could alias a load it has to check at run time):
+
+- per distance bucket (a handful per row): sum p, sum p log p, sum p^2 and the row max (an int32 max over the bits:
+  p >= 0 orders like its bits) -> entropy, row max, moments, distance buckets;
+- attention received: one add (and max) per pair into a per-key sum over the rows of the current thumbnail row cell,
+  moved into ``recv_sum`` and that thumbnail row when the rows reach the next cell (so the thumbnail costs no pass);
+- histograms: the linear and log10 bins of the row in two vector loops, then one scalar loop that counts them
+  (the only scatter, about 2/3 of the pass);
+- duplicate/induction masses: a token with few earlier copies follows links to them (``previous_occurrence``); a
+  frequent one compares every key.
 
 Numba is imported on first use (not with attnscope.kernels). The thread count follows torch's
 (``torch.get_num_threads()``), so torch and Numba never ask for more threads than the user gave
@@ -26,11 +33,13 @@ import torch
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
-__all__ = ["HAS_NUMBA", "FusedState", "fused_block", "set_cpu_threads"]
+__all__ = ["HAS_NUMBA", "FusedState", "fused_block", "previous_occurrence", "set_cpu_threads"]
 
 _LN10 = math.log(10.0)
 prange = range  # numba.prange once the loop is compiled (Numba reads module globals when it compiles)
 _compiled = None
+_close_cells = None
+_flush_cell = None  # the jitted _flush_cell_py once compiled (the kernels call it by this name)
 
 
 def set_cpu_threads(n: int | None) -> None:
@@ -41,6 +50,27 @@ def set_cpu_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
     if _compiled is not None:
         _sync_numba_threads()
+
+
+def previous_occurrence(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each position of each row of ``tokens`` [B, L]: the previous position holding the same token (-1: none),
+    and how many earlier positions hold it, both [B, L] int64.
+
+    Following the links from a query visits exactly the earlier keys that repeat its token, so the duplicate and
+    induction masses of a rare token cost its few repeats, not a pass over every key.
+    """
+    B, L = tokens.shape
+    order = np.argsort(tokens, axis=1, kind="stable")  # positions grouped by token, in order within a group
+    grouped = np.take_along_axis(tokens, order, 1)
+    same = grouped[:, 1:] == grouped[:, :-1]  # [B, L - 1]
+    prev = np.full((B, L), -1, np.int64)
+    b, t = np.nonzero(same)
+    prev[b, order[b, t + 1]] = order[b, t]
+    idx = np.broadcast_to(np.arange(L), (B, L))
+    first = np.maximum.accumulate(np.where(np.concatenate([np.zeros((B, 1), bool), same], 1), 0, idx), axis=1)
+    count = np.empty((B, L), np.int64)
+    np.put_along_axis(count, order, idx - first, 1)
+    return prev, count
 
 
 def _sync_numba_threads() -> int:
@@ -68,6 +98,20 @@ class FusedState:
         self.mom = np.zeros((B, H, 3), np.float64)  # n, sum p, sum p^2
         self.dist = np.zeros((B, H, 32), np.float64)
         self.thumb = np.zeros((B, H, R, R), np.float64)
+        # attention received per key from the rows of the open thumbnail row cell: added to recv_sum and to the
+        # thumbnail when the rows reach the next cell (one vectorised add per pair instead of two)
+        self.cell_recv = np.zeros((B, H, L), np.float32)
+        self.open_cell = np.full((B, H, 3), -1, np.int64)  # that cell and its span of keys [lo, hi)
+
+    def close(self, cell: np.ndarray) -> None:
+        """End of the layer: flush the open row cells (``cell`` [B, L] as given to ``fused_block``), fold the
+        histograms."""
+        _kernel()
+        n = _sync_numba_threads()
+        _close_cells(self.vec, self.thumb, cell, self.cell_recv, self.open_cell)
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        self.fold()
 
     def fold(self) -> None:
         """Move the int32 counts into the int64 histograms."""
@@ -76,6 +120,16 @@ class FusedState:
         self.hist[:, 1] += h[:, 4:].sum(1)
         self.hist32[:] = 0
         self.pending = 0
+
+
+def _flush_cell_py(acc, rsum, thb, cel, rc, lo, hi):  # pragma: no cover - jitted
+    """Move the pending attention of row cell ``rc`` (acc[j], keys j in [lo, hi)) into that thumbnail row and into
+    the attention received, and clear it."""
+    for j in range(lo, hi):
+        x = acc[j]
+        thb[rc, cel[j]] += x
+        rsum[j] += x
+        acc[j] = 0.0
 
 
 def _fused_block_py(
@@ -87,10 +141,10 @@ def _fused_block_py(
     kstart,  # absolute position of column 0 of the block
     start,  # [B] int64 first real token
     final_row,  # [B] int64 last real token
-    tokens,  # [B, L] int32
-    tok_before,  # [B, L] int32 token j - 1 at key j (-1: none)
+    tokens,  # [B, L] int64
+    prev_same,  # [B, L] int64 the previous position holding the same token (-1: none)
+    n_before,  # [B, L] int64 how many earlier positions hold the same token
     cell,  # [B, L] int64 thumbnail cell of each position (-1: padding)
-    edges,  # [B, R + 1] int64 absolute thumbnail cell edges
     bins,
     log_min,
     vec,  # [10, B, H, L] float32
@@ -98,31 +152,32 @@ def _fused_block_py(
     mom,  # [B, H, 3] float64
     dist,  # [B, H, 32] float64
     thumb,  # [B, H, R, R] float64
+    cell_recv,  # [B, H, L] float32 attention from the rows of the current row cell, per key, not yet in thumb/recv_sum
+    open_cell,  # [B, H, 3] int64 that row cell and its span of keys [lo, hi) (-1: none)
 ):  # pragma: no cover - jitted
-    B, H, RB, _ = dd.shape
+    B, H, RB, Lk = dd.shape
     scale = np.float32(bins / (-log_min) / _LN10)  # natural log p -> log10 bin units
     fbins = np.float32(bins)
     zero = np.float32(0.0)
-    nbm1 = bins - 1
+    nbm1 = np.int32(bins - 1)
     for h in prange(H):  # one task per head: its histogram copies are its own, whatever the batch size
-        lin0 = hist[h, 0]
-        lin1 = hist[h, 1]
-        lin2 = hist[h, 2]
-        lin3 = hist[h, 3]
-        lg0 = hist[h, 4]
-        lg1 = hist[h, 5]
+        hf = hist[h].reshape(6 * bins)
+        bin_lin = np.empty(Lk, np.int32)  # the bins of one row's p
+        bin_log = np.empty(Lk, np.int32)
+        bits = np.zeros(1, np.int32)
         for b in range(B):
             st = start[b]
             fr = final_row[b]
             tok = tokens[b]
-            tokb = tok_before[b]
+            prv = prev_same[b]
             cel = cell[b]
-            edg = edges[b]
+            acc = cell_recv[b, h]
             rsum = vec[4, b, h]
-            rmax = vec[5, b, h]
+            rmaxi = vec[5, b, h].view(np.int32)  # p >= 0: the int32 order of the bits is the float order
             fin = vec[1, b, h]
             dst = dist[b, h]
             thb = thumb[b, h]
+            cur, tlo, thi = open_cell[b, h, 0], open_cell[b, h, 1], open_cell[b, h, 2]
             n = 0
             m1 = 0.0
             m2 = 0.0
@@ -132,86 +187,112 @@ def _fused_block_py(
                 e = hi[b, r]
                 if e <= a:
                     continue
-                drow = dd[b, h, r]
+                m = e - a
                 prow = pp[b, h, r]
-                tq = tok[i]
-                is_final = i == fr
-                # -- distance bucket of the first key, and where the next (smaller) bucket begins --
+                drow = dd[b, h, r]
+                pi = prow.view(np.int32)
+                c0 = a - kstart
+                ps = prow[c0 : c0 + m]  # p of the allowed keys; every loop below runs over t in [0, m)
+                # -- row sums by distance bucket (vectorised within a bucket; few buckets per row) --
                 kb = 0
                 w = i - a + 1
                 while w > 1:
                     w >>= 1
                     kb += 1
-                next_b = i + 2 - (1 << kb)
-                zb = 0.0  # sum p up to the last distance-bucket edge
-                # -- thumbnail cell of the row and of the first key --
+                pz = 0.0
+                pdl = 0.0
+                sq = 0.0
+                mx = np.int32(0)
+                j = a
+                while j < e:
+                    stop = min(e, i + 2 - (1 << kb))  # bucket kb: keys with i - j + 1 in [2^kb, 2^(kb+1))
+                    sp_ = prow[j - kstart : stop - kstart]
+                    sd_ = drow[j - kstart : stop - kstart]
+                    si_ = pi[j - kstart : stop - kstart]
+                    sp = 0.0
+                    spd = 0.0
+                    spp = 0.0
+                    smx = np.int32(0)
+                    for t in range(stop - j):
+                        x = np.float64(sp_[t])
+                        sp += x
+                        spd += x * sd_[t]
+                        spp += x * x
+                        smx = max(smx, si_[t])
+                    dst[kb] += sp
+                    pz += sp
+                    pdl += spd
+                    sq += spp
+                    mx = max(mx, smx)
+                    kb -= 1
+                    j = stop
+                # -- attention received: per key, pooled over the rows of one thumbnail row cell (vectorised) --
                 rc = cel[i]
-                cc = cel[a]
-                next_c = edg[cc + 1]
-                zc = 0.0  # sum p up to the last thumbnail-cell edge
-                pz = 0.0  # sum p: 1 up to the rounding of lse against these fp32 scores
-                pdl = 0.0  # sum p log p
-                pmax = zero
+                if rc != cur:
+                    if cur >= 0:
+                        _flush_cell(acc, rsum, thb, cel, cur, tlo, thi)
+                    cur, tlo, thi = rc, a, e
+                else:
+                    tlo = min(tlo, a)
+                    thi = max(thi, e)
+                acc_s = acc[a:e]
+                rmax_s = rmaxi[a:e]
+                pi_s = pi[c0 : c0 + m]
+                for t in range(m):
+                    acc_s[t] += ps[t]
+                    rmax_s[t] = max(rmax_s[t], pi_s[t])
+                # -- histograms: bins computed vectorised (one loop each), then counted; copies by key parity
+                # break the store-to-load chains on one counter --
+                ds = drow[c0 : c0 + m]
+                for t in range(m):
+                    bin_lin[t] = min(np.int32(ps[t] * fbins), nbm1)
+                for t in range(m):
+                    x = ds[t] * scale + fbins  # log10-bin coordinate (log10 p - log_min) * bins / -log_min
+                    bin_log[t] = min(np.int32(x if x > zero else zero), nbm1)
+                for t in range(m):
+                    hf[(t & 3) * bins + bin_lin[t]] += 1
+                    hf[(4 + (t & 1)) * bins + bin_log[t]] += 1
+                # -- head-role masses: earlier keys j != i with token[j] == token[i] (duplicate) and
+                # token[j - 1] == token[i] (induction) --
+                tq = tok[i]
                 dup = 0.0
                 ind = 0.0
-                for j in range(a, e):
-                    # -- bucket and cell sums are differences of the running sum pz at their edges --
-                    if j >= next_b:
-                        dst[kb] += pz - zb
-                        zb = pz
-                        kb -= 1
-                        next_b = i + 2 - (1 << kb)
-                    if j >= next_c:
-                        thb[rc, cc] += pz - zc
-                        zc = pz
-                        cc += 1
-                        next_c = edg[cc + 1]
-                    c = j - kstart
-                    d = drow[c]
-                    p = prow[c]
-                    pd = np.float64(p)
-                    pz += pd
-                    pdl += pd * d
-                    m2 += pd * pd
-                    pmax = max(pmax, p)
-                    bl = min(int(p * fbins), nbm1)
-                    x = max(d * scale + fbins, zero)  # log10-bin coordinate (log10 p - log_min) * bins / -log_min
-                    bg = min(int(x), nbm1)
-                    q4 = j & 3
-                    if q4 == 0:
-                        lin0[bl] += 1
-                    elif q4 == 1:
-                        lin1[bl] += 1
-                    elif q4 == 2:
-                        lin2[bl] += 1
-                    else:
-                        lin3[bl] += 1
-                    if j & 1:
-                        lg1[bg] += 1
-                    else:
-                        lg0[bg] += 1
-                    rsum[j] += p
-                    rmax[j] = max(rmax[j], p)
-                    # head-role masses without branches (a repeat is unpredictable); j == i is removed after the loop
-                    dup += pd * (tok[j] == tq)
-                    ind += pd * (tokb[j] == tq)
-                dst[kb] += pz - zb
-                thb[rc, cc] += pz - zc
-                if e > i:  # the diagonal key j = i is no earlier key: out of the head-role masses
-                    pi = np.float64(prow[i - kstart])
-                    dup -= pi
-                    if tokb[i] == tq:
-                        ind -= pi
-                if is_final:
-                    for j in range(a, e):
-                        fin[j] = prow[j - kstart]
-                n += e - a
+                if n_before[b, i] * 16 < m:  # a rare token: follow the links to its earlier occurrences q
+                    q = prv[i]
+                    while q >= 0 and q >= a - 1:  # keys j = q (duplicate) and j = q + 1 (induction)
+                        if q >= a:
+                            dup += np.float64(prow[q - kstart])
+                        if q >= st and q + 1 >= a and q + 1 < e and q + 1 != i:
+                            ind += np.float64(prow[q + 1 - kstart])
+                        q = prv[q]
+                else:  # a frequent one: compare every key (vectorised), then take out j = i
+                    ts = tok[a:e]
+                    for t in range(m):
+                        dup += np.float64(ps[t]) if ts[t] == tq else 0.0
+                    j0 = max(a, st + 1)  # token[j - 1] must be a real token
+                    if j0 < e:
+                        pj = prow[j0 - kstart : e - kstart]
+                        tb = tok[j0 - 1 : e - 1]
+                        for t in range(e - j0):
+                            ind += np.float64(pj[t]) if tb[t] == tq else 0.0
+                    if e > i:
+                        pii = np.float64(prow[i - kstart])
+                        dup -= pii
+                        if j0 <= i and tok[i - 1] == tq:
+                            ind -= pii
+                if i == fr:
+                    fin_s = fin[a:e]
+                    for t in range(m):
+                        fin_s[t] = ps[t]
+                n += m
                 m1 += pz
+                m2 += sq
                 # row statistics of p / sum p: exact whatever the rounding of a given lse (the per-key sums above keep
                 # it, a relative error of |lse - lse(these scores)|, ~1e-7 |s|)
                 inv = 1.0 / pz
+                bits[0] = mx
                 vec[2, b, h, i] = np.float32(np.log(pz) - pdl * inv)  # entropy -sum p log p of the normalised row
-                vec[3, b, h, i] = np.float32(pmax * inv)
+                vec[3, b, h, i] = np.float32(bits.view(np.float32)[0] * inv)
                 vec[8, b, h, i] = np.float32(dup * inv)
                 vec[9, b, h, i] = np.float32(ind * inv)
                 if a <= i:
@@ -220,18 +301,38 @@ def _fused_block_py(
                     vec[7, b, h, i] = np.float32(prow[i - 1 - kstart] * inv)  # prev
                 if a <= st:
                     vec[6, b, h, i] = np.float32(prow[st - kstart] * inv)  # sink
+            open_cell[b, h, 0], open_cell[b, h, 1], open_cell[b, h, 2] = cur, tlo, thi
             mom[b, h, 0] += n
             mom[b, h, 1] += m1
             mom[b, h, 2] += m2
 
 
+def _close_cells_py(vec, thumb, cell, cell_recv, open_cell):  # pragma: no cover - jitted
+    """Flush every (batch row, head)'s open row cell at the end of a layer."""
+    B, H = open_cell.shape[:2]
+    for bh in prange(B * H):
+        b = bh // H
+        h = bh % H
+        cur = open_cell[b, h, 0]
+        if cur >= 0:
+            _flush_cell(
+                cell_recv[b, h], vec[4, b, h], thumb[b, h], cell[b], cur, open_cell[b, h, 1], open_cell[b, h, 2]
+            )
+            open_cell[b, h, 0] = -1
+
+
 def _kernel():
-    global _compiled, prange
+    global _compiled, _close_cells, _flush_cell, prange
     if _compiled is None:
         import numba
 
         prange = numba.prange
-        _compiled = numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")(_fused_block_py)
+        jit = dict(cache=True, nogil=True, error_model="numpy")
+        # reassociation lets LLVM vectorise the float64 row sums; no flag that assumes away NaN or inf
+        fastmath = {"reassoc", "nsz", "arcp"}
+        _flush_cell = numba.njit(**jit)(_flush_cell_py)
+        _close_cells = numba.njit(parallel=True, **jit)(_close_cells_py)
+        _compiled = numba.njit(parallel=True, fastmath=fastmath, **jit)(_fused_block_py)
     return _compiled
 
 
@@ -245,10 +346,10 @@ def fused_block(
     kstart: int,
     start: np.ndarray,  # [B] int64
     final_row: np.ndarray,  # [B] int64
-    tokens: np.ndarray,  # [B, L] int32
-    tok_before: np.ndarray,  # [B, L] int32
+    tokens: np.ndarray,  # [B, L] int64
+    prev_same: np.ndarray,  # [B, L] int64
+    n_before: np.ndarray,  # [B, L] int64
     cell: np.ndarray,  # [B, L] int64
-    edges: np.ndarray,  # [B, R + 1] int64
     bins: int,
     log_min: float,
 ) -> None:
@@ -273,9 +374,9 @@ def fused_block(
         start,
         final_row,
         tokens,
-        tok_before,
+        prev_same,
+        n_before,
         cell,
-        edges,
         bins,
         log_min,
         state.vec,
@@ -283,6 +384,8 @@ def fused_block(
         state.mom,
         state.dist,
         state.thumb,
+        state.cell_recv,
+        state.open_cell,
     )
     numba.set_parallel_chunksize(chunk)
     if torch.get_num_threads() != n:  # Numba's OpenMP layer may share torch's runtime and reset its count

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._cpu_fused import HAS_NUMBA, FusedState, fused_block
+from ._cpu_fused import HAS_NUMBA, FusedState, fused_block, previous_occurrence
 from .contract import (
     ATTN_VECTOR_STATS,
     N_DIST_BUCKETS,
@@ -234,18 +234,19 @@ def _attn_stats_fused(
     W = ranges.window
     R = spec.thumb_size
     tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
-    tok_before = previous_tokens(tokens, ranges).to(torch.int32).contiguous().numpy()  # [B, L]; ids < 2^31
     start = ranges.start.cpu().long()  # [B]
     end = ranges.end.cpu().long()  # [B]
-    edges, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, R + 1], [B, L], [B, R, R]
+    _, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, L], [B, R, R]
+    row_cell = row_cell.contiguous().numpy()
     state = FusedState(B, H, L, spec.bins, R)
+    prev_same, n_before = previous_occurrence(tokens.cpu().numpy())  # [B, L], [B, L]
     common = dict(
         start=start.numpy(),
         final_row=(end - 1).numpy(),
-        tokens=tokens.to(torch.int32).contiguous().numpy(),
-        tok_before=tok_before,
-        cell=row_cell.contiguous().numpy(),
-        edges=edges.contiguous().numpy(),
+        tokens=tokens.contiguous().cpu().numpy(),
+        prev_same=prev_same,
+        n_before=n_before,
+        cell=row_cell,
         bins=spec.bins,
         log_min=spec.log_min,
     )
@@ -288,7 +289,7 @@ def _attn_stats_fused(
         p = torch.exp(d, out=pbuf[: B * H * Rb * Lk].view(B, H, Rb, Lk))  # [B, H, R_blk, Lk]
         fused_block(state, d, p, lo, hi, i0, kstart, **common)
 
-    state.fold()
+    state.close(row_cell)
     hist = torch.from_numpy(state.hist)  # [H, 2, bins]
     out = {
         "hist_all": hist[:, 0].contiguous(),

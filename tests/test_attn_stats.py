@@ -84,6 +84,22 @@ def test_torch_path_matches_reference(B, H, Hkv, L, D, window, padded, block_q, 
     _check(out, ref, spec, q, k, scaling, ranges, mom_rtol=1e-5 if with_lse else 1e-6)
 
 
+@pytest.mark.parametrize("vocab", [2, 200], ids=["every-token-frequent", "every-token-rare"])
+@pytest.mark.parametrize("use_numba", NUMBA)
+def test_head_role_masses_for_frequent_and_rare_tokens(vocab, use_numba):
+    # the fused pass compares every key for a token with many earlier copies and follows the links to the copies
+    # of a rare one: both against the reference, with a window and padding (keys before the window or the prompt)
+    q, k, ranges = _inputs(2, 3, 1, 150, 16, 40, True)
+    tokens = torch.randint(0, vocab, (2, 150))
+    tokens[:, 100:103] = 7  # a token repeated on the diagonal: key j = i is never an earlier copy
+    spec = AttnStatsSpec(bins=64, thumb_size=8)
+    out = attn_stats_torch(q, k, 0.25, ranges, spec, block_q=32, use_numba=use_numba, tokens=tokens)
+    ref = attn_stats_ref(q, k, 0.25, ranges, spec, tokens=tokens)
+    for name in ("dup", "induction"):
+        assert_verbose_allclose(out[name], ref[name], atol=1e-5, rtol=1e-5, name=name)
+    assert ref["dup"].amax() > 0 and ref["induction"].amax() > 0  # some repeats inside the window
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_inputs(dtype):
     # the statistics upcast to fp32 inside; against the fp64 reference on the same rounded inputs
