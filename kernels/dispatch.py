@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from ._cpu_fused import HAS_NUMBA
 from .attn_stats_torch import attn_stats_torch
 from .contract import AttnStatsSpec, KeyRanges, validate_lse
 from .reference import down_proj_stats_ref
@@ -65,10 +66,19 @@ def down_proj_stats(
     y: torch.Tensor,  # [T, d_model]
     top_k: int = 8,
     impl: Impl = "auto",
+    contexts: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Down-projection statistics of T tokens (outputs as ``reference.down_proj_stats_ref``)."""
+    """Down-projection statistics of T tokens (outputs as ``reference.down_proj_stats_ref``).
+
+    On the CPU with Numba, ``contexts`` > 0 also returns ``ctx_value``/``ctx_index`` [min(contexts, T), d_ff], each
+    neuron's largest activations and their rows (ties to the earlier row); other paths leave them to the caller.
+    """
     if _resolve(impl, x.device) == "triton":
         from .down_proj import down_proj_stats_triton
 
         return down_proj_stats_triton(x, y, top_k)
+    if HAS_NUMBA and x.device.type == "cpu":
+        from ._cpu_down_proj import down_proj_stats_numba
+
+        return down_proj_stats_numba(x, y, top_k, contexts)
     return down_proj_stats_ref(x, y, top_k, upcast=False)

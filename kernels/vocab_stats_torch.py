@@ -40,14 +40,19 @@ def vocab_stats_torch(
     weight: torch.Tensor,  # [V, d]
     target: torch.Tensor,  # [T] int64, -1: none
     bias: torch.Tensor | None = None,  # [V]
-    chunk: int = 8192,
+    chunk: int = 2048,
 ) -> dict[str, torch.Tensor]:
-    """Outputs as ``reference.vocab_stats_ref``; memory O(T x chunk), logits in float32."""
+    """Outputs as ``reference.vocab_stats_ref``; memory O(T x chunk), logits in float32.
+
+    Per chunk of the vocabulary: one matmul, then the logits are reduced in place (max, shift, exp into a reused
+    buffer, two row sums); the rank of the target is counted only for rows that have one.
+    """
     _validate(h, weight, target, bias)
     T, V = h.shape[0], weight.shape[0]
     dev = h.device
     hf = h.float()
     z_t = target_logits(h, weight, target, bias)  # [T]
+    ranked = bool((target >= 0).any())
     m = torch.full((T,), float("-inf"), device=dev)
     zs = torch.zeros(T, device=dev)  # sum exp(z - m)
     a = torch.zeros(T, device=dev)  # sum exp(z - m) (z - m)
@@ -55,6 +60,7 @@ def vocab_stats_torch(
     best_id = torch.zeros(T, dtype=torch.long, device=dev)
     above = torch.zeros(T, dtype=torch.long, device=dev)
     vocab = torch.arange(V, device=dev)
+    ebuf = torch.empty(T * min(chunk, V), device=dev)  # exp of one chunk (reused)
     for v0 in range(0, V, chunk):
         v1 = min(V, v0 + chunk)
         z = hf @ weight[v0:v1].float().T  # [T, Vc]
@@ -66,15 +72,16 @@ def vocab_stats_torch(
         best = torch.where(take, cmax, best)
         best_id = torch.where(take, carg + v0, best_id)
         # -- rank of the target: logits above it, the target itself excluded --
-        gt = z > z_t[:, None]  # [T, Vc]
-        gt &= vocab[None, v0:v1] != target[:, None]
-        above += gt.sum(-1)
-        # -- online softmax and entropy --
+        if ranked:
+            gt = z > z_t[:, None]  # [T, Vc]
+            gt &= vocab[None, v0:v1] != target[:, None]
+            above += gt.sum(-1)
+        # -- online softmax and entropy, the chunk shifted in place: z <- z - m --
         m_new = torch.maximum(m, cmax)
         alpha = torch.exp(m - m_new)  # [T]; exp(-inf) = 0 on the first chunk
-        d = z - m_new[:, None]  # [T, Vc]
-        e = torch.exp(d)
-        a = alpha * (a + (m - m_new).nan_to_num(0.0) * zs) + (e * d).sum(-1)
+        z -= m_new[:, None]
+        e = torch.exp(z, out=ebuf[: T * (v1 - v0)].view(T, v1 - v0))  # [T, Vc]
+        a = alpha * (a + (m - m_new).nan_to_num(0.0) * zs) + torch.linalg.vecdot(e, z)
         zs = alpha * zs + e.sum(-1)
         m = m_new
     return finish(m, zs, a, best, best_id, above, z_t, target)

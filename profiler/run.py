@@ -330,8 +330,8 @@ class _Engine:
 
         def on_down_proj(layer, x, y):
             xs = x.detach()[sel]  # [T_batch, d_ff]
-            st = down_proj_stats(xs, y.detach()[sel], cfg.top_k, cfg.impl)
-            if cfg.neuron_contexts:  # this batch's candidates for the running top-k per neuron
+            st = down_proj_stats(xs, y.detach()[sel], cfg.top_k, cfg.impl, contexts=cfg.neuron_contexts)
+            if cfg.neuron_contexts and "ctx_value" not in st:  # this batch's candidates for the top-k per neuron
                 st["ctx_value"], st["ctx_index"] = top_contexts(xs, cfg.neuron_contexts)  # [k, d_ff]
             r["mlp"][layer] = {name: t.cpu().numpy() for name, t in st.items()}
 

@@ -69,3 +69,22 @@ def test_promoted_tokens_equal_a_full_matmul(kind, tmp_path):
     # the second call reads the cache
     again = promoted_tokens(model, k=5, cache=tmp_path / "promoted.safetensors")
     assert np.array_equal(again["token"], got["token"])
+
+
+@pytest.mark.parametrize("T, F", [(1, 20), (37, 300), (300, 130)])
+def test_cpu_down_proj_pass_equals_reference_and_topk(T, F, rng):
+    pytest.importorskip("numba")
+    from attnscope.kernels._cpu_down_proj import down_proj_stats_numba
+    from attnscope.kernels.reference import down_proj_stats_ref
+
+    x = torch.from_numpy(rng.standard_normal((T, F)).astype(np.float32))
+    y = torch.from_numpy(rng.standard_normal((T, 17)).astype(np.float32))
+    x[T // 2, 5] = x[0, 5] = 50.0  # a tie for the neuron max: the earlier token
+    out = down_proj_stats_numba(x, y, top_k=8, contexts=6)
+    ref = down_proj_stats_ref(x, y, top_k=8)
+    for name in ("in_norm", "out_norm", "topk_val", "neuron_max", "neuron_sum", "neuron_sumsq"):
+        np.testing.assert_allclose(out[name].numpy(), ref[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+    assert torch.equal(out["topk_idx"], ref["topk_idx"]) and out["topk_idx"].shape == (T, min(8, F))
+    assert torch.equal(out["neuron_argmax"], ref["neuron_argmax"]) and out["neuron_argmax"][5] == 0
+    val, idx = top_contexts(x, 6)
+    assert torch.equal(out["ctx_value"], val) and torch.equal(out["ctx_index"], idx)
