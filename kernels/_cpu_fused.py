@@ -36,6 +36,13 @@ HAS_NUMBA = importlib.util.find_spec("numba") is not None
 __all__ = ["HAS_NUMBA", "FusedState", "fused_block", "previous_occurrence", "set_cpu_threads"]
 
 _LN10 = math.log(10.0)
+# exp in float32 (module constants: Numba freezes them when it compiles)
+_LOG2E = np.float32(1.0 / math.log(2.0))
+_LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI with few bits so n * _LN2_HI is exact
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_LO = np.float32(-87.33)  # below: p < 2^-126, flushed to 0
+_EXP_FLUSH = np.float32(-88.0)  # its n is -127
+_F0, _F1, _F2, _F3, _F4, _F5, _F6, _F7 = (np.float32(1.0 / math.factorial(k)) for k in range(8))  # 1 / k!
 prange = range  # numba.prange once the loop is compiled (Numba reads module globals when it compiles)
 _compiled = None
 _close_cells = None
@@ -134,7 +141,6 @@ def _flush_cell_py(acc, rsum, thb, cel, rc, lo, hi):  # pragma: no cover - jitte
 
 def _fused_block_py(
     dd,  # [B, H, R_blk, Lk] float32 log p = s - lse of the block (garbage outside the allowed keys)
-    pp,  # [B, H, R_blk, Lk] float32 p = exp(log p)
     lo,  # [B, R_blk] int64 first allowed key (absolute)
     hi,  # [B, R_blk] int64 one past the last allowed key (absolute; hi <= lo: no key)
     i0,  # absolute position of row 0 of the block
@@ -162,6 +168,8 @@ def _fused_block_py(
     nbm1 = np.int32(bins - 1)
     for h in prange(H):  # one task per head: its histogram copies are its own, whatever the batch size
         hf = hist[h].reshape(6 * bins)
+        p_row = np.empty(Lk, np.float32)  # p = exp(log p) of one row's allowed keys
+        two_n = np.empty(Lk, np.float32)  # 2^n of exp's range reduction, built from its bits
         bin_lin = np.empty(Lk, np.int32)  # the bins of one row's p
         bin_log = np.empty(Lk, np.int32)
         bits = np.zeros(1, np.int32)
@@ -188,11 +196,28 @@ def _fused_block_py(
                 if e <= a:
                     continue
                 m = e - a
-                prow = pp[b, h, r]
-                drow = dd[b, h, r]
-                pi = prow.view(np.int32)
                 c0 = a - kstart
-                ps = prow[c0 : c0 + m]  # p of the allowed keys; every loop below runs over t in [0, m)
+                ds = dd[b, h, r, c0 : c0 + m]  # log p of the allowed keys; every loop below runs over t in [0, m)
+                ps = p_row[:m]
+                psi = ps.view(np.int32)
+                # -- p = exp(log p), vectorised: log p = n ln 2 + f (Cody-Waite), e^f by its Taylor series to f^7
+                # (|f| <= ln 2 / 2: ~2 ulp), 2^n from its bits; p under 2^-126 (log p < -87.33) is 0 --
+                tni = two_n.view(np.int32)
+                for t in range(m):
+                    x = ds[t]
+                    x = x if x > _EXP_LO else _EXP_FLUSH
+                    nf = np.floor(x * _LOG2E + np.float32(0.5))
+                    f = (x - nf * _LN2_HI) - nf * _LN2_LO
+                    y = _F7 * f + _F6
+                    y = y * f + _F5
+                    y = y * f + _F4
+                    y = y * f + _F3
+                    y = y * f + _F2
+                    y = y * f + _F1
+                    ps[t] = y * f + _F0
+                    tni[t] = (np.int32(nf) + np.int32(127)) << 23  # n = -127 (flushed): bits 0, 2^n = 0
+                for t in range(m):
+                    ps[t] *= two_n[t]
                 # -- row sums by distance bucket (vectorised within a bucket; few buckets per row) --
                 kb = 0
                 w = i - a + 1
@@ -206,9 +231,9 @@ def _fused_block_py(
                 j = a
                 while j < e:
                     stop = min(e, i + 2 - (1 << kb))  # bucket kb: keys with i - j + 1 in [2^kb, 2^(kb+1))
-                    sp_ = prow[j - kstart : stop - kstart]
-                    sd_ = drow[j - kstart : stop - kstart]
-                    si_ = pi[j - kstart : stop - kstart]
+                    sp_ = ps[j - a : stop - a]
+                    sd_ = ds[j - a : stop - a]
+                    si_ = psi[j - a : stop - a]
                     sp = 0.0
                     spd = 0.0
                     spp = 0.0
@@ -237,13 +262,11 @@ def _fused_block_py(
                     thi = max(thi, e)
                 acc_s = acc[a:e]
                 rmax_s = rmaxi[a:e]
-                pi_s = pi[c0 : c0 + m]
                 for t in range(m):
                     acc_s[t] += ps[t]
-                    rmax_s[t] = max(rmax_s[t], pi_s[t])
+                    rmax_s[t] = max(rmax_s[t], psi[t])
                 # -- histograms: bins computed vectorised (one loop each), then counted; copies by key parity
                 # break the store-to-load chains on one counter --
-                ds = drow[c0 : c0 + m]
                 for t in range(m):
                     bin_lin[t] = min(np.int32(ps[t] * fbins), nbm1)
                 for t in range(m):
@@ -261,9 +284,9 @@ def _fused_block_py(
                     q = prv[i]
                     while q >= 0 and q >= a - 1:  # keys j = q (duplicate) and j = q + 1 (induction)
                         if q >= a:
-                            dup += np.float64(prow[q - kstart])
+                            dup += np.float64(ps[q - a])
                         if q >= st and q + 1 >= a and q + 1 < e and q + 1 != i:
-                            ind += np.float64(prow[q + 1 - kstart])
+                            ind += np.float64(ps[q + 1 - a])
                         q = prv[q]
                 else:  # a frequent one: compare every key (vectorised), then take out j = i
                     ts = tok[a:e]
@@ -271,12 +294,12 @@ def _fused_block_py(
                         dup += np.float64(ps[t]) if ts[t] == tq else 0.0
                     j0 = max(a, st + 1)  # token[j - 1] must be a real token
                     if j0 < e:
-                        pj = prow[j0 - kstart : e - kstart]
+                        pj = ps[j0 - a : m]
                         tb = tok[j0 - 1 : e - 1]
                         for t in range(e - j0):
                             ind += np.float64(pj[t]) if tb[t] == tq else 0.0
                     if e > i:
-                        pii = np.float64(prow[i - kstart])
+                        pii = np.float64(ps[i - a])
                         dup -= pii
                         if j0 <= i and tok[i - 1] == tq:
                             ind -= pii
@@ -296,11 +319,11 @@ def _fused_block_py(
                 vec[8, b, h, i] = np.float32(dup * inv)
                 vec[9, b, h, i] = np.float32(ind * inv)
                 if a <= i:
-                    vec[0, b, h, i] = np.float32(prow[i - kstart] * inv)  # diag
+                    vec[0, b, h, i] = np.float32(ps[i - a] * inv)  # diag
                 if a <= i - 1:
-                    vec[7, b, h, i] = np.float32(prow[i - 1 - kstart] * inv)  # prev
+                    vec[7, b, h, i] = np.float32(ps[i - 1 - a] * inv)  # prev
                 if a <= st:
-                    vec[6, b, h, i] = np.float32(prow[st - kstart] * inv)  # sink
+                    vec[6, b, h, i] = np.float32(ps[st - a] * inv)  # sink
             open_cell[b, h, 0], open_cell[b, h, 1], open_cell[b, h, 2] = cur, tlo, thi
             mom[b, h, 0] += n
             mom[b, h, 1] += m1
@@ -339,7 +362,6 @@ def _kernel():
 def fused_block(
     state: FusedState,
     d: torch.Tensor,  # [B, H, R_blk, Lk] float32 log p (s - lse)
-    p: torch.Tensor,  # [B, H, R_blk, Lk] float32 exp(d)
     lo: torch.Tensor,  # [B, R_blk] int64
     hi: torch.Tensor,  # [B, R_blk] int64
     i0: int,
@@ -353,7 +375,7 @@ def fused_block(
     bins: int,
     log_min: float,
 ) -> None:
-    """Reduce one block of log p and p into ``state`` (see the module docstring)."""
+    """Reduce one block of log p into ``state`` (see the module docstring)."""
     import numba
 
     pairs = d.shape[0] * d.shape[2] * d.shape[3]  # at most this many pairs of one head in this block
@@ -366,7 +388,6 @@ def fused_block(
     numba.set_parallel_chunksize(1)  # head tasks taken one at a time: a thread descheduled by other load stalls less
     fn(
         d.numpy(),
-        p.numpy(),
         lo.contiguous().numpy(),
         hi.contiguous().numpy(),
         i0,

@@ -264,7 +264,6 @@ def _attn_stats_fused(
         raise ValueError(f"block_q * keys per block must stay under 2^31, got {min(block_q, L)} x {kspan}")
     size = B * H * min(block_q, L) * kspan
     buf = torch.empty(size, dtype=torch.float32)  # log p of one block (reused)
-    pbuf = torch.empty(size, dtype=torch.float32)  # p of one block (reused)
     for i0 in range(0, L, block_q):
         i1 = min(L, i0 + block_q)
         kstart = 0 if W is None else max(0, i0 - W + 1)
@@ -286,8 +285,7 @@ def _attn_stats_fused(
             allowed = (cols >= lo[:, :, None]) & (cols < hi[:, :, None])  # [B, R_blk, Lk]
             d.masked_fill_(~allowed[:, None], _NEG)
             d.sub_(torch.logsumexp(d, -1, keepdim=True))  # [B, H, R_blk, Lk] log p
-        p = torch.exp(d, out=pbuf[: B * H * Rb * Lk].view(B, H, Rb, Lk))  # [B, H, R_blk, Lk]
-        fused_block(state, d, p, lo, hi, i0, kstart, **common)
+        fused_block(state, d, lo, hi, i0, kstart, **common)
 
     state.close(row_cell)
     hist = torch.from_numpy(state.hist)  # [H, 2, bins]
