@@ -1,10 +1,10 @@
 """The post-matmul work of one query block on the CPU in a single Numba pass, parallel over heads.
 
-Before it, torch forms log p and p = exp(log p) over the block (``attn_stats_torch._attn_stats_fused``): with the
-forward's lse, log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmul; without it, torch
-finds lse (``torch.logsumexp`` over the masked scores) and subtracts it. ``exp`` stays in torch, vectorised (Numba
-has no vector exp without Intel's SVML). The Numba pass then reduces each row i over its allowed keys j in [lo, hi)
-to every statistic of the contract, in loops that LLVM vectorises (each over one contiguous run of keys, with no
+Before it, torch forms log p over the block (``attn_stats_torch._attn_stats_fused``): with the forward's lse,
+log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmul; without it, torch finds lse
+(``torch.logsumexp`` over the masked scores) and subtracts it. The Numba pass then takes each row i over its allowed
+keys j in [lo, hi), forms p = exp(log p) in a vectorised float32 exp of its own (Numba has no vector exp), and reduces
+the row to every statistic of the contract, in loops that LLVM vectorises (each over one contiguous run of keys, with no
 store that could alias a load it has to check at run time):
 
 - per distance bucket (a handful per row): sum p, sum p log p, sum p^2 and the row max (an int32 max over the bits:
