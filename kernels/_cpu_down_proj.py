@@ -25,7 +25,7 @@ _cols = None
 _COLS_PER_TASK = 64
 
 
-def _rows_py(x, y, k, in_sq, out_sq, top_val, top_idx):  # pragma: no cover - jitted
+def _rows_py(x, y, k, in_sq, out_sq, top_val, top_idx, top_mag):  # pragma: no cover - jitted
     T, F = x.shape
     for t in prange(T):
         row = x[t]
@@ -39,7 +39,8 @@ def _rows_py(x, y, k, in_sq, out_sq, top_val, top_idx):  # pragma: no cover - ji
             s += np.float64(yr[o]) * np.float64(yr[o])
         out_sq[t] = s
         idx = top_idx[t]
-        mag = np.full(k, np.float32(-1.0))  # |x| of the list, largest first
+        mag = top_mag[t]  # |x| of the list, largest first (preallocated: prange bodies must not allocate)
+        mag[:] = -1.0
         for f in range(F):
             v = abs(row[f])
             if v > mag[k - 1]:
@@ -113,7 +114,7 @@ def down_proj_stats_numba(
     if T and k:
         rows, cols = _kernels()
         n = _sync_numba_threads()
-        rows(xn, yn, k, in_sq, out_sq, top_val, top_idx)
+        rows(xn, yn, k, in_sq, out_sq, top_val, top_idx, np.empty((T, k), np.float32))
         cols(xn, kc, _COLS_PER_TASK, n_sum, n_sq, c_val, c_idx)
         if torch.get_num_threads() != n:  # Numba's OpenMP layer may share torch's runtime and reset its count
             torch.set_num_threads(n)

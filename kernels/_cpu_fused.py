@@ -109,6 +109,8 @@ class FusedState:
         # thumbnail when the rows reach the next cell (one vectorised add per pair instead of two)
         self.cell_recv = np.zeros((B, H, L), np.float32)
         self.open_cell = np.full((B, H, 3), -1, np.int64)  # that cell and its span of keys [lo, hi)
+        self.fscratch = np.empty((H, 2, L), np.float32)  # per head: p and 2^n of one row
+        self.iscratch = np.empty((H, 3, L), np.int32)  # per head: the two bins of one row, a bit pattern
 
     def close(self, cell: np.ndarray) -> None:
         """End of the layer: flush the open row cells (``cell`` [B, L] as given to ``fused_block``), fold the
@@ -160,6 +162,8 @@ def _fused_block_py(
     thumb,  # [B, H, R, R] float64
     cell_recv,  # [B, H, L] float32 attention from the rows of the current row cell, per key, not yet in thumb/recv_sum
     open_cell,  # [B, H, 3] int64 that row cell and its span of keys [lo, hi) (-1: none)
+    fscratch,  # [H, 2, >= Lk] float32
+    iscratch,  # [H, 3, >= Lk] int32
 ):  # pragma: no cover - jitted
     B, H, RB, Lk = dd.shape
     scale = np.float32(bins / (-log_min) / _LN10)  # natural log p -> log10 bin units
@@ -168,11 +172,12 @@ def _fused_block_py(
     nbm1 = np.int32(bins - 1)
     for h in prange(H):  # one task per head: its histogram copies are its own, whatever the batch size
         hf = hist[h].reshape(6 * bins)
-        p_row = np.empty(Lk, np.float32)  # p = exp(log p) of one row's allowed keys
-        two_n = np.empty(Lk, np.float32)  # 2^n of exp's range reduction, built from its bits
-        bin_lin = np.empty(Lk, np.int32)  # the bins of one row's p
-        bin_log = np.empty(Lk, np.int32)
-        bits = np.zeros(1, np.int32)
+        # this head's scratch rows (preallocated: an array allocated inside a prange body is never freed)
+        p_row = fscratch[h, 0]  # p = exp(log p) of one row's allowed keys
+        two_n = fscratch[h, 1]  # 2^n of exp's range reduction, built from its bits
+        bin_lin = iscratch[h, 0]  # the bins of one row's p
+        bin_log = iscratch[h, 1]
+        bits = iscratch[h, 2, :1]
         for b in range(B):
             st = start[b]
             fr = final_row[b]
@@ -407,6 +412,8 @@ def fused_block(
         state.thumb,
         state.cell_recv,
         state.open_cell,
+        state.fscratch,
+        state.iscratch,
     )
     numba.set_parallel_chunksize(chunk)
     if torch.get_num_threads() != n:  # Numba's OpenMP layer may share torch's runtime and reset its count

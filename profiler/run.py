@@ -312,6 +312,8 @@ class _Engine:
                 r[name][layer] = st[name].cpu().numpy()
             for v in self.vectors:
                 r["vec"][v][layer] = st[v].cpu().numpy()
+            if self.device.type == "cpu":
+                release_freed_memory()
             th = st["thumb"].cpu().numpy()  # [B, H, R, R]: cells past min(R, L) are zero
             rel_sum = r["thumb_rel"][layer]  # [H, R, R]
             for b, (rp, ra, rc) in enumerate(cells):  # one small numpy op per prompt and layer
@@ -514,6 +516,32 @@ class _Engine:
             "versions": _versions(),
             "schema_version": SCHEMA_VERSION,
         }
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the pages that freed heap blocks hold back to the OS (glibc; a no-op elsewhere).
+
+    The per-layer statistics free a few MB of arrays between the forward's own large allocations; glibc then raises
+    its mmap threshold and serves later blocks from a heap that fragments, so the peak RSS of one long prompt grew
+    with depth (SmolLM2 at 8,192 tokens: 3.8 GiB, against 1.6 GiB with a trim after each layer; ~1 ms a call).
+    """
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def _add_hist(hist: np.ndarray, x: np.ndarray, bins: int) -> None:
