@@ -96,7 +96,7 @@ def down_proj_stats_numba(
 ) -> dict[str, torch.Tensor]:
     """Outputs as ``reference.down_proj_stats_ref``; with ``contexts`` > 0 also ``ctx_value`` [c, d_ff] float32 and
     ``ctx_index`` [c, d_ff] int64, the c = min(contexts, T) largest activations of each neuron and their rows."""
-    from ._cpu_fused import _sync_numba_threads
+    from ._cpu_fused import numba_threads
 
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x [T, d_ff] and y [T, d_model] do not match: {tuple(x.shape)}, {tuple(y.shape)}")
@@ -113,11 +113,9 @@ def down_proj_stats_numba(
     c_idx = np.zeros((max(kc, 1), F), np.int64)
     if T and k:
         rows, cols = _kernels()
-        n = _sync_numba_threads()
-        rows(xn, yn, k, in_sq, out_sq, top_val, top_idx, np.empty((T, k), np.float32))
-        cols(xn, kc, _COLS_PER_TASK, n_sum, n_sq, c_val, c_idx)
-        if torch.get_num_threads() != n:  # Numba's OpenMP layer may share torch's runtime and reset its count
-            torch.set_num_threads(n)
+        with numba_threads():
+            rows(xn, yn, k, in_sq, out_sq, top_val, top_idx, np.empty((T, k), np.float32))
+            cols(xn, kc, _COLS_PER_TASK, n_sum, n_sq, c_val, c_idx)
     out = {
         "in_norm": torch.from_numpy(np.sqrt(in_sq).astype(np.float32)),
         "out_norm": torch.from_numpy(np.sqrt(out_sq).astype(np.float32)),

@@ -25,6 +25,7 @@ launches set the OpenMP thread count, so torch's is put back after each call.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 
@@ -89,6 +90,18 @@ def _sync_numba_threads() -> int:
     return n
 
 
+@contextlib.contextmanager
+def numba_threads():
+    """Numba launches inside run on torch's thread count, and torch's count is put back after them (Numba's OpenMP
+    layer may share torch's runtime and reset it)."""
+    n = _sync_numba_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 class FusedState:
     """Accumulators of one layer, filled block by block: per (batch row, head), and the histograms per head; each
     head is one task (its batch rows in turn), so nothing is written by two threads."""
@@ -116,10 +129,8 @@ class FusedState:
         """End of the layer: flush the open row cells (``cell`` [B, L] as given to ``fused_block``), fold the
         histograms."""
         _kernel()
-        n = _sync_numba_threads()
-        _close_cells(self.vec, self.thumb, cell, self.cell_recv, self.open_cell)
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+        with numba_threads():
+            _close_cells(self.vec, self.thumb, cell, self.cell_recv, self.open_cell)
         self.fold()
 
     def fold(self) -> None:
@@ -388,33 +399,31 @@ def fused_block(
         state.fold()
     state.pending += pairs
     fn = _kernel()
-    n = _sync_numba_threads()
     chunk = numba.get_parallel_chunksize()
     numba.set_parallel_chunksize(1)  # head tasks taken one at a time: a thread descheduled by other load stalls less
-    fn(
-        d.numpy(),
-        lo.contiguous().numpy(),
-        hi.contiguous().numpy(),
-        i0,
-        kstart,
-        start,
-        final_row,
-        tokens,
-        prev_same,
-        n_before,
-        cell,
-        bins,
-        log_min,
-        state.vec,
-        state.hist32,
-        state.mom,
-        state.dist,
-        state.thumb,
-        state.cell_recv,
-        state.open_cell,
-        state.fscratch,
-        state.iscratch,
-    )
+    with numba_threads():
+        fn(
+            d.numpy(),
+            lo.contiguous().numpy(),
+            hi.contiguous().numpy(),
+            i0,
+            kstart,
+            start,
+            final_row,
+            tokens,
+            prev_same,
+            n_before,
+            cell,
+            bins,
+            log_min,
+            state.vec,
+            state.hist32,
+            state.mom,
+            state.dist,
+            state.thumb,
+            state.cell_recv,
+            state.open_cell,
+            state.fscratch,
+            state.iscratch,
+        )
     numba.set_parallel_chunksize(chunk)
-    if torch.get_num_threads() != n:  # Numba's OpenMP layer may share torch's runtime and reset its count
-        torch.set_num_threads(n)

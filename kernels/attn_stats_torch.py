@@ -239,11 +239,12 @@ def _attn_stats_fused(
     _, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, L], [B, R, R]
     row_cell = row_cell.contiguous().numpy()
     state = FusedState(B, H, L, spec.bins, R)
-    prev_same, n_before = previous_occurrence(tokens.cpu().numpy())  # [B, L], [B, L]
+    tok = tokens.cpu().contiguous().numpy()  # [B, L] int64
+    prev_same, n_before = previous_occurrence(tok)  # [B, L], [B, L]
     common = dict(
         start=start.numpy(),
         final_row=(end - 1).numpy(),
-        tokens=tokens.contiguous().cpu().numpy(),
+        tokens=tok,
         prev_same=prev_same,
         n_before=n_before,
         cell=row_cell,

@@ -526,9 +526,8 @@ def _libc():
         import ctypes
 
         class MallInfo2(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks")] + [
-                (n, ctypes.c_size_t) for n in ("fsmblks", "uordblks", "fordblks", "keepcost")
-            ]
+            names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+            _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = MallInfo2
