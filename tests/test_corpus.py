@@ -110,6 +110,13 @@ def test_batched_run_equals_one_at_a_time(rng):
             assert np.array_equal(x.sum(-1), y.sum(-1)), name  # a p on a bin edge may move one bin
         elif name == "mlp.topk_idx":
             assert (x == y).mean() > 0.99, name  # near-ties among neurons may swap
+        elif name == "mlp.ctx_token":  # a neuron's top tokens: exactly tied in maths (the same first token of several
+            # prompts) and tied up to rounding here, which padding decides; a differing token must sit in such a tie
+            va = a.arrays["mlp.ctx_value"]
+            for layer, slot, f in np.argwhere(x != y):
+                tied = np.isclose(va[layer, :, f], va[layer, slot, f], rtol=2e-4, atol=2e-5)  # slots tied with it
+                assert tied.sum() > 1 or tied[-1], (name, layer, slot, f)
+                assert y[layer, slot, f] in x[layer, tied, f] or tied[-1], (name, layer, slot, f)
         elif name not in ("mlp.neuron_argmax", "attn.thumb_rel_count"):
             np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5, err_msg=name)
 
