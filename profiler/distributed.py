@@ -1,30 +1,51 @@
 """Scale-out with Ray Data: the corpus as a Ray Dataset of shard windows, one actor per GPU holding the model.
 
-``pip install 'attnscope[distributed]'``. The driver cuts the corpus into the same shard windows as a
-single-process run (``run.shard_windows``), skips the prompts a resumed run already holds, and hands the windows
-to ``Dataset.map_batches`` with ``ShardActor``: each actor loads the model once (``num_gpus=1``; CPU actors on a
-machine without GPUs), tokenises and profiles a window into a ``Shard``. The driver receives the shards in corpus
-order (``preserve_order``) and commits them with the same ``RunWriter``, so a Ray run is byte for byte the format
-of a single-process run, and equal to it number for number when both use the same CPU thread count (``--threads``:
-how threads split a float sum changes its last bits).
+``pip install 'attnscope[distributed]'``. The driver takes the run directory's lock, cuts the corpus into the same
+shard windows as a single-process run (``run.shard_windows``), skips the prompts a resumed run already holds, and
+gives each window its shard name and first prompt number in advance. ``Dataset.map_batches`` runs ``ShardActor``:
+each actor loads the model once (``num_gpus=1``; CPU actors on a machine without GPUs), tokenises and profiles a
+window, and writes the shard's files itself under the run's ``.staging/`` (Parquet tables and vectors: nothing
+in them depends on the shards before it). It sends back only the shard's accumulators. The driver commits the
+shards in corpus order (``preserve_order``): it renames the staged files into place and reduces the accumulators,
+so a Ray run has exactly the format of a single-process run, and equals it number for number when both use the
+same CPU thread count (``--threads``: how threads split a float sum changes its last bits). An actor on a node
+that does not see the run directory (no shared filesystem) sends the whole shard back and the driver writes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
+import uuid
+from pathlib import Path
 
 __all__ = ["ShardActor", "profile_with_ray"]
 
 
 class ShardActor:
-    """A Ray Data actor: loads the model once, then turns each window of prompts into a pickled ``Shard``."""
+    """A Ray Data actor: loads the model once, then profiles each window of prompts into a shard.
 
-    def __init__(self, model: str | None, device: str, dtype: str, config: dict, threads: int = 0):
+    ``run_dir``/``token``: the run directory and the name of the marker file the driver put in its ``.staging/``.
+    Where the actor sees that marker it writes the shard's files there and returns the accumulators; elsewhere it
+    returns the whole pickled ``Shard``.
+    """
+
+    def __init__(
+        self,
+        model: str | None,
+        device: str,
+        dtype: str,
+        config: dict,
+        threads: int = 0,
+        run_dir: str | None = None,
+        token: str | None = None,
+    ):
         from attnscope.kernels import set_cpu_threads
 
         from .models import load_model
         from .run import ProfileConfig, _Engine
+        from .store import STAGING
 
         if threads:
             set_cpu_threads(threads)  # torch and the Numba pass
@@ -32,18 +53,34 @@ class ShardActor:
         self.model.eval()
         cfg = ProfileConfig(**config)
         self.engine = _Engine(self.model, self.tok, cfg)
+        self.staging = Path(run_dir) / STAGING if run_dir and token else None
+        if self.staging is not None and not (self.staging / token).is_file():
+            self.staging = None  # another node without the run directory: the driver writes the shards
 
     def __call__(self, batch: dict) -> dict:
         from .run import PromptItem
+        from .store import write_shard_files
 
-        out_meta, out_shard = [], []
-        for first, ids, texts in zip(batch["first"], batch["ids"], batch["texts"]):
+        out: dict[str, list] = {"shard": [], "accum": [], "files": [], "n_tokens": [], "meta": []}
+        for first, name, prompt0, ids, texts in zip(
+            batch["first"], batch["name"], batch["prompt0"], batch["ids"], batch["texts"]
+        ):
             items = [PromptItem(str(i), str(t)) for i, t in zip(ids, texts)]
             tokens = self.engine.tokenize(items, int(first))
             shard = self.engine.run_shard(items, tokens)
-            out_shard.append(pickle.dumps(shard, protocol=5))
-            out_meta.append(pickle.dumps(self.engine.meta(), protocol=5))
-        return {"shard": out_shard, "meta": out_meta}
+            meta = self.engine.meta()
+            if self.staging is not None:
+                files = write_shard_files(self.staging, str(name), shard, int(prompt0), meta)
+                out["shard"].append(b"")
+                out["accum"].append(pickle.dumps(shard.accum, protocol=5))
+            else:
+                files = []
+                out["shard"].append(pickle.dumps(shard, protocol=5))
+                out["accum"].append(b"")
+            out["files"].append(files)
+            out["n_tokens"].append(shard.n_tokens)
+            out["meta"].append(pickle.dumps(meta, protocol=5))
+        return out
 
 
 def _config_kwargs(cfg) -> dict:
@@ -67,61 +104,80 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
     from tqdm.auto import tqdm
 
     from .run import shard_windows
-    from .store import committed_ids, is_run
+    from .store import STAGING, RunError, _committed_ids, _next_seq, _read_manifest, is_run, shard_name
 
-    address = address if address is not None else (args.ray or None)
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    skip = committed_ids(writer.path) if writer.mode == "resume" and is_run(writer.path) else set()
-    rows = []
-    for first, window in shard_windows(iter(corpus), cfg):
-        todo = [it for it in window if it.id not in skip]
-        if todo:
-            rows.append({"first": first, "ids": [it.id for it in todo], "texts": [it.text for it in todo]})
-    if not rows:
-        writer.precheck()
-        return 0
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # shards come back in corpus order
-    n_actors = min(len(rows), gpus if gpus else cpus)
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    kw = dict(
-        fn_constructor_kwargs={
-            "model": args.model,
-            "device": args.device if gpus else "cpu",
-            "dtype": args.dtype,
-            "config": _config_kwargs(cfg),
-            "threads": cfg.threads or (0 if gpus else max(1, cpus // n_actors)),
-        },
-        batch_size=1,
-        concurrency=n_actors,
-        batch_format="default",
-    )
-    kw["num_gpus" if gpus else "num_cpus"] = 1 if gpus else max(1, cpus // n_actors)
-    results = ds.map_batches(ShardActor, **kw)
-    done = 0
-    bar = tqdm(total=total, desc="profile", unit="prompt", disable=args.no_progress, dynamic_ncols=True)
-    bar.update(total - sum(len(r["ids"]) for r in rows))
-    opened = False
+    writer.acquire()  # held until the end: no other writer while the actors write into the directory
     try:
-        for row in results.iter_rows():
-            shard = pickle.loads(row["shard"])
-            if not opened:
-                writer.meta = pickle.loads(row["meta"])
-                writer.open()
-                opened = True
-            writer.commit(shard)
-            done += shard.n_prompts
-            bar.update(shard.n_prompts)
+        base = _read_manifest(writer.path) if writer.mode in ("resume", "append") and is_run(writer.path) else None
+        skip = _committed_ids(writer.path, base) if base is not None and writer.mode == "resume" else set()
+        seq, prompt0 = _next_seq(base), int(base["n_prompts"]) if base else 0
+        rows = []
+        for first, window in shard_windows(iter(corpus), cfg):
+            todo = [it for it in window if it.id not in skip]
+            if todo:
+                rows.append(
+                    {"first": first, "name": shard_name(seq), "prompt0": prompt0}
+                    | {"ids": [it.id for it in todo], "texts": [it.text for it in todo]}
+                )
+                seq, prompt0 = seq + 1, prompt0 + len(todo)
+        if not rows:  # a resumed run that had committed every prompt: only its status is left to write
+            writer.meta = dict(base["meta"])
+            writer.open()
+            writer.close(complete=True)
+            return 0
+        token = f"run-{uuid.uuid4().hex}"
+        staging = writer.path / STAGING
+        staging.mkdir(exist_ok=True)
+        (staging / token).write_text(f"{os.getpid()}\n")
+
+        address = address if address is not None else (args.ray or None)
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # shards come back in corpus order
+        n_actors = min(len(rows), gpus if gpus else cpus)
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        kw = dict(
+            fn_constructor_kwargs={
+                "model": args.model,
+                "device": args.device if gpus else "cpu",
+                "dtype": args.dtype,
+                "config": _config_kwargs(cfg),
+                "threads": cfg.threads or (0 if gpus else max(1, cpus // n_actors)),
+                "run_dir": str(writer.path.resolve()),
+                "token": token,
+            },
+            batch_size=1,
+            concurrency=n_actors,
+            batch_format="default",
+        )
+        kw["num_gpus" if gpus else "num_cpus"] = 1 if gpus else max(1, cpus // n_actors)
+        results = ds.map_batches(ShardActor, **kw)
+        done = 0
+        bar = tqdm(total=total, desc="profile", unit="prompt", disable=args.no_progress, dynamic_ncols=True)
+        bar.update(total - sum(len(r["ids"]) for r in rows))
+        try:
+            for row, res in zip(rows, results.iter_rows()):
+                if writer.doc is None:  # the run's identity is known once an actor has loaded the model
+                    writer.meta = pickle.loads(res["meta"])
+                    writer.open()
+                    if writer.next_shard != (rows[0]["name"], rows[0]["prompt0"]):
+                        raise RunError(f"{writer.path} changed while the shards were being assigned")
+                n = len(row["ids"])
+                files = list(res["files"]) if res["files"] is not None else []
+                if files:
+                    accum = pickle.loads(res["accum"])
+                    writer.commit_staged(row["name"], row["prompt0"], n, int(res["n_tokens"]), files, accum)
+                else:
+                    writer.commit(pickle.loads(res["shard"]))
+                done += n
+                bar.update(n)
+        finally:
+            bar.close()
     except BaseException:
-        if opened:
-            writer.close(complete=False)
-        else:
-            writer.discard()
+        writer.close(complete=False)  # what is committed stays (--resume continues); the staged files go
         raise
-    finally:
-        bar.close()
     writer.close(complete=True)
     return done

@@ -4,7 +4,7 @@ numpy, pyarrow and safetensors only (no torch). Layout (Ly layers, H heads, V at
 
     run.json              identity (model, digests, tokenizer, settings), the committed shards, the current accumulators
     accum/a<gen>.safetensors  additive accumulators (``data.ACCUM_NAMES``): O(Ly x H x bins + Ly x d_ff), any corpus
-    index/<shard>.parquet     one row per prompt: prompt, prompt_id, sha256, n_tokens, token_offset, preview
+    index/<shard>.parquet     one row per prompt: prompt, prompt_id, sha256, n_tokens, preview
     prompts/<shard>.parquet   one row per (prompt, layer, head): the mean of every vector over the prompt's tokens,
                               and the mean attention distance
     tokens/<shard>.parquet    one row per token: prompt, position, token_id, token, logit_entropy, in_norm[Ly],
@@ -15,7 +15,9 @@ numpy, pyarrow and safetensors only (no torch). Layout (Ly layers, H heads, V at
 A shard is committed by writing its files, then the accumulators (a new generation), then ``run.json`` by atomic
 rename, then deleting the previous accumulators. Anything ``run.json`` does not name is left over from a killed
 writer: the next writer deletes it. One writer at a time holds ``.lock`` (``flock``: released by the kernel when
-the process dies, even by ``kill -9``).
+the process dies, even by ``kill -9``). Its helpers (Ray actors) may write a shard's files ahead of its commit,
+under ``.staging/`` with the same layout; the commit renames them into place, and the next writer deletes any
+``.staging/`` a killed run left.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ __all__ = [
     "committed_ids",
     "is_run",
     "load_run",
+    "shard_name",
+    "write_shard_files",
     "merge_runs",
     "run_tables",
 ]
@@ -49,6 +53,7 @@ RUN_FILE = "run.json"
 RUN_FORMAT = "attnscope-run"
 RUN_SCHEMA = 1
 LOCK_FILE = ".lock"
+STAGING = ".staging"  # shard files written ahead of their commit (by Ray actors)
 PARTS = ("accum", "index", "prompts", "tokens", "vectors")
 # identity of a run: what must agree to resume or append to it, and what each difference means to a user
 IDENTITY = {
@@ -171,11 +176,13 @@ def _read_manifest(path: Path) -> dict:
     return doc
 
 
-def _shard_tables(shard: Shard, name_prompt0: int, token0: int, Ly: int, H: int, vectors: Sequence[str]):
-    """The three Parquet tables of a shard: index, prompts, tokens."""
+def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence[str]):
+    """The three Parquet tables of a shard whose first prompt is number ``prompt0`` in the run: index, prompts,
+    tokens. Nothing in them depends on the tokens before the shard, so a shard can be written before the shards
+    ahead of it are done (a Ray actor writes its own)."""
     pa, _ = _pa()
     P, T = shard.n_prompts, shard.n_tokens
-    prompt = np.arange(name_prompt0, name_prompt0 + P, dtype=np.int64)
+    prompt = np.arange(prompt0, prompt0 + P, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(shard.lengths)]).astype(np.int64)
     index = pa.table(
         {
@@ -183,7 +190,6 @@ def _shard_tables(shard: Shard, name_prompt0: int, token0: int, Ly: int, H: int,
             "prompt_id": pa.array(shard.prompt_ids, pa.string()),
             "sha256": pa.array(shard.sha256, pa.string()),
             "n_tokens": shard.lengths.astype(np.int64),
-            "token_offset": offsets[:-1] + token0,
             "preview": pa.array(shard.previews, pa.string()),
         }
     )
@@ -229,6 +235,42 @@ def _shard_tables(shard: Shard, name_prompt0: int, token0: int, Ly: int, H: int,
         ]  # [Ly, T]
         tokens = tokens.append_column("lens_top_token", per_token(text, Ly))
     return index, prompts, tokens
+
+
+def shard_name(seq: int) -> str:
+    return f"s{seq:06d}"
+
+
+def _next_seq(doc: dict | None) -> int:
+    return max([int(s["name"][1:]) for s in (doc or {}).get("shards", [])], default=-1) + 1
+
+
+def write_shard_files(root: str | os.PathLike, name: str, shard: Shard, prompt0: int, meta: dict) -> list[str]:
+    """Write a shard's files (Parquet tables, and its vectors when it has any) under ``root`` in the run layout;
+    returns their paths relative to ``root``. Committing them is the writer's job (``RunWriter.commit``, or
+    ``commit_staged`` for files written under ``.staging/`` by a helper)."""
+    root = Path(root)
+    Ly, H = int(meta["n_layers"]), int(meta["n_heads"])
+    index, prompts, tokens = _shard_tables(shard, prompt0, Ly, H, meta["vectors"])
+    files = []
+    for part, table in (("index", index), ("prompts", prompts), ("tokens", tokens)):
+        (root / part).mkdir(parents=True, exist_ok=True)
+        _write_parquet(table, root / part / f"{name}.parquet")
+        files.append(f"{part}/{name}.parquet")
+    vec: dict[str, np.ndarray] = {}
+    if shard.vectors is not None:
+        vec.update(shard.vectors)
+    for i, t in enumerate(shard.thumbs or []):
+        vec[f"attn.thumb.p{i}"] = t
+    for (i, layer, head), m in shard.full.items():
+        vec[f"attn.full.p{i}.l{layer}.h{head}"] = m
+    if vec:
+        (root / "vectors").mkdir(exist_ok=True)
+        _save_arrays(vec, root / "vectors" / f"{name}.safetensors")
+        files.append(f"vectors/{name}.safetensors")
+    for part in {f.split("/")[0] for f in files}:
+        _fsync_dir(root / part)
+    return files
 
 
 class _Lock:
@@ -320,7 +362,7 @@ class RunWriter:
             return
         if p.exists() and not p.is_dir():
             raise RunError(f"--out {p} exists and is not a directory")
-        self._existing = p.is_dir() and any(f.name != LOCK_FILE for f in p.iterdir())
+        self._existing = p.is_dir() and any(f.name not in (LOCK_FILE, STAGING) for f in p.iterdir())
         if self._existing and not is_run(p):
             if not (p / "profile.json").is_file():
                 raise RunError(
@@ -360,12 +402,21 @@ class RunWriter:
         if self._created and (self.doc is None or not self.doc["shards"]):
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def open(self) -> None:
+    def acquire(self) -> None:
+        """Take the directory's lock (after ``precheck``) and delete a ``.staging/`` a killed run left; ``open``
+        does this itself. A writer whose helpers write files before the run's identity is known (Ray) takes the
+        lock first, so no other writer can start meanwhile."""
+        if self.lock.fd is not None:
+            return
         self.precheck()
         try:
             self.lock.acquire()
         except OSError as e:
             raise RunError(f"cannot write --out {self.path}: {e.strerror}") from None
+        shutil.rmtree(self.path / STAGING, ignore_errors=True)
+
+    def open(self) -> None:
+        self.acquire()
         try:
             self._open_locked(self._existing)
         except BaseException:
@@ -432,6 +483,8 @@ class RunWriter:
                 self.doc["status"] = "complete"
                 self._write_manifest()
         finally:
+            if self.lock.fd is not None:
+                shutil.rmtree(self.path / STAGING, ignore_errors=True)
             self.lock.release()
             if not complete:
                 self.discard()  # nothing committed to a directory this writer made: leave none behind
@@ -446,44 +499,52 @@ class RunWriter:
         return _committed_ids(self.path, self.doc) if self.doc else set()
 
     # -- commit --
+    @property
+    def next_shard(self) -> tuple[str, int]:
+        """The name and first prompt number of the next shard to commit."""
+        return shard_name(_next_seq(self.doc)), self.n_prompts
+
     def commit(self, shard: Shard) -> None:
         """Write one shard: its files, then the accumulators, then ``run.json`` by atomic rename."""
-        doc = self.doc
-        meta = doc["meta"]
-        if meta.get("d_ff") is None and "mlp.neuron_max" in shard.accum:
-            meta["d_ff"] = int(shard.accum["mlp.neuron_max"].shape[1])
-        Ly, H = int(meta["n_layers"]), int(meta["n_heads"])
-        seq = max([int(s["name"][1:]) for s in doc["shards"]], default=-1) + 1
-        name = f"s{seq:06d}"
-        p0, t0 = int(doc["n_prompts"]), int(doc["n_tokens"])
-        index, prompts, tokens = _shard_tables(shard, p0, t0, Ly, H, meta["vectors"])
-        files = []
-        for part, table in (("index", index), ("prompts", prompts), ("tokens", tokens)):
-            _write_parquet(table, self.path / part / f"{name}.parquet")
-            files.append(f"{part}/{name}.parquet")
-        vec: dict[str, np.ndarray] = {}
-        if shard.vectors is not None:
-            vec.update(shard.vectors)
-        for i, t in enumerate(shard.thumbs or []):
-            vec[f"attn.thumb.p{i}"] = t
-        for (i, layer, head), m in shard.full.items():
-            vec[f"attn.full.p{i}.l{layer}.h{head}"] = m
-        if vec:
-            _save_arrays(vec, self.path / "vectors" / f"{name}.safetensors")
-            files.append(f"vectors/{name}.safetensors")
-        for part in ("index", "prompts", "tokens", "vectors"):
+        name, p0 = self.next_shard
+        files = write_shard_files(self.path, name, shard, p0, self._meta_for(shard.accum))
+        self._commit_files(name, shard.n_prompts, shard.n_tokens, files, shard.accum)
+
+    def commit_staged(self, name: str, prompt0: int, n_prompts: int, n_tokens: int, files: Sequence[str], accum):
+        """Commit a shard whose files a helper wrote under ``.staging/`` (``write_shard_files``) as shard ``name``
+        starting at prompt ``prompt0``: they must be the next; the files are renamed into place."""
+        if (name, prompt0) != self.next_shard:
+            raise RunError(
+                f"internal error: staged shard {name} (first prompt {prompt0}) is not the next of {self.path} "
+                f"({self.next_shard[0]}, first prompt {self.next_shard[1]})"
+            )
+        staging = self.path / STAGING
+        for rel in files:
+            os.replace(staging / rel, self.path / rel)
+        for part in {f.split("/")[0] for f in files}:
             _fsync_dir(self.path / part)
-        self.accum = combine_accum(self.accum, shard.accum, t0)
+        self._commit_files(name, n_prompts, n_tokens, list(files), accum)
+
+    def _meta_for(self, accum: dict[str, np.ndarray]) -> dict:
+        meta = self.doc["meta"]
+        if meta.get("d_ff") is None and "mlp.neuron_max" in accum:
+            meta["d_ff"] = int(accum["mlp.neuron_max"].shape[1])
+        return meta
+
+    def _commit_files(self, name: str, n_prompts: int, n_tokens: int, files: list[str], accum) -> None:
+        doc = self.doc
+        self._meta_for(accum)
+        p0, t0 = int(doc["n_prompts"]), int(doc["n_tokens"])
+        self.accum = combine_accum(self.accum, accum, t0)
         gen = int(doc["accum"].split("/a")[1].split(".")[0]) + 1 if doc["accum"] else 0
         accum_file = f"accum/a{gen:06d}.safetensors"
         sha = _save_arrays(self.accum, self.path / accum_file)
         _fsync_dir(self.path / "accum")
         old_accum = doc["accum"]
         doc["shards"].append(
-            {"name": name, "n_prompts": shard.n_prompts, "n_tokens": shard.n_tokens, "prompt0": p0, "token0": t0}
-            | {"files": files}
+            {"name": name, "n_prompts": n_prompts, "n_tokens": n_tokens, "prompt0": p0, "token0": t0} | {"files": files}
         )
-        doc["n_prompts"], doc["n_tokens"] = p0 + shard.n_prompts, t0 + shard.n_tokens
+        doc["n_prompts"], doc["n_tokens"] = p0 + n_prompts, t0 + n_tokens
         doc["accum"], doc["accum_sha256"] = accum_file, sha
         self._write_manifest()
         if old_accum:
@@ -518,6 +579,7 @@ class _RunData:
         self.shards = doc["shards"]
         self.prompt0 = np.array([s["prompt0"] for s in self.shards] + [doc["n_prompts"]], dtype=np.int64)
         self._index = None
+        self._offsets: np.ndarray | None = None
         self._tokens_cache: tuple[int, object] | None = None
         self._vec_keys: dict[str, tuple[int, str]] | None = None
 
@@ -531,9 +593,12 @@ class _RunData:
         return self._index
 
     def offsets(self) -> np.ndarray:
-        idx = self.index()
-        n = np.zeros(0, np.int64) if idx is None else idx.column("n_tokens").to_numpy()
-        return np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        """[P + 1] the first token of every prompt in the run (read once)."""
+        if self._offsets is None:
+            idx = self.index()
+            n = np.zeros(0, np.int64) if idx is None else idx.column("n_tokens").to_numpy()
+            self._offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        return self._offsets
 
     def shard_of(self, prompt: int) -> int:
         return int(np.searchsorted(self.prompt0, prompt, side="right") - 1)
@@ -776,10 +841,10 @@ class _RunPrompts(Sequence):
             raise IndexError(f"prompt index {i} out of range: the run holds {len(self)} prompts")
         d = self.data
         idx = d.index()
-        row = {c: idx.column(c)[i].as_py() for c in ("prompt_id", "sha256", "n_tokens", "preview", "token_offset")}
+        row = {c: idx.column(c)[i].as_py() for c in ("prompt_id", "sha256", "n_tokens", "preview")}
         s = d.shard_of(i)
         tok = d.tokens(s)
-        lo = row["token_offset"] - d.shards[s]["token0"]
+        lo = int(d.offsets()[i]) - d.shards[s]["token0"]
         text = tok.column("token").slice(lo, row["n_tokens"]).to_pylist()
         return {
             "id": row["prompt_id"],
@@ -886,8 +951,7 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, for
             accum = load_run(src).arrays.accum if d.get("accum") else {}
             for sh in d["shards"]:
                 p0, t0 = w.doc["n_prompts"], w.doc["n_tokens"]
-                seq = max([int(s["name"][1:]) for s in w.doc["shards"]], default=-1) + 1
-                name = f"s{seq:06d}"
+                name = w.next_shard[0]
                 files = []
                 for rel in sh["files"]:
                     part = rel.split("/")[0]
@@ -899,12 +963,8 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, for
                             "prompt",
                             pa.compute.add(t.column("prompt"), pa.scalar(p0 - sh["prompt0"], pa.int64())),
                         )
-                        if part == "index":
-                            t = t.set_column(
-                                t.schema.get_field_index("token_offset"),
-                                "token_offset",
-                                pa.compute.add(t.column("token_offset"), pa.scalar(t0 - sh["token0"], pa.int64())),
-                            )
+                        if "token_offset" in t.column_names:  # older runs stored it; the SQL view computes it
+                            t = t.drop_columns(["token_offset"])
                         _write_parquet(t, dst)
                     else:
                         shutil.copyfile(src / rel, dst)

@@ -93,6 +93,33 @@ def test_length_bucketed_batches_restore_order():
     assert sorted(np.concatenate(auto).tolist()) == list(range(8))
 
 
+@pytest.mark.parametrize("per_batch", [0, 3, 40])
+def test_auto_batches_are_the_cheapest_cuts(rng, per_batch):
+    """The dynamic programme finds the least cost over every way to cut the sorted lengths (exhaustive search),
+    within the token budget; with no cost per batch it pads nothing it need not."""
+    import itertools
+
+    from attnscope.profiler.run import _auto_batches
+
+    def cost(cuts, L):
+        return sum(per_batch + (b - a) * L[b - 1] for a, b in zip(cuts[:-1], cuts[1:]))
+
+    for _ in range(20):
+        n, budget = int(rng.integers(1, 10)), int(rng.integers(8, 80))
+        L = np.sort(rng.integers(1, 20, size=n))
+        cuts = _auto_batches(L, budget, per_batch)
+        assert cuts[0] == 0 and cuts[-1] == n and all(a < b for a, b in zip(cuts[:-1], cuts[1:]))
+        ok = lambda c: all(b - a == 1 or (b - a) * L[b - 1] <= budget for a, b in zip(c[:-1], c[1:]))  # noqa: E731
+        assert ok(cuts)
+        best = min(
+            cost([0, *inner, n], L)
+            for r in range(n)
+            for inner in itertools.combinations(range(1, n), r)
+            if ok([0, *inner, n])
+        )
+        assert cost(cuts, L) == best, (L.tolist(), budget, cuts)
+
+
 def test_batched_run_equals_one_at_a_time(rng):
     """Length-bucketed batches put each prompt's numbers back in corpus order (padding changes only rounding)."""
     from attnscope.kernels import AttnStatsSpec

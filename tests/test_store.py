@@ -257,3 +257,15 @@ def test_per_prompt_reads_touch_only_their_shards(setup, rng, tmp_path):
         assert np.array_equal(lazy[key], whole[n][key]), n
         assert lazy._full is None and len(lazy._parts) <= 4  # never read the whole run for these
         assert np.array_equal(lazy.mean(-1), whole[n].mean(-1))  # anything else: the whole array, once
+
+
+def test_a_killed_ray_runs_staging_does_not_block_the_next_run(setup, rng, tmp_path):
+    """A Ray run killed before its first commit leaves only .lock and .staging/: the directory counts as empty,
+    and the next writer deletes the staged files."""
+    model, tok = setup
+    out = tmp_path / "r"
+    (out / ".staging" / "tokens").mkdir(parents=True)
+    (out / ".staging" / "tokens" / "s000000.parquet").write_bytes(b"half a shard")
+    (out / ".lock").write_text("123\n")
+    _write_run(out, model, tok, _prompts(rng, 2))
+    assert not (out / ".staging").exists() and len(load(out).prompts) == 2

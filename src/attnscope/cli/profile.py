@@ -177,8 +177,9 @@ def register(sub) -> None:
         "--batch-size",
         default="auto",
         metavar="N|auto",
-        help="prompts per forward pass, length-bucketed within a shard; auto: as many as --token-budget padded "
-        "tokens allow (default: auto)",
+        help="prompts per forward pass, length-bucketed within a shard; auto: batches of similar length, cut "
+        "where padding would cost more than another forward pass, at most --token-budget padded tokens each "
+        "(default: auto)",
     )
     p.add_argument(
         "--token-budget", type=int, default=8192, help="padded tokens per forward pass with --batch-size auto"

@@ -55,7 +55,11 @@ def sql_connection(run: str | Path):
         return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in t[part]) + "]"
 
     if t["index"]:
-        con.execute(f"create view prompt_index as select * from read_parquet({files('index')})")
+        con.execute(  # token_offset: where the prompt's tokens start in the run (shards do not store it)
+            "create view prompt_index as select prompt, prompt_id, sha256, n_tokens, "
+            "sum(n_tokens) over (order by prompt) - n_tokens as token_offset, preview "
+            f"from read_parquet({files('index')}, union_by_name = true)"
+        )
         con.execute(f"create view prompts_raw as select * from read_parquet({files('prompts')})")
         con.execute(
             "create view prompts as select p.*, i.sha256, i.preview from prompts_raw p "
