@@ -184,7 +184,8 @@ def attn_stats_torch(
                 thumb[b].index_add_(1, rc[b][ok], colpool[b][:, ok])
 
     out = {"hist_all": hist_all, "hist_log": hist_log, "moments": moments, "dist": dist.cpu()}
-    out["thumb"] = (thumb.cpu() / cell_count[:, None]).float()
+    r = min(R, L)  # no prompt has more cells a side
+    out["thumb"] = (thumb[:, :, :r, :r].cpu() / cell_count[:, None, :r, :r]).float()
     out.update({name: v for name, v in vec.items()})
     return out
 
@@ -233,12 +234,13 @@ def _attn_stats_fused(
     group = H // Hkv
     W = ranges.window
     R = spec.thumb_size
+    Rs = min(R, L)  # a prompt of n <= L tokens has min(R, n) cells a side: the thumbnails are [B, H, Rs, Rs]
     tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
     start = ranges.start.cpu().long()  # [B]
     end = ranges.end.cpu().long()  # [B]
-    _, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, L], [B, R, R]
+    _, row_cell, cell_count = thumb_layout(ranges, L, Rs)  # [B, L], [B, Rs, Rs]
     row_cell = row_cell.contiguous().numpy()
-    state = FusedState(B, H, L, spec.bins, R)
+    state = FusedState(B, H, L, spec.bins, Rs)
     tok = tokens.cpu().contiguous().numpy()  # [B, L] int64
     prev_same, n_before = previous_occurrence(tok)  # [B, L], [B, L]
     common = dict(

@@ -524,13 +524,14 @@ def qk_stats(
     _qk_stats_fused_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
     n = _pairs(ranges)  # [B]
+    r = min(R, L)  # no prompt has more thumbnail cells a side
     moments = torch.stack([n[:, None].expand(B, H).to(dev), mom[..., 0], mom[..., 1]], dim=-1)  # [B, H, 3]
     out = {
         "hist_all": hist_all.long().sum(0).cpu(),
         "hist_log": hist_log.long().sum(0).cpu(),
         "moments": moments.sum(0).cpu(),
         "dist": dist.cpu(),
-        "thumb": (thumb.double().cpu() / count[:, None]).float(),
+        "thumb": (thumb[:, :, :r, :r].double().cpu() / count[:, None, :r, :r]).float(),
         "final": final,
         "recv_sum": recv_sum,
         "recv_max": recv_max,

@@ -303,9 +303,9 @@ class _Engine:
                 r[name][layer] = st[name].cpu().numpy()
             for v in self.vectors:
                 r["vec"][v][layer] = st[v].cpu().numpy()
-            if self.device.type == "cpu":
+            if self.device.type == "cpu" and Lmax >= 1024:  # long rows leave big freed blocks; short ones do not
                 release_freed_memory()
-            th = st["thumb"].cpu().numpy()  # [B, H, R, R]: cells past min(R, L) are zero
+            th = st["thumb"].cpu().numpy()  # [B, H, r, r], r = min(R, L): prompt b fills [:rp, :rp]
             rel_sum = r["thumb_rel"][layer]  # [H, R, R]
             for b, (rp, ra, rc) in enumerate(cells):  # one small numpy op per prompt and layer
                 rel_sum[:, ra, rc] += th[b, :, :rp, :rp]

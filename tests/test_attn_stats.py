@@ -129,7 +129,8 @@ def test_invariants():
         for v in ("diag", "entropy", "rowmax", "sink", "prev"):
             assert not out[v].isnan().any()
             assert (out[v][b, :, :lo] == 0).all() and (out[v][b, :, hi:] == 0).all()
-    # thumbnail with R >= L: one cell per (query, key), i.e. p itself
+    # thumbnail with R >= L: [B, H, L, L], one cell per (query, key), i.e. p itself
+    assert out["thumb"].shape == (2, 3, 60, 60)
     p = attention_probs_ref(q, k, 0.25, ranges)
     for b in range(2):
         lo, hi = ranges.start[b].item(), ranges.end[b].item()
