@@ -12,8 +12,9 @@ For each corpus:
   length-sorted batches of 16, in this process, after one burn-in batch; tokens/s.
 - attnscope: ``attnscope profile --prompts FILE --batch-size auto --keep tables`` in a fresh subprocess (its peak RSS
   from ru_maxrss), minus attnscope's fixed cost, a one-prompt run in another subprocess (model load, Numba
-  cache load, imports; measured after a first run that fills Numba's cache); tokens/s, peak RSS, bytes on disk per prompt and per token. The one-liner corpus is also run at 1/10
-  of its size, for the ratio of peak RSS (memory flat in corpus size).
+  cache load, imports; measured after a first run that fills Numba's cache); tokens/s, peak RSS, bytes on disk
+  per prompt and per token. The one-liner corpus is also run at 1/10 of its size, for the ratio of peak RSS
+  (memory flat in corpus size).
 Results go to --out (default benchmarks/results/cpu_corpus.json) with the machine they came from.
 """
 

@@ -64,7 +64,8 @@ def attn_stats_ref(
     Returns:
         ``hist_all``/``hist_log`` [H, bins] int64, ``moments`` [H, 3] float64 (n pairs, sum p, sum p^2),
         ``dist`` [B, H, 32] float64 (sum of p by floor(log2(i - j + 1))), ``thumb`` [B, H, r, r] with r = min(R, L)
-        (average-pooled p; a prompt of n < r tokens fills its first n cells, the rest are zero), and each name of ``ATTN_VECTOR_STATS`` as [B, H, L].
+        (average-pooled p; a prompt of n < r tokens fills its first n cells, the rest are zero), and each name of
+        ``ATTN_VECTOR_STATS`` as [B, H, L].
     """
     p = attention_probs_ref(q, k, scaling, ranges, upcast).cpu()  # [B, H, L, L]
     return attn_stats_from_probs_ref(p, ranges, spec, tokens)

@@ -104,18 +104,20 @@ def test_auto_batches_are_the_cheapest_cuts(rng, per_batch):
     def cost(cuts, L):
         return sum(per_batch + (b - a) * L[b - 1] for a, b in zip(cuts[:-1], cuts[1:]))
 
+    def ok(cuts, L, budget):  # every batch within the budget, or a single prompt
+        return all(b - a == 1 or (b - a) * L[b - 1] <= budget for a, b in zip(cuts[:-1], cuts[1:]))
+
     for _ in range(20):
         n, budget = int(rng.integers(1, 10)), int(rng.integers(8, 80))
         L = np.sort(rng.integers(1, 20, size=n))
         cuts = _auto_batches(L, budget, per_batch)
         assert cuts[0] == 0 and cuts[-1] == n and all(a < b for a, b in zip(cuts[:-1], cuts[1:]))
-        ok = lambda c: all(b - a == 1 or (b - a) * L[b - 1] <= budget for a, b in zip(c[:-1], c[1:]))  # noqa: E731
-        assert ok(cuts)
+        assert ok(cuts, L, budget)
         best = min(
             cost([0, *inner, n], L)
             for r in range(n)
             for inner in itertools.combinations(range(1, n), r)
-            if ok([0, *inner, n])
+            if ok([0, *inner, n], L, budget)
         )
         assert cost(cuts, L) == best, (L.tolist(), budget, cuts)
 
