@@ -45,19 +45,15 @@ def check_layer_head(prof, layer: int, head: int | None = None) -> None:
         raise ViewError(f"head {head} is out of range: the profile has heads 0..{prof.n_heads - 1}")
 
 
+_SUMMARY_VECTORS = ("entropy", "sink", "prev", "self", "induction", "dup", "rowmax")  # "self": the diag vector
+
+
 def head_summary(prof) -> dict[str, np.ndarray]:
-    """Per (layer, head) summary statistics over every token of the profile, each [layers, heads]."""
-    a = prof.arrays
-    out = {
-        "entropy": a["attn.entropy"].mean(-1),
-        "sink": a["attn.sink"].mean(-1),
-        "prev": a["attn.prev"].mean(-1),
-        "self": a["attn.diag"].mean(-1),
-        "induction": a["attn.induction"].mean(-1),
-        "dup": a["attn.dup"].mean(-1),
-        "rowmax": a["attn.rowmax"].mean(-1),
-    }
-    out["distance"] = mean_distance(a["attn.dist"])  # [Ly, H] from the [Ly, H, 32] buckets
+    """Per (layer, head) summary statistics over every token of the profile, each [layers, heads] (from the additive
+    row sums: a corpus run without per-token vectors has them too)."""
+    m = prof.head_means()
+    out = {label: m["diag" if label == "self" else label] for label in _SUMMARY_VECTORS}
+    out["distance"] = mean_distance(prof.arrays["attn.dist"])  # [Ly, H] from the [Ly, H, 32] buckets
     return {name: np.asarray(v, dtype=np.float64) for name, v in out.items()}
 
 
