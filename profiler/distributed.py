@@ -89,8 +89,10 @@ def _config_kwargs(cfg) -> dict:
     return kw
 
 
-def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None = None) -> int:
-    """Profile ``corpus`` on a Ray cluster into ``writer``'s run directory; returns the prompts profiled.
+def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None = None) -> tuple[int, int, int]:
+    """Profile ``corpus`` on a Ray cluster into ``writer``'s run directory; returns the prompts profiled, the shards
+    committed, and how many of those the actors wrote themselves (the others, from nodes that do not see the run
+    directory, the driver wrote).
 
     ``address``: a cluster to join (``ray://host:10001`` or ``host:6379``), or None for a local one (``ray.init()``
     with this machine's CPUs and GPUs, or the cluster ``RAY_ADDRESS`` names).
@@ -124,7 +126,7 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
             writer.meta = dict(base["meta"])
             writer.open()
             writer.close(complete=True)
-            return 0
+            return 0, 0, 0
         token = f"run-{uuid.uuid4().hex}"
         staging = writer.path / STAGING
         staging.mkdir(exist_ok=True)
@@ -155,7 +157,7 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
         )
         kw["num_gpus" if gpus else "num_cpus"] = 1 if gpus else max(1, cpus // n_actors)
         results = ds.map_batches(ShardActor, **kw)
-        done = 0
+        done = shards = staged = 0
         bar = tqdm(total=total, desc="profile", unit="prompt", disable=args.no_progress, dynamic_ncols=True)
         bar.update(total - sum(len(r["ids"]) for r in rows))
         try:
@@ -170,8 +172,10 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
                 if files:
                     accum = pickle.loads(res["accum"])
                     writer.commit_staged(row["name"], row["prompt0"], n, int(res["n_tokens"]), files, accum)
+                    staged += 1
                 else:
                     writer.commit(pickle.loads(res["shard"]))
+                shards += 1
                 done += n
                 bar.update(n)
         finally:
@@ -180,4 +184,4 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
         writer.close(complete=False)  # what is committed stays (--resume continues); the staged files go
         raise
     writer.close(complete=True)
-    return done
+    return done, shards, staged

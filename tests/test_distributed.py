@@ -22,7 +22,7 @@ def local_ray():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside ray.data
-def test_ray_run_equals_single_process(local_ray, tmp_path, rng):
+def test_ray_run_equals_single_process(local_ray, tmp_path, rng, capsys):
     d = tmp_path / "m"
     tiny_model("gpt_neox", vocab=200).save_pretrained(d)
     word_tokenizer().save_pretrained(d)
@@ -33,6 +33,7 @@ def test_ray_run_equals_single_process(local_ray, tmp_path, rng):
     common += ["--threads", "1"]  # a float sum depends on how the threads split it: one thread here and in each actor
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
     assert main(common + ["--out", str(tmp_path / "ray"), "--ray"]) == 0
+    assert "(4 shard(s), 4 written by the actors, 0 sent back" in capsys.readouterr().out  # 11 prompts, 3 a shard
     a, b = load(tmp_path / "one"), load(tmp_path / "ray")
     assert list(a.prompts) == list(b.prompts)
     assert sorted(a.arrays) == sorted(b.arrays)

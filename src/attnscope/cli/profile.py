@@ -100,8 +100,11 @@ def cmd_profile(args) -> int:
         if args.ray is not None:
             from attnscope.profiler.distributed import profile_with_ray
 
-            done = profile_with_ray(args, corpus, cfg, w, n)
-            print(f"attnscope: profiled {done} prompt(s) with {args.model or DEFAULT_MODEL} on Ray -> {out}")
+            done, shards, staged = profile_with_ray(args, corpus, cfg, w, n)
+            print(
+                f"attnscope: profiled {done} prompt(s) with {args.model or DEFAULT_MODEL} on Ray -> {out} "
+                f"({shards} shard(s), {staged} written by the actors, {shards - staged} sent back to this process)"
+            )
             return 0
         model, tok, model_id = load_model(args.model, device=args.device, dtype=args.dtype)
         w.meta = run_meta(model, tok, cfg)
