@@ -929,9 +929,14 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
     return out
 
 
-def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, force: bool = False) -> Path:
+def merge_runs(
+    sources: Sequence[str | os.PathLike], out: str | os.PathLike, force: bool = False
+) -> tuple[Path, list[str]]:
     """Join runs of the same model and settings into a new run at ``out``: the shards of each, in order, with
-    prompts and tokens renumbered, and the accumulators combined. Equal to one run of all their prompts."""
+    prompts and tokens renumbered, and the accumulators combined. Equal to one run of all their prompts.
+
+    The merged run keeps the vectors tier only if every source has it (``--keep auto`` keeps it for small runs
+    only, so two default runs may differ); returns ``(out, the sources whose vectors were left out)``."""
     pa, pq = _pa()
     docs = [_read_manifest(Path(s)) for s in sources]
     if not docs:
@@ -939,12 +944,12 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, for
     first = docs[0]
     for s, d in zip(sources[1:], docs[1:]):
         _check_identity(first, d["meta"], Path(s), "merge")
-        if d.get("keep_vectors") != first.get("keep_vectors"):
-            raise RunError(f"cannot merge {s}: it was written with another --keep than {sources[0]}")
     for s, d in zip(sources, docs):
         if d.get("status") != "complete":
             raise RunError(f"{s} is an unfinished run: finish it with --resume before merging")
     meta = dict(first["meta"])
+    meta["keep_vectors"] = keep = all(d.get("keep_vectors") for d in docs)
+    dropped = [str(s) for s, d in zip(sources, docs) if d.get("keep_vectors") and not keep]
     with RunWriter(out, meta, mode="force" if force else "new") as w:
         for src, d in zip(sources, docs):
             src = Path(src)
@@ -955,6 +960,8 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, for
                 files = []
                 for rel in sh["files"]:
                     part = rel.split("/")[0]
+                    if part == "vectors" and not keep:
+                        continue
                     dst = w.path / part / (name + rel[len(part) + 1 + len(sh["name"]) :])
                     if part in ("index", "prompts", "tokens"):
                         t = pq.read_table(src / rel)
@@ -982,4 +989,4 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, for
             w.doc["accum"], w.doc["accum_sha256"] = gen_file, _save_arrays(w.accum, w.path / gen_file)
         w.doc["meta"]["d_ff"] = first["meta"].get("d_ff")
         w._write_manifest()
-    return Path(out)
+    return Path(out), dropped

@@ -33,8 +33,8 @@ def _one_sample(prof, kind: str, head: int | None) -> float:
     """A tenth of the smallest density one sample alone gives at its own position, over the layers:
     0.1 / (n bw sqrt(2 pi)) with Scott's bandwidth. Under it a KDE shows only the far tails of kernels."""
     heads = slice(None) if head is None else slice(head, head + 1)
-    if kind == "all":
-        mom = prof.arrays["attn.moments"][:, heads].sum(1)  # [Ly, 3]
+    if kind == "all" or not _has_samples(prof, kind):  # from the exact moments (a corpus run keeps them for all)
+        mom = prof.arrays["attn.moments" if kind == "all" else f"attn.{kind}_moments"][:, heads].sum(1)  # [Ly, 3]
         n, s1, s2 = mom[:, 0], mom[:, 1], mom[:, 2]
         var = np.maximum((s2 - s1 * s1 / np.maximum(n, 1)) / np.maximum(n - 1, 1), 0.0)
     else:
@@ -50,10 +50,17 @@ def _one_sample(prof, kind: str, head: int | None) -> float:
 _CUTS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
+def _has_samples(prof, kind: str) -> bool:
+    """Whether the profile holds the self/final weights themselves (a corpus run without the vectors tier holds
+    only their additive histogram and moments)."""
+    return ("attn.diag" if kind == "self" else "attn.final") in prof.arrays
+
+
 def _largest_weight(prof, kind: str) -> float:
-    """The largest weight of a kind over every layer and head (exact; for ``all``, the top occupied bin's edge)."""
-    if kind == "all":
-        hist = prof.arrays["attn.hist_all"].sum((0, 1))  # [bins]
+    """The largest weight of a kind over every layer and head (exact from the weights; from a histogram, the top
+    occupied bin's edge)."""
+    if kind == "all" or not _has_samples(prof, kind):
+        hist = prof.arrays["attn.hist_all" if kind == "all" else f"attn.{kind}_hist"].sum((0, 1))  # [bins]
         nz = np.nonzero(hist)[0]
         return float((nz[-1] + 1) / hist.size) if nz.size else 1.0
     x = prof.arrays["attn.diag" if kind == "self" else "attn.final"]

@@ -150,7 +150,7 @@ class ReportRenderer(Renderer):
         from .interactive import down_proj_scatter, laminar_figure
         from .lens import has_lens, plot_logit_lens_of
         from .roles import plot_head_roles
-        from .views import plot_compare, plot_down_proj, plot_layer_grid
+        from .views import plot_compare, plot_down_proj, plot_layer_grid, plot_layer_grid_relative
 
         if self.compare is not None:
             prof.check_compatible_model(self.compare)
@@ -186,17 +186,20 @@ class ReportRenderer(Renderer):
             )
         )
         layers = _grid_layers(prof.n_layers)
-        sections.append(
-            (
-                "grid",
-                "Layer grid",
-                f"Prompt {self.prompt}, layers {layers}, heads averaged: query on Y, key on X, one log colour scale "
-                "for all panels (grey: no causal pair). A bright first column is an attention sink, a bright "
-                "diagonal self/previous-token attention, parallel off-diagonals copying of a repeated passage. "
-                "Yellow cross-hairs mark the tokens of highest next-token entropy.",
-                _png(plot_layer_grid(prof, layers, None, self.prompt)),
-            )
+        reading = (
+            "query on Y, key on X, one log colour scale for all panels (grey: no causal pair). A bright first "
+            "column is an attention sink, a bright diagonal self/previous-token attention, parallel off-diagonals "
+            "copying of a repeated passage."
         )
+        if f"attn.thumb.p{self.prompt}" in prof.arrays:
+            how = f"Prompt {self.prompt}, layers {layers}, heads averaged: {reading} Yellow cross-hairs mark the "
+            how += "tokens of highest next-token entropy."
+            grid = plot_layer_grid(prof, layers, None, self.prompt)
+        else:  # a corpus run without per-prompt thumbnails (the vectors tier)
+            how = f"All {len(prof.prompts)} prompts, averaged in relative position (this run kept no per-prompt "
+            how += f"thumbnail: --keep vectors keeps them), layers {layers}, heads averaged: {reading}"
+            grid = plot_layer_grid_relative(prof, layers)
+        sections.append(("grid", "Layer grid", how, _png(grid)))
         sections.append(
             (
                 "heads",

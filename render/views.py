@@ -20,7 +20,15 @@ from .summary import (
     token_labels,
 )
 
-__all__ = ["plot_compare", "plot_down_proj", "plot_heatmaps", "plot_layer_grid", "plot_patterns", "save"]
+__all__ = [
+    "plot_compare",
+    "plot_down_proj",
+    "plot_heatmaps",
+    "plot_layer_grid",
+    "plot_layer_grid_relative",
+    "plot_patterns",
+    "save",
+]
 
 MAX_LABELS = 48  # token labels per axis before thinning
 MATRIX_CMAP = "viridis"
@@ -303,6 +311,50 @@ def plot_layer_grid(
     fig.suptitle(
         f"{prof.meta.get('model_id')}: layer grid ({who}), prompt {prompt}, one colour scale; grey: no causal pair; "
         "strip: each query's exact attention to the first token",
+        fontsize=10,
+    )
+    return fig
+
+
+def plot_layer_grid_relative(prof, layers, head: int | None = None, cmap: str = "RdBu_r", scale: str = "log"):
+    """The layer grid of a whole run in relative position: each layer's thumbnail averaged over every prompt that
+    has a cell there (``attn.thumb_rel`` / ``attn.thumb_rel_count``), for runs that keep no per-prompt thumbnail.
+    One colour scale; grey where no prompt has a causal pair."""
+    plt = _plt()
+    if not layers:
+        raise ViewError("no layers given")
+    for layer in layers:
+        check_layer_head(prof, layer, head)
+    count = np.asarray(prof.arrays["attn.thumb_rel_count"], dtype=np.float64)  # [R, R]
+    rel = np.asarray(prof.arrays["attn.thumb_rel"])  # [Ly, H, R, R] sums over prompts
+    mats = []
+    for la in layers:
+        s = rel[la].mean(0) if head is None else rel[la, head]
+        m = np.divide(s, count, out=np.zeros_like(s, dtype=np.float64), where=count > 0)
+        m = _causal_only(m)
+        m[count == 0] = np.nan
+        mats.append(m)
+    sc = matrix_scale(mats, scale)
+    cols = min(len(layers), 4)
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.2, 3.6 * rows + 0.6), squeeze=False)
+    fig.set_layout_engine("constrained")
+    im = None
+    for i, (layer, m) in enumerate(zip(layers, mats)):
+        ax = axes[i // cols][i % cols]
+        im = ax.imshow(m, cmap=_cmap(cmap), norm=sc.norm(), interpolation="nearest", extent=(0, 1, 1, 0))
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("key (relative position)", fontsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("query (relative position)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for j in range(len(layers), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7).set_label(sc.label("attention weight"), fontsize=8)
+    who = "heads averaged" if head is None else f"head {head}"
+    fig.suptitle(
+        f"{prof.meta.get('model_id')}: layer grid ({who}), mean over {len(prof.prompts)} prompts in relative position; "
+        "grey: no causal pair",
         fontsize=10,
     )
     return fig

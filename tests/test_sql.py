@@ -53,6 +53,22 @@ def test_merge_equals_one_run_of_both(model_dir, tmp_path, rng, keep):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m2")]) == 2
 
 
+def test_merge_of_runs_that_kept_different_tiers(model_dir, tmp_path, rng, capsys):
+    """--keep auto keeps vectors for small runs only: a merge keeps the tier all its runs share, and says so."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(random_text(int(k), rng) for k in rng.integers(2, 12, size=3)) + "\n")
+    b.write_text("\n".join(random_text(int(k), rng) for k in rng.integers(2, 12, size=2)) + "\n")
+    _profile(model_dir, a, tmp_path / "ra", "--keep", "vectors")
+    _profile(model_dir, b, tmp_path / "rb", "--keep", "tables")
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "ra"), str(tmp_path / "rb"), "--out", str(tmp_path / "m")]) == 0
+    assert "keeps no vectors tier" in capsys.readouterr().err
+    m = load(tmp_path / "m")
+    assert len(m.prompts) == 5 and "attn.diag" not in m.arrays and not any((tmp_path / "m/vectors").iterdir())
+    doc = json.loads((tmp_path / "m/run.json").read_text())
+    assert doc["keep_vectors"] is False and all(not f.startswith("vectors/") for s in doc["shards"] for f in s["files"])
+
+
 def test_sql_answers_known_queries(model_dir, tmp_path, rng, capsys):
     c = tmp_path / "c.txt"
     c.write_text("\n".join(random_text(int(k), rng) for k in rng.integers(2, 20, size=5)) + "\n")
@@ -83,9 +99,25 @@ def test_sql_answers_known_queries(model_dir, tmp_path, rng, capsys):
     assert top["max"] == pytest.approx(float(prof.arrays["mlp.neuron_max"].max()))
     assert main(["sql", str(out), "select nope from heads"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("attnscope: error: sql:") and "views: heads" in err[0]
+    assert len(err) == 1 and err[0].startswith("attnscope: error: sql:") and "views of this run: heads" in err[0]
+    assert "logit_lens" not in err[0] and "rules" not in err[0]  # this run has neither
     assert main(["sql", str(out), "select count(*) from heads"]) == 0
     assert capsys.readouterr().out.split()[-1] == str(prof.n_layers * prof.n_heads)
+    # `prompt_index.token_offset`: each prompt's first token in the run
+    idx = json.loads(_sql(capsys, out, "select n_tokens, token_offset from prompt_index order by prompt"))
+    assert [r["token_offset"] for r in idx] == np.cumsum([0] + [r["n_tokens"] for r in idx])[:-1].tolist()
+    # a reader that stops early (`| head -1`) is no error
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        f"{sys.executable} -m attnscope.cli sql {out} 'select * from tokens' | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.stdout.startswith("prompt") and "Broken pipe" not in r.stderr and "Error" not in r.stderr, r.stderr
 
 
 def _sql(capsys, run, q) -> str:

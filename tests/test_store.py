@@ -269,3 +269,18 @@ def test_a_killed_ray_runs_staging_does_not_block_the_next_run(setup, rng, tmp_p
     (out / ".lock").write_text("123\n")
     _write_run(out, model, tok, _prompts(rng, 2))
     assert not (out / ".staging").exists() and len(load(out).prompts) == 2
+
+
+def test_report_and_laminar_views_of_a_run_without_vectors(setup, rng, tmp_path):
+    """The whole-run views of a corpus run (no vectors tier): ``render`` (every laminar kind, their scales drawn from
+    the histograms and moments) and the HTML report, whose per-prompt sections need a prompt's vectors."""
+    model, tok = setup
+    out = tmp_path / "t"
+    lite = _write_run(out, model, tok, _prompts(rng, 5), shard_size=2, keep_vectors=False)
+    assert "attn.diag" not in lite.arrays
+    assert main(["render", str(out), "--out", str(tmp_path / "fig")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "fig").rglob("*.png"))
+    assert any("self" in p for p in pngs) and any("final" in p for p in pngs), pngs
+    assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "Laminar" in html and "Heads" in html

@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         expected += (ValueError, IndexError, ImportError)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader of our output went away (``attnscope sql ... | head``): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except expected as e:
         print(f"attnscope: error: {e}", file=sys.stderr)
         return 2

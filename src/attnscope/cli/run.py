@@ -15,7 +15,8 @@ VIEWS = {
     "heads": "one row per (layer, head): the mean of every attention vector over all tokens, and mean distance",
     "prompts": "one row per (prompt, layer, head): the prompt's mean of every vector, distance, sha256, preview",
     "tokens": "one row per token: prompt, position, token_id, token, logit_entropy, in_norm[], out_norm[], topk_*[]",
-    "neurons": "one row per (layer, neuron) of down_proj: max, argmax_token, mean, std over all tokens",
+    "neurons": "one row per (layer, neuron) of down_proj: max, argmax_token (its token's position in the run: "
+    "prompt_index.token_offset + position), mean, std over all tokens",
     "prompt_index": "one row per prompt: prompt, prompt_id, sha256, n_tokens, token_offset, preview",
     "logit_lens": "one row per (token, layer) of a --logit-lens run: top_id, top_token, top_prob, entropy, "
     "target_prob, target_rank, final_prob",
@@ -30,7 +31,13 @@ def cmd_merge(args) -> int:
     for r in args.runs:
         if not is_run(r):
             raise CLIError(f"{r} is not a run directory (no run.json of attnscope)")
-    out = merge_runs(args.runs, args.out, force=args.force)
+    out, dropped = merge_runs(args.runs, args.out, force=args.force)
+    if dropped:
+        print(
+            f"attnscope: note: the merged run keeps no vectors tier (per-token vectors, per-prompt thumbnails): "
+            f"only {', '.join(dropped)} had it (--keep vectors on every run keeps it)",
+            file=sys.stderr,
+        )
     from attnscope.profiler.store import _read_manifest
 
     doc = _read_manifest(Path(out))
@@ -109,7 +116,9 @@ def cmd_sql(args) -> int:
         rows = res.fetchall() if cols else []
     except duckdb.Error as e:
         msg = str(e).strip().splitlines()[0]
-        raise CLIError(f"sql: {msg} (views: {', '.join(VIEWS)})") from None
+        names = {r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()}
+        have = [v for v in VIEWS if v in names]  # this run's views (logit_lens and rules only where written)
+        raise CLIError(f"sql: {msg} (views of this run: {', '.join(have) or 'none yet'})") from None
     out = sys.stdout
     if args.csv:
         w = csv.writer(out)
