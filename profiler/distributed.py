@@ -152,7 +152,7 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
                 "token": token,
             },
             batch_size=1,
-            concurrency=n_actors,
+            compute=ray.data.ActorPoolStrategy(size=n_actors),  # one model per actor, a fixed pool
             batch_format="default",
         )
         kw["num_gpus" if gpus else "num_cpus"] = 1 if gpus else max(1, cpus // n_actors)
