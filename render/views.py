@@ -304,15 +304,17 @@ def plot_layer_grid(
         _label_ticks(ax, labels, "y", max_labels=n_labels, fontsize=5)
         if i % cols:
             ax.set_yticklabels([])
-    for j in range(len(layers), rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7).set_label(sc.label("attention weight"), fontsize=8)
     who = "heads averaged" if head is None else f"head {head}"
-    fig.suptitle(
-        f"{prof.meta.get('model_id')}: layer grid ({who}), prompt {prompt}, one colour scale; grey: no causal pair; "
-        "strip: each query's exact attention to the first token",
-        fontsize=10,
-    )
+    title = f"layer grid ({who}), prompt {prompt}, one colour scale; grey: no causal pair; strip: each query's exact "
+    return _finish_grid(fig, axes, len(layers), im, sc, prof, title + "attention to the first token")
+
+
+def _finish_grid(fig, axes, n_panels: int, im, sc, prof, title: str):
+    """Blank the unused panels, add the shared colourbar and the title of a layer grid."""
+    for ax in axes.ravel()[n_panels:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7).set_label(sc.label("attention weight"), fontsize=8)
+    fig.suptitle(f"{prof.meta.get('model_id')}: {title}", fontsize=10)
     return fig
 
 
@@ -348,16 +350,9 @@ def plot_layer_grid_relative(prof, layers, head: int | None = None, cmap: str = 
         if i % cols == 0:
             ax.set_ylabel("query (relative position)", fontsize=7)
         ax.tick_params(labelsize=6)
-    for j in range(len(layers), rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7).set_label(sc.label("attention weight"), fontsize=8)
     who = "heads averaged" if head is None else f"head {head}"
-    fig.suptitle(
-        f"{prof.meta.get('model_id')}: layer grid ({who}), mean over {len(prof.prompts)} prompts in relative position; "
-        "grey: no causal pair",
-        fontsize=10,
-    )
-    return fig
+    title = f"layer grid ({who}), mean over {len(prof.prompts)} prompts in relative position; grey: no causal pair"
+    return _finish_grid(fig, axes, len(layers), im, sc, prof, title)
 
 
 def plot_down_proj(prof, prompt: int = 0, mark_top: int = 5, scale: str = "log"):
