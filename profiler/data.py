@@ -204,6 +204,12 @@ class Profile:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     # -- laminar profiles --
+    def weights(self, which: str):
+        """The self (p_ii) or final-row weights, [layers, heads, tokens], or None where the profile holds only their
+        additive histogram and moments (a corpus run without the vectors tier)."""
+        name = "attn.diag" if which == "self" else "attn.final"
+        return self.arrays[name] if name in self.arrays else None
+
     def laminar(
         self, which: str = "self", points: int = 300, head: int | None = None, lo: float = 0.0, hi: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +232,8 @@ class Profile:
         if head is not None and not 0 <= head < self.n_heads:
             raise IndexError(f"head {head} out of range: the model has {self.n_heads} heads")
         grid = np.linspace(lo, hi, points)
-        if which in ("self", "final") and ("attn.diag" if which == "self" else "attn.final") not in self.arrays:
+        weights = self.weights(which) if which in ("self", "final") else None
+        if which in ("self", "final") and weights is None:
             # a corpus run without the vectors tier: the same KDE from the additive histogram and exact moments
             heads = slice(None) if head is None else slice(head, head + 1)
             if f"attn.{which}_hist" not in self.arrays:
@@ -236,8 +243,7 @@ class Profile:
             return grid, BinnedKDE(grid)(hist, mom)
         if which in ("self", "final"):
             heads = slice(None) if head is None else slice(head, head + 1)
-            name = "attn.diag" if which == "self" else "attn.final"
-            samples = [self.arrays[name][layer, heads].reshape(-1).astype(np.float64) for layer in range(self.n_layers)]
+            samples = [weights[layer, heads].reshape(-1).astype(np.float64) for layer in range(self.n_layers)]
             return grid, ExactKDE(grid)(samples)
         if which == "all":
             heads = slice(None) if head is None else slice(head, head + 1)

@@ -507,7 +507,7 @@ class RunWriter:
     def commit(self, shard: Shard) -> None:
         """Write one shard: its files, then the accumulators, then ``run.json`` by atomic rename."""
         name, p0 = self.next_shard
-        files = write_shard_files(self.path, name, shard, p0, self._meta_for(shard.accum))
+        files = write_shard_files(self.path, name, shard, p0, self.doc["meta"])
         self._commit_files(name, shard.n_prompts, shard.n_tokens, files, shard.accum)
 
     def commit_staged(self, name: str, prompt0: int, n_prompts: int, n_tokens: int, files: Sequence[str], accum):
@@ -525,15 +525,10 @@ class RunWriter:
             _fsync_dir(self.path / part)
         self._commit_files(name, n_prompts, n_tokens, list(files), accum)
 
-    def _meta_for(self, accum: dict[str, np.ndarray]) -> dict:
-        meta = self.doc["meta"]
-        if meta.get("d_ff") is None and "mlp.neuron_max" in accum:
-            meta["d_ff"] = int(accum["mlp.neuron_max"].shape[1])
-        return meta
-
     def _commit_files(self, name: str, n_prompts: int, n_tokens: int, files: list[str], accum) -> None:
         doc = self.doc
-        self._meta_for(accum)
+        if doc["meta"].get("d_ff") is None and "mlp.neuron_max" in accum:
+            doc["meta"]["d_ff"] = int(accum["mlp.neuron_max"].shape[1])
         p0, t0 = int(doc["n_prompts"]), int(doc["n_tokens"])
         self.accum = combine_accum(self.accum, accum, t0)
         gen = int(doc["accum"].split("/a")[1].split(".")[0]) + 1 if doc["accum"] else 0

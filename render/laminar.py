@@ -33,12 +33,13 @@ def _one_sample(prof, kind: str, head: int | None) -> float:
     """A tenth of the smallest density one sample alone gives at its own position, over the layers:
     0.1 / (n bw sqrt(2 pi)) with Scott's bandwidth. Under it a KDE shows only the far tails of kernels."""
     heads = slice(None) if head is None else slice(head, head + 1)
-    if kind == "all" or not _has_samples(prof, kind):  # from the exact moments (a corpus run keeps them for all)
+    w = None if kind == "all" else prof.weights(kind)
+    if w is None:  # from the exact moments (a corpus run keeps them for every kind)
         mom = prof.arrays["attn.moments" if kind == "all" else f"attn.{kind}_moments"][:, heads].sum(1)  # [Ly, 3]
         n, s1, s2 = mom[:, 0], mom[:, 1], mom[:, 2]
         var = np.maximum((s2 - s1 * s1 / np.maximum(n, 1)) / np.maximum(n - 1, 1), 0.0)
     else:
-        x = prof.arrays["attn.diag" if kind == "self" else "attn.final"][:, heads]
+        x = w[:, heads]
         x = x.reshape(x.shape[0], -1).astype(np.float64)  # [Ly, samples]
         n, var = np.full(x.shape[0], x.shape[1], dtype=np.float64), x.var(1, ddof=1) if x.shape[1] > 1 else 0 * x[:, 0]
     bw = np.sqrt(var) * np.maximum(n, 1) ** -0.2
@@ -50,21 +51,15 @@ def _one_sample(prof, kind: str, head: int | None) -> float:
 _CUTS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
-def _has_samples(prof, kind: str) -> bool:
-    """Whether the profile holds the self/final weights themselves (a corpus run without the vectors tier holds
-    only their additive histogram and moments)."""
-    return ("attn.diag" if kind == "self" else "attn.final") in prof.arrays
-
-
 def _largest_weight(prof, kind: str) -> float:
     """The largest weight of a kind over every layer and head (exact from the weights; from a histogram, the top
     occupied bin's edge)."""
-    if kind == "all" or not _has_samples(prof, kind):
+    w = None if kind == "all" else prof.weights(kind)
+    if w is None:
         hist = prof.arrays["attn.hist_all" if kind == "all" else f"attn.{kind}_hist"].sum((0, 1))  # [bins]
         nz = np.nonzero(hist)[0]
         return float((nz[-1] + 1) / hist.size) if nz.size else 1.0
-    x = prof.arrays["attn.diag" if kind == "self" else "attn.final"]
-    return float(x.max()) if x.size else 1.0
+    return float(w.max()) if w.size else 1.0
 
 
 def laminar_data(prof, kind: str, points: int = 300, head: int | None = None, also=()):
