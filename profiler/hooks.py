@@ -7,15 +7,19 @@ its sliding window and the attention's log-sum-exp (when the backend gives one, 
 
 The log-sum-exp comes from the attention the model runs anyway. With the ``sdpa`` backend, for the duration of one
 layer's call, ``torch.nn.functional.scaled_dot_product_attention`` is stood in for by a function that asks torch
-which kernel it would pick for exactly those arguments (``torch._fused_sdp_choice``) and, where that kernel has an
-lse-returning entry point, calls it instead and keeps the lse:
+which kernel it would pick for exactly those arguments (``torch._fused_sdp_choice``, ``sdpa_backend``) and, where
+that kernel has an lse-returning entry point (``lse_op``), calls it instead, as ``scaled_dot_product_attention``
+itself calls it, and keeps the lse (``normalise_lse`` makes every op's lse [B, H, L] float32):
 - CPU, flash kernel (torch's choice for float inputs, with or without a mask):
-  ``aten._scaled_dot_product_flash_attention_for_cpu``, the op ``scaled_dot_product_attention`` itself calls, after
-  the same boolean-mask conversion; the output is bit-identical (tested on every tiny architecture).
+  ``aten._scaled_dot_product_flash_attention_for_cpu``, after the same boolean-mask conversion; the output is
+  bit-identical (tested on every tiny architecture).
 - CUDA, no mask (``is_causal``), head size a multiple of 8: the flash kernel
-  (``aten._scaled_dot_product_flash_attention``) or the memory-efficient one
-  (``aten._scaled_dot_product_efficient_attention`` asked for its lse). Not verified on a GPU yet.
-Everywhere else (eager or flash-attn backends, the math or cuDNN kernel, a mask on CUDA, dropout, torch without
+  (``aten._scaled_dot_product_flash_attention``, lse [B, H, L]), the memory-efficient one
+  (``aten._scaled_dot_product_efficient_attention``, lse [B, H, L rounded up to 32]) or cuDNN's
+  (``aten._scaled_dot_product_cudnn_attention``, lse [B, H, L, 1]; torch >= 2.10 prefers it on sm_90). The last
+  two are asked for an lse that the plain call does not compute in inference; ``tests/test_capture.py`` checks on a
+  GPU that their output stays bit-identical.
+Everywhere else (eager or flash-attn backends, the math kernel, a mask on CUDA, dropout, torch without
 ``_fused_sdp_choice``) the call goes to torch unchanged and the lse is None: the statistics then compute it.
 
 A mask function of the same name is registered with
@@ -25,6 +29,7 @@ Padding reaches the statistics as ``KeyRanges`` (two integers per row), never as
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import re
@@ -35,11 +40,16 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "SDP_BACKENDS",
     "SUPPORTED_MODEL_TYPES",
     "UnsupportedModelError",
     "capture",
     "down_proj_modules",
+    "lse_op",
+    "lse_sources",
     "model_geometry",
+    "normalise_lse",
+    "sdpa_backend",
 ]
 
 IMPL_NAME = "attnscope"
@@ -68,8 +78,14 @@ class _Session:
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("attnscope_capture", default=None)
 # the lse of the scaled_dot_product_attention calls of the layer running now (None: no layer is collecting)
 _LSE_SLOT: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnscope_lse", default=None)
+# counts of the lse sources while ``lse_sources()`` is active
+_LSE_COUNTS: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
+    "attnscope_lse_n", default=None
+)
 _SDPA = torch.nn.functional.scaled_dot_product_attention
-_FLASH, _EFFICIENT = 1, 2  # torch.nn.attention.SDPBackend values returned by torch._fused_sdp_choice
+# torch.nn.attention.SDPBackend values returned by torch._fused_sdp_choice
+SDP_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+_FLASH, _EFFICIENT, _CUDNN = 1, 2, 3
 
 
 def model_geometry(model: torch.nn.Module) -> dict:
@@ -118,54 +134,106 @@ def _original_attention(module: torch.nn.Module, name: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def _attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """``(output, lse)`` from the kernel ``scaled_dot_product_attention`` would run on these arguments, or None where
-    that kernel returns no lse (or its result could differ from the plain call's)."""
-    if dropout_p or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
-        return None
+def sdpa_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """The ``SDPBackend`` value ``scaled_dot_product_attention`` would pick for these arguments (see
+    ``SDP_BACKENDS``), or None where torch cannot say."""
     try:
-        backend = int(
+        return int(
             torch._fused_sdp_choice(
                 query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
             )
         )
     except (AttributeError, TypeError, RuntimeError):
         return None
-    if query.device.type == "cpu" and backend == _FLASH:
+
+
+def lse_op(backend: int | None, device_type: str, has_mask: bool, head_dim: int) -> str | None:
+    """The aten op that gives the lse for torch's choice ``backend``, or None where attnscope takes none."""
+    if device_type == "cpu":
+        return "_scaled_dot_product_flash_attention_for_cpu" if backend == _FLASH else None
+    if device_type != "cuda" or has_mask or head_dim % 8:
+        return None
+    return {
+        _FLASH: "_scaled_dot_product_flash_attention",
+        _EFFICIENT: "_scaled_dot_product_efficient_attention",
+        _CUDNN: "_scaled_dot_product_cudnn_attention",
+    }.get(backend)
+
+
+def normalise_lse(lse: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor | None:
+    """[B, H, L] float32 from an op's lse: flash [B, H, L], efficient [B, H, L rounded up to 32], cuDNN
+    [B, H, L, 1]; None for any other shape."""
+    if lse.dim() == 4 and lse.shape[-1] == 1:
+        lse = lse[..., 0]  # cuDNN
+    if lse.dim() != 3 or tuple(lse.shape[:2]) != (B, H) or lse.shape[2] < L:
+        return None
+    return lse[..., :L].float()  # efficient: rows past L are padding
+
+
+def _call_lse_op(op: str, query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """``(output, raw lse)`` from one aten op, with the arguments ``scaled_dot_product_attention`` gives it."""
+    fn = getattr(torch.ops.aten, op)
+    if op == "_scaled_dot_product_flash_attention_for_cpu":
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # as scaled_dot_product_attention converts it
             attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
                 attn_mask.logical_not(), float("-inf")
             )
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
-        )
-        return out, lse
-    if query.device.type == "cuda" and attn_mask is None and query.shape[-1] % 8 == 0:
-        if backend == _FLASH:
-            res = torch.ops.aten._scaled_dot_product_flash_attention(
-                query, key, value, dropout_p, is_causal, False, scale=scale
-            )
-            return res[0], res[1]  # lse [B, H, L] float32
-        if backend == _EFFICIENT:
-            res = torch.ops.aten._scaled_dot_product_efficient_attention(
-                query, key, value, None, True, dropout_p, is_causal, scale=scale
-            )
-            return res[0], res[1][..., : query.shape[2]]  # lse [B, H, L rounded up to 32] float32
-    return None
+        res = fn(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+    elif op == "_scaled_dot_product_flash_attention":
+        res = fn(query, key, value, dropout_p, is_causal, False, scale=scale)
+    elif op == "_scaled_dot_product_efficient_attention":
+        res = fn(query, key, value, None, True, dropout_p, is_causal, scale=scale)
+    else:  # cuDNN: (query, key, value, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask)
+        res = fn(query, key, value, None, True, dropout_p, is_causal, False, scale=scale)
+    return res[0], res[1]
+
+
+def _attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """``(output, lse [B, H, L] float32, op name)`` from the kernel ``scaled_dot_product_attention`` would run on
+    these arguments, or ``(None, None, why not)`` where that kernel returns no lse (or its result could differ from
+    the plain call's)."""
+    if dropout_p or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return None, None, "none (dropout or autograd)"
+    backend = sdpa_backend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    op = lse_op(backend, query.device.type, attn_mask is not None, query.shape[-1])
+    if op is None:
+        masked = ", with a mask" if attn_mask is not None else ""
+        return None, None, f"none ({SDP_BACKENDS.get(backend, backend)} kernel on {query.device.type}{masked})"
+    out, raw = _call_lse_op(op, query, key, value, attn_mask, dropout_p, is_causal, scale)
+    B, H, L, _ = query.shape
+    lse = normalise_lse(raw, B, H, L)
+    if lse is None:
+        return None, None, f"none ({op} gave an lse of shape {list(raw.shape)})"
+    return out, lse, op
 
 
 def _sdpa_collecting(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Stands in for ``torch.nn.functional.scaled_dot_product_attention`` while a layer runs: the same output, and
     the lse appended to the layer's slot (None when the kernel gives none)."""
     slot = _LSE_SLOT.get()
-    got = None
+    out = None
     if slot is not None:
-        got = _attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        slot.append(None if got is None else got[1])
-    if got is not None:
-        return got[0]
+        out, lse, source = _attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        slot.append(lse)
+        counts = _LSE_COUNTS.get()
+        if counts is not None:
+            counts[source] += 1
+    if out is not None:
+        return out
     kw = {"enable_gqa": True} if enable_gqa else {}
     return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+
+@contextlib.contextmanager
+def lse_sources() -> Iterator[collections.Counter]:
+    """While active, counts where the lse of every captured ``sdpa`` attention call came from: the aten op's name,
+    or ``"none (why)"`` where none gave one (the statistics then compute it)."""
+    counts: collections.Counter = collections.Counter()
+    token = _LSE_COUNTS.set(counts)
+    try:
+        yield counts
+    finally:
+        _LSE_COUNTS.reset(token)
 
 
 def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):

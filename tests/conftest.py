@@ -16,9 +16,13 @@ def pytest_addoption(parser):
 
 @pytest.fixture
 def device(request) -> str:
+    """``--device``; asked for cuda, a test fails (never skips) where torch sees no GPU or the interpreter is on."""
     dev = request.config.getoption("--device")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("CUDA not available")
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            pytest.fail("--device cuda, but torch sees no CUDA device", pytrace=False)
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            pytest.fail("--device cuda with TRITON_INTERPRET set: the kernels would run on the CPU", pytrace=False)
     return dev
 
 

@@ -179,3 +179,127 @@ def test_threads_setting_is_used_and_restored(rng):
     assert prof.arrays["attn.moments"][..., 1] == pytest.approx(30, rel=1e-5)  # every row sums to one
     with pytest.raises(ValueError, match="threads must be >= 1"):
         profile(model, word_tokenizer(), ["the cat"], threads=0)
+
+
+# -- which op gives the lse: the selection is plain Python, testable without CUDA --
+
+
+def test_lse_op_follows_torchs_choice():
+    from attnscope.profiler.hooks import SDP_BACKENDS, lse_op
+
+    names = {v: k for k, v in SDP_BACKENDS.items()}
+    assert lse_op(names["flash"], "cpu", True, 80) == "_scaled_dot_product_flash_attention_for_cpu"
+    assert lse_op(names["math"], "cpu", False, 64) is None
+    assert lse_op(names["flash"], "cuda", False, 80) == "_scaled_dot_product_flash_attention"
+    assert lse_op(names["efficient"], "cuda", False, 64) == "_scaled_dot_product_efficient_attention"
+    assert lse_op(names["cudnn"], "cuda", False, 128) == "_scaled_dot_product_cudnn_attention"
+    assert lse_op(names["cudnn"], "cuda", True, 128) is None  # a mask on CUDA: the plain call
+    assert lse_op(names["flash"], "cuda", False, 20) is None  # torch would pad d_head 20 to 24 first
+    assert lse_op(names["math"], "cuda", False, 64) is None and lse_op(None, "cuda", False, 64) is None
+    # the op names exist in this torch (cuDNN's has no CPU kernel, but the schema is registered)
+    for backend in ("flash", "efficient", "cudnn"):
+        assert hasattr(torch.ops.aten, lse_op(names[backend], "cuda", False, 64))
+
+
+def test_lse_of_every_op_is_normalised():
+    from attnscope.profiler.hooks import normalise_lse
+
+    lse = torch.randn(2, 3, 45)
+    assert torch.equal(normalise_lse(lse, 2, 3, 45), lse)  # flash
+    padded = torch.cat([lse, torch.full((2, 3, 19), float("inf"))], -1)  # efficient: L rounded up to 32
+    assert torch.equal(normalise_lse(padded, 2, 3, 45), lse)
+    assert torch.equal(normalise_lse(lse[..., None], 2, 3, 45), lse)  # cuDNN: [B, H, L, 1]
+    assert normalise_lse(lse.double(), 2, 3, 45).dtype == torch.float32
+    assert normalise_lse(lse, 2, 3, 46) is None and normalise_lse(lse, 3, 2, 45) is None
+    assert normalise_lse(lse[..., None].expand(2, 3, 45, 2), 2, 3, 45) is None
+
+
+def test_lse_from_a_cudnn_shaped_op(monkeypatch):
+    # the whole path as it runs on a GPU whose torch picks cuDNN, on the CPU: a stand-in op with cuDNN's signature
+    # and lse layout ([B, H, L, 1]); the output is the plain call's, the lse reaches the callback as [B, H, L]
+    from attnscope.profiler import hooks
+
+    calls = []
+
+    def fake_cudnn(query, key, value, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale):
+        assert attn_bias is None and compute_log_sumexp and not return_debug_mask
+        calls.append(is_causal)
+        out = hooks._SDPA(query, key, value, is_causal=is_causal, scale=scale)
+        L = query.shape[2]
+        s = (query.double() @ key.double().transpose(-1, -2)) * scale  # [B, H, L, L]
+        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        return out, torch.logsumexp(s, -1, keepdim=True).float(), None, None, L, L, None, None, None
+
+    monkeypatch.setattr(hooks, "sdpa_backend", lambda *a, **k: 3)
+    monkeypatch.setattr(hooks, "lse_op", lambda b, dev, mask, d: "_scaled_dot_product_cudnn_attention")
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake_cudnn, raising=False)
+    model = tiny_model("gpt_neox")
+    ids = torch.randint(2, 128, (1, 17))
+    with torch.no_grad():
+        plain = model(ids).logits
+    seen = {}
+    with torch.no_grad(), hooks.lse_sources() as sources:
+        with capture(model, lambda layer, *args: seen.__setitem__(layer, args)):
+            assert torch.equal(model(ids).logits, plain)
+    assert calls == [True, True] and dict(sources) == {"_scaled_dot_product_cudnn_attention": 2}
+    for layer, (q, _, _, _, lse) in seen.items():
+        assert lse is not None and lse.shape == q.shape[:3], f"layer {layer}: lse {None if lse is None else lse.shape}"
+
+
+def test_lse_sources_say_when_none_did():
+    from attnscope.profiler import hooks
+
+    model = tiny_model("llama")
+    with torch.no_grad(), hooks.lse_sources() as sources, capture(model, lambda *a: None):
+        model(torch.randint(2, 128, (1, 9)))  # CPU: torch picks its flash kernel
+    assert dict(sources) == {"_scaled_dot_product_flash_attention_for_cpu": 2}
+    with torch.no_grad(), hooks.lse_sources() as sources, capture(model, lambda *a: None):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            model(torch.randint(2, 128, (1, 9)))
+    assert dict(sources) == {"none (math kernel on cpu)": 2}
+
+
+# -- on a GPU (``--device cuda``): each CUDA lse op against the plain call, at Pythia-2.8B's head shapes --
+
+CUDA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
+
+
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_lse_ops_are_bit_identical_to_the_plain_call(device, backend, D):
+    from attnscope.profiler import hooks
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not device.startswith("cuda"):
+        pytest.skip("a CUDA test: pytest --device cuda")
+    q, k, v = (torch.randn(2, 32, 1000, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    with torch.no_grad(), sdpa_kernel(getattr(SDPBackend, backend)):
+        if hooks.sdpa_backend(q, k, v, None, 0.0, True) != int(getattr(SDPBackend, backend)):
+            pytest.skip(f"torch does not run {backend} on this GPU at d_head {D}")
+        plain = hooks._SDPA(q, k, v, is_causal=True)
+        out, lse, op = hooks._attention_with_lse(q, k, v, None, 0.0, True, None, False)
+    assert op == hooks.lse_op(int(getattr(SDPBackend, backend)), "cuda", False, D), op
+    diff = (out.float() - plain.float()).abs().max().item()
+    assert torch.equal(out, plain), f"{op}: the output moved by up to {diff} against the plain call"
+    s = (q.double() @ k.double().transpose(-1, -2)) * D**-0.5  # [B, H, L, L]
+    s = s.masked_fill(~torch.ones(1000, 1000, dtype=torch.bool, device=device).tril(), float("-inf"))
+    want = torch.logsumexp(s, -1)  # [B, H, L]
+    assert lse.shape == (2, 32, 1000) and lse.dtype == torch.float32
+    assert_verbose_allclose(lse.double(), want, atol=1e-3, rtol=1e-4, name=f"{op} lse")
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "llama"])
+def test_cuda_capture_keeps_the_logits(device, kind):
+    # the model's own call on the GPU, in bf16, is bit-identical with the lse taken; which op gave it is printed
+    from attnscope.profiler import hooks
+
+    if not device.startswith("cuda"):
+        pytest.skip("a CUDA test: pytest --device cuda")
+    model = tiny_model(kind).to(device=device, dtype=torch.bfloat16)
+    ids = torch.randint(2, 128, (1, 300), device=device)
+    with torch.no_grad():
+        plain = model(ids).logits
+    with torch.no_grad(), hooks.lse_sources() as sources, capture(model, lambda *a: None):
+        logits = model(ids).logits
+    print(kind, dict(sources))
+    assert torch.equal(logits, plain), f"taking the lse changed the logits ({dict(sources)})"

@@ -209,3 +209,53 @@ def test_qk_stats_with_lse_from_the_forward(kdev, B, H, Hkv, L, D, window, padde
     rows = ranges.allowed(L).any(-1).expand(B, H, L) & (ref["diag"] > 1e-30)  # [B, H, L] rows with keys
     ratio = off["diag"].cpu()[rows] / ref["diag"].float()[rows]
     assert torch.allclose(ratio, torch.full_like(ratio, torch.exp(torch.tensor(-0.5)).item()), rtol=1e-4)
+
+
+# -- the configurations the profiler launches: the launcher's own tiles (64 x 32, 64 x 16 for fp32, 8 warps), the
+# default 4096 bins and 64 x 64 thumbnail, d_head 64 / 80 (padded to 128) / 128, each dtype, with and without the
+# forward's lse. Compiled on a GPU (``--device cuda``); under the interpreter at a length of two query tiles.
+PROD_L = 70 if is_interpreter() else 300
+# (batch, heads, kv heads, d_head, window, padded)
+PROD_SHAPES = {
+    64: (2, 4, 2, 64, None, True),  # GQA, padding
+    80: (2, 4, 4, 80, None, True),  # Pythia: d_head 80, MHA, padding
+    128: (1, 4, 1, 128, 45, False),  # MQA, a sliding window
+}
+PROD_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["own-lse", "forward-lse"])
+@pytest.mark.parametrize("D", list(PROD_SHAPES), ids=[f"d{d}" for d in PROD_SHAPES])
+@pytest.mark.parametrize("dtype", PROD_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_qk_stats_production_configuration(kdev, dtype, D, with_lse):
+    from attnscope.kernels.qk_stats import qk_stats
+
+    B, H, Hkv, D, window, padded = PROD_SHAPES[D]
+    q, k, ranges = _inputs(B, H, Hkv, PROD_L, D, window, padded, dtype=dtype, scale=2.0)
+    spec = AttnStatsSpec()  # 4096 bins, 64 x 64 thumbnail: what the profiler runs
+    scaling = D**-0.5
+    tokens = _tokens(B, PROD_L)
+    lse = _masked_lse(q, k, scaling, ranges).to(kdev) if with_lse else None
+    out = qk_stats(q.to(kdev), k.to(kdev), scaling, ranges, spec, poison=True, tokens=tokens.to(kdev), lse=lse)
+    out = {n: v.cpu() for n, v in out.items()}
+    # against the float64 reference on the same rounded inputs: bf16/fp16 products are exact in fp32 accumulation
+    ref = attn_stats_ref(q, k, scaling, ranges, spec, tokens=tokens)
+    _check(out, ref, spec, q, k, scaling, ranges, name=f"{dtype} d{D} ", mom_rtol=1e-5 if with_lse else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", PROD_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_down_proj_production_configuration(kdev, dtype):
+    # Pythia-2.8B's d_ff and d_model at the launcher's own chunks; low precision ties |x| values, so indices are
+    # checked through the values they point at
+    from attnscope.kernels.down_proj import down_proj_stats_triton
+
+    T, F, O, k = (40, 2560, 640, 8) if is_interpreter() else (300, 10240, 2560, 8)
+    x, y = torch.randn(T, F).to(dtype), torch.randn(T, O).to(dtype)
+    out = {n: v.cpu() for n, v in down_proj_stats_triton(x.to(kdev), y.to(kdev), k).items()}
+    ref = down_proj_stats_ref(x.float(), y.float(), k)
+    for name in ("in_norm", "out_norm", "neuron_max", "neuron_sum", "neuron_sumsq"):
+        assert_verbose_allclose(out[name], ref[name], atol=1e-5, rtol=1e-5, name=f"{dtype} {name}")
+    assert_verbose_allclose(out["topk_val"].abs(), ref["topk_val"].abs(), atol=0, rtol=0, name=f"{dtype} |top-k|")
+    xf = x.float()
+    assert torch.equal(xf.gather(1, out["topk_idx"]).abs(), out["topk_val"].abs()), "top-k indices and values"
+    assert torch.equal(xf[out["neuron_argmax"], torch.arange(F)], out["neuron_max"]), "neuron argmax"

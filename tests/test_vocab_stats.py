@@ -81,3 +81,19 @@ def test_triton_matches_reference(device, T, D, V, chunk, bias, scale, dtype):
     out = vocab_stats_triton(h.to(dev), w.to(dev), target.to(dev), None if b is None else b.to(dev), 16, 64, 16)
     # against the float64 reference on the same rounded inputs: products of bf16 values are exact in float32
     _check({k: v.cpu() for k, v in out.items()}, vocab_stats_ref(h, w, target, b), name=f"{dtype} ")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: str(d)[6:])
+def test_triton_production_configuration(device, dtype):
+    # the launcher's own tiles at a GPT-NeoX-like width and a vocabulary not a multiple of the tile
+    from attnscope.kernels._settings import is_interpreter
+    from attnscope.kernels.vocab_stats import vocab_stats_triton
+
+    if not is_interpreter() and not device.startswith("cuda"):
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    dev = "cpu" if is_interpreter() else device
+    T, D, V = (20, 80, 300) if is_interpreter() else (300, 2560, 50304)
+    h, w, target, b = _inputs(T, D, V, True, 1.0, dtype)
+    out = vocab_stats_triton(h.to(dev), w.to(dev), target.to(dev), b.to(dev))
+    _check({k: v.cpu() for k, v in out.items()}, vocab_stats_ref(h, w, target, b), name=f"{dtype} ")
