@@ -106,12 +106,12 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
     from tqdm.auto import tqdm
 
     from .run import shard_windows
-    from .store import STAGING, RunError, _committed_ids, _next_seq, _read_manifest, is_run, shard_name
+    from .store import STAGING, RunError, _next_seq, _read_manifest, is_run, shard_name
 
     writer.acquire()  # held until the end: no other writer while the actors write into the directory
     try:
         base = _read_manifest(writer.path) if writer.mode in ("resume", "append") and is_run(writer.path) else None
-        skip = _committed_ids(writer.path, base) if base is not None and writer.mode == "resume" else set()
+        skip = writer.prompts_to_skip(iter(corpus), getattr(args, "skip_existing", False))
         seq, prompt0 = _next_seq(base), int(base["n_prompts"]) if base else 0
         rows = []
         for first, window in shard_windows(iter(corpus), cfg):

@@ -22,11 +22,14 @@ under ``.staging/`` with the same layout; the commit renames them into place, an
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +54,15 @@ __all__ = [
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "attnscope-run"
-RUN_SCHEMA = 1
+RUN_SCHEMA = 2  # 2: run.json carries its own digest and every shard file's size and sha256
+READ_SCHEMAS = (1, 2)  # 1: no checksums of the shard files (they are read unverified) and no digest
 LOCK_FILE = ".lock"
 STAGING = ".staging"  # shard files written ahead of their commit (by Ray actors)
 PARTS = ("accum", "index", "prompts", "tokens", "vectors")
+TABLES = ("index", "prompts", "tokens")
+_SHARD_NAME = re.compile(r"s[0-9]{6}")
+_ACCUM_FILE = re.compile(r"accum/a[0-9]{6}\.safetensors")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # identity of a run: what must agree to resume or append to it, and what each difference means to a user
 IDENTITY = {
     "config_digest": "another model (its config differs)",
@@ -128,20 +136,28 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_parquet(table, path: Path) -> None:
     _, pq = _pa()
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _save_arrays(arrays: dict[str, np.ndarray], path: Path) -> str:
@@ -161,19 +177,212 @@ def is_run(path: str | os.PathLike) -> bool:
         return False
 
 
+def _doc_digest(doc: dict) -> str:
+    """sha256 of ``run.json``'s contents without its own digest, in a canonical form (whitespace-free)."""
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def shard_files(name: str) -> set[str]:
+    """The files a shard named ``name`` may have, relative to the run: nothing else is ever opened."""
+    return {f"{part}/{name}.parquet" for part in TABLES} | {f"vectors/{name}.safetensors"}
+
+
 def _read_manifest(path: Path) -> dict:
+    f = path / RUN_FILE
     try:
-        with open(path / RUN_FILE) as f:
-            doc = json.load(f)
+        if f.is_symlink():
+            raise ProfileError(f"{f} is a symbolic link: a run's files must be its own")
+        with open(f, "rb") as fh:
+            raw = fh.read()
     except OSError as e:
         raise ProfileError(f"{path} is not a run directory: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ProfileError(f"{path / RUN_FILE} is corrupted: {e}") from None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{f} is corrupted ({e}); the run cannot be read") from None
     if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT:
         raise ProfileError(f"{path} is not an attnscope run ({RUN_FILE} has no format {RUN_FORMAT!r})")
-    if doc.get("schema_version") != RUN_SCHEMA:
-        raise ProfileError(f"{path} has run schema {doc.get('schema_version')}, this attnscope reads {RUN_SCHEMA}")
+    if doc.get("schema_version") not in READ_SCHEMAS:
+        raise ProfileError(
+            f"{path} has run schema {doc.get('schema_version')}, this attnscope reads "
+            f"{', '.join(map(str, READ_SCHEMAS))}"
+        )
+    _check_manifest(path, doc)
     return doc
+
+
+def _check_manifest(path: Path, doc: dict) -> None:
+    """Refuse a ``run.json`` whose digest does not match, or that names anything but the run's own files."""
+
+    def bad(what: str) -> ProfileError:
+        return ProfileError(f"{path / RUN_FILE} is corrupted or was edited: {what}")
+
+    if doc["schema_version"] >= 2 and doc.get("digest") != _doc_digest(doc):
+        raise bad("its digest does not match its contents")
+    meta, shards = doc.get("meta"), doc.get("shards")
+    if not isinstance(meta, dict) or not isinstance(shards, list):
+        raise bad("no meta or shards")
+    for key in ("n_layers", "n_heads", "top_k"):
+        if not isinstance(meta.get(key), int) or meta[key] < 1:
+            raise bad(f"meta.{key} is {meta.get(key)!r}")
+    if not isinstance(meta.get("vectors"), list) or not all(isinstance(v, str) for v in meta["vectors"]):
+        raise bad("meta.vectors is not a list of names")
+    seen: set[str] = set()
+    p0 = t0 = 0
+    for s in shards:
+        name = s.get("name") if isinstance(s, dict) else None
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or name in seen:
+            raise bad(f"shard name {name!r} (a shard is named s<6 digits>, once)")
+        seen.add(name)
+        files = s.get("files")
+        allowed = shard_files(name)
+        if not isinstance(files, list) or not set(files) <= allowed or len(set(files)) != len(files):
+            raise bad(f"shard {name} names files outside its own ({files!r})")
+        if not {f"{part}/{name}.parquet" for part in TABLES} <= set(files):
+            raise bad(f"shard {name} lacks one of its tables")
+        for key, expect in (("prompt0", p0), ("token0", t0)):
+            if s.get(key) != expect:
+                raise bad(f"shard {name}: {key} is {s.get(key)!r}, the shards before it end at {expect}")
+        for key in ("n_prompts", "n_tokens"):
+            if not isinstance(s.get(key), int) or s[key] < 0:
+                raise bad(f"shard {name}: {key} is {s.get(key)!r}")
+        p0, t0 = p0 + s["n_prompts"], t0 + s["n_tokens"]
+        sums = s.get("checksums")
+        if doc["schema_version"] >= 2:
+            ok = isinstance(sums, dict) and set(sums) == set(files)
+            ok = ok and all(
+                isinstance(c, dict) and isinstance(c.get("size"), int) and _SHA256.fullmatch(str(c.get("sha256")))
+                for c in sums.values()
+            )
+            if not ok:
+                raise bad(f"shard {name} has no size and sha256 for each of its files")
+    if (doc.get("n_prompts"), doc.get("n_tokens")) != (p0, t0):
+        raise bad(f"it counts {doc.get('n_prompts')} prompts and {doc.get('n_tokens')} tokens, its shards {p0}, {t0}")
+    accum = doc.get("accum")
+    if accum is not None and (not isinstance(accum, str) or not _ACCUM_FILE.fullmatch(accum)):
+        raise bad(f"accumulators {accum!r} (they are accum/a<6 digits>.safetensors)")
+    if accum is not None and not _SHA256.fullmatch(str(doc.get("accum_sha256"))):
+        raise bad("the accumulators have no sha256")
+
+
+# -- opening a run's files: only the files run.json names, no symbolic links, checked against their checksums --
+_VERIFIED: dict[str, tuple] = {}  # absolute path -> the stat fingerprint its sha256 was last verified at
+
+
+def _fingerprint(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _verified_cache_file(root: Path) -> Path:
+    from attnscope import cache_dir
+
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
+    return cache_dir() / "verified" / f"{key}.json"
+
+
+def _load_verified(root: Path) -> dict:
+    try:
+        return json.loads(_verified_cache_file(root).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_verified(root: Path, seen: dict) -> None:
+    """Remember which files were verified at which fingerprint, so that another process (each ``sql`` query)
+    does not hash them again; best effort (a read-only cache only costs time)."""
+    f = _verified_cache_file(root)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(seen))
+        os.replace(tmp, f)
+    except OSError:
+        pass
+
+
+def _damaged(root: Path, rel: str, what: str) -> ProfileError:
+    return ProfileError(
+        f"{root / rel} {what}: the run's committed files cannot be trusted; `attnscope verify {root}` lists every "
+        f"damaged shard (--resume cannot restore a committed shard)"
+    )
+
+
+def _lstat_inside(root: Path, rel: str) -> os.stat_result:
+    """``lstat`` of ``root/rel`` after checking that neither the file nor its folder is a symbolic link."""
+    part = rel.split("/")[0]
+    try:
+        pst = os.lstat(root / part)
+        if stat.S_ISLNK(pst.st_mode) or not stat.S_ISDIR(pst.st_mode):
+            raise _damaged(root, part, "is a symbolic link or not a folder")
+        st = os.lstat(root / rel)
+    except FileNotFoundError:
+        raise _damaged(root, rel, "is missing") from None
+    except OSError as e:
+        raise _damaged(root, rel, f"cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _damaged(root, rel, "is a symbolic link or not a regular file")
+    return st
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checksum(path: Path) -> dict:
+    return {"size": os.path.getsize(path), "sha256": _sha256_file(path)}
+
+
+def _expected(root: Path, doc: dict, rel: str) -> dict:
+    if rel == doc.get("accum"):
+        return {"sha256": doc.get("accum_sha256")}
+    for s in doc["shards"]:
+        if rel in s["files"]:
+            return (s.get("checksums") or {}).get(rel, {})
+    raise _damaged(root, rel, "is not a file of this run")
+
+
+def checked_files(root: Path, doc: dict, rels: Sequence[str], persist: bool = False) -> list[Path]:
+    """The paths of ``rels``, files of the run that ``run.json`` names, once each is known to be the file that
+    was committed: no symbolic link, its size and sha256 as recorded (hashed on its first read, then trusted while
+    its fingerprint stays the same: in this process, and with ``persist`` in the next ones too). ``ProfileError``
+    names the first file that is not."""
+    seen = _load_verified(root) if persist else {}
+    changed = False
+    out = []
+    for rel in rels:
+        expect = _expected(root, doc, rel)
+        st = _lstat_inside(root, rel)
+        path = root / rel
+        out.append(path)
+        if "size" in expect and st.st_size != expect["size"]:
+            raise _damaged(root, rel, f"has {st.st_size} bytes, {expect['size']} were committed")
+        if not expect.get("sha256"):
+            continue  # a run of schema 1: no checksum to verify against
+        key, fp = str(path.resolve()), _fingerprint(st)
+        if _VERIFIED.get(key) == fp or seen.get(rel) == [*fp, expect["sha256"]]:
+            _VERIFIED[key] = fp
+            continue
+        try:
+            sha = _sha256_file(path)
+        except OSError as e:
+            raise _damaged(root, rel, f"cannot be read ({e.strerror})") from None
+        if sha != expect["sha256"]:
+            raise _damaged(root, rel, "does not match its checksum in run.json (corrupted or replaced)")
+        _VERIFIED[key] = fp
+        seen[rel], changed = [*fp, sha], True
+    if persist and changed:
+        _save_verified(root, seen)
+    return out
+
+
+def checked_file(root: Path, doc: dict, rel: str) -> Path:
+    """``checked_files`` of one file."""
+    return checked_files(root, doc, [rel])[0]
 
 
 def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence[str]):
@@ -281,7 +490,12 @@ class _Lock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunError(f"{self.path} is a symbolic link: a run's files must be its own") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -296,6 +510,23 @@ class _Lock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def _refuse_links(path: Path) -> None:
+    """A run's folders and files are its own: a symbolic link among them (``index -> /elsewhere``) could make a
+    writer delete or write files outside the run, so it is refused before anything is touched."""
+    for name in (*PARTS, STAGING, LOCK_FILE, RUN_FILE):
+        if (path / name).is_symlink():
+            raise RunError(
+                f"{path / name} is a symbolic link: attnscope writes only inside the run's own folders "
+                "(replace the link by the folder or file it points to)"
+            )
+    for part in PARTS:
+        d = path / part
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.is_symlink():
+                    raise RunError(f"{f} is a symbolic link: attnscope never follows links inside a run")
 
 
 def _clean_uncommitted(path: Path, doc: dict | None) -> None:
@@ -344,6 +575,7 @@ class RunWriter:
         self.lock = _Lock(self.path)
         self.doc: dict | None = None
         self.accum: dict[str, np.ndarray] | None = None
+        self._ids: set[str] | None = None  # committed prompt ids, read on first need
         self._created = self._checked = self._existing = False
 
     # -- open / close --
@@ -363,6 +595,8 @@ class RunWriter:
         if p.exists() and not p.is_dir():
             raise RunError(f"--out {p} exists and is not a directory")
         self._existing = p.is_dir() and any(f.name not in (LOCK_FILE, STAGING) for f in p.iterdir())
+        if p.is_dir():
+            _refuse_links(p)
         if self._existing and not is_run(p):
             if not (p / "profile.json").is_file():
                 raise RunError(
@@ -413,6 +647,11 @@ class RunWriter:
             self.lock.acquire()
         except OSError as e:
             raise RunError(f"cannot write --out {self.path}: {e.strerror}") from None
+        try:
+            _refuse_links(self.path)
+        except BaseException:
+            self.lock.release()
+            raise
         shutil.rmtree(self.path / STAGING, ignore_errors=True)
 
     def open(self) -> None:
@@ -440,10 +679,15 @@ class RunWriter:
                         f"{doc.get('keep_vectors')}, this run with {self.meta.get('keep_vectors')} (--keep)"
                     )
                 _clean_uncommitted(p, doc)
+                if doc["schema_version"] < 2:  # record the checksums of the files already there, then go on
+                    for s in doc["shards"]:
+                        s["checksums"] = {rel: _checksum(p / rel) for rel in s["files"]}
+                    doc["schema_version"] = RUN_SCHEMA
                 self.doc = doc
+                self._ids = None
                 self.meta["keep_vectors"] = doc.get("keep_vectors", False)
                 if doc.get("accum"):
-                    self.accum = self._load_accum(doc)
+                    self.accum = _load_accum(p, doc)
                 return
         elif existing and self.mode == "force":  # an older single-file profile
             self._wipe()
@@ -472,11 +716,6 @@ class RunWriter:
         for name in (RUN_FILE, RUN_FILE + ".tmp", "profile.json", "profile.safetensors"):
             (self.path / name).unlink(missing_ok=True)  # anything else (e.g. figures/) stays
 
-    def _load_accum(self, doc: dict) -> dict[str, np.ndarray]:
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(self.path / doc["accum"])))
-
     def close(self, complete: bool = True) -> None:
         try:
             if self.doc is not None and complete and self.lock.fd is not None:
@@ -496,7 +735,54 @@ class RunWriter:
 
     def committed_ids(self) -> set[str]:
         """The ``prompt_id`` of every committed prompt (what ``--resume`` skips)."""
-        return _committed_ids(self.path, self.doc) if self.doc else set()
+        if self._ids is None:
+            self._ids = _committed_ids(self.path, self.doc) if self.doc else set()
+        return set(self._ids)
+
+    def prompts_to_skip(self, items, skip_existing: bool = False) -> set[str]:
+        """The ids of the corpus ``items`` (``PromptItem``s) not to profile again, checked before any model loads.
+
+        A prompt is in a run once. ``resume`` skips the committed prompts; of a run that is complete it refuses
+        new prompts (that is ``append``). ``append`` refuses prompts already in the run (by id, or, for ids made
+        from the index and text, by the text's sha256, since a text appended again gets a new index), or skips
+        them with ``skip_existing``."""
+        if self.mode not in ("resume", "append") or not is_run(self.path):
+            return set()
+        doc = _read_manifest(self.path)
+        have = _committed_ids(self.path, doc)
+        if self.mode == "resume":
+            new = sum(it.id not in have for it in items)
+            if new and doc.get("status") == "complete":
+                raise RunError(
+                    f"the run in {self.path} is complete and {new} prompt(s) of this corpus are not in it: --resume "
+                    "only continues an unfinished run; --append adds prompts"
+                )
+            return have
+        shas: set[str] = set()
+        for s in doc["shards"]:
+            shas.update(_read_table(self.path, doc, f"index/{s['name']}.parquet", ["sha256"])["sha256"].to_pylist())
+        again = []
+        for it in items:
+            sha = hashlib.sha256(it.text.encode()).hexdigest()
+            auto = re.fullmatch(r"[0-9]+:" + sha[:16], it.id) is not None
+            if it.id in have or (auto and sha in shas):
+                again.append(it.id)
+        if again and not skip_existing:
+            raise RunError(
+                f"{len(again)} prompt(s) of this corpus are already in the run in {self.path} (e.g. {again[0]!r}): "
+                "a prompt is profiled once per run; --skip-existing leaves them out"
+            )
+        return set(again)
+
+    def _check_new_ids(self, ids: Sequence[str]) -> None:
+        """A prompt is in a run once: refuse a shard that holds a committed prompt id again."""
+        have = self.committed_ids()
+        again = [i for i in ids if i in have]
+        if again:
+            raise RunError(
+                f"{len(again)} prompt(s) are already in the run in {self.path} (e.g. id {again[0]!r}): a prompt is "
+                "profiled once per run (--skip-existing leaves them out)"
+            )
 
     # -- commit --
     @property
@@ -507,8 +793,10 @@ class RunWriter:
     def commit(self, shard: Shard) -> None:
         """Write one shard: its files, then the accumulators, then ``run.json`` by atomic rename."""
         name, p0 = self.next_shard
+        self._check_new_ids(shard.prompt_ids)
         files = write_shard_files(self.path, name, shard, p0, self.doc["meta"])
         self._commit_files(name, shard.n_prompts, shard.n_tokens, files, shard.accum)
+        self._ids.update(shard.prompt_ids)
 
     def commit_staged(self, name: str, prompt0: int, n_prompts: int, n_tokens: int, files: Sequence[str], accum):
         """Commit a shard whose files a helper wrote under ``.staging/`` (``write_shard_files``) as shard ``name``
@@ -519,11 +807,15 @@ class RunWriter:
                 f"({self.next_shard[0]}, first prompt {self.next_shard[1]})"
             )
         staging = self.path / STAGING
+        if not set(files) <= shard_files(name):
+            raise RunError(f"internal error: staged shard {name} names files outside its own: {list(files)}")
         for rel in files:
             os.replace(staging / rel, self.path / rel)
         for part in {f.split("/")[0] for f in files}:
             _fsync_dir(self.path / part)
         self._commit_files(name, n_prompts, n_tokens, list(files), accum)
+        if self._ids is not None:
+            self._ids = None  # read again from the index when next needed
 
     def _commit_files(self, name: str, n_prompts: int, n_tokens: int, files: list[str], accum) -> None:
         doc = self.doc
@@ -537,7 +829,8 @@ class RunWriter:
         _fsync_dir(self.path / "accum")
         old_accum = doc["accum"]
         doc["shards"].append(
-            {"name": name, "n_prompts": n_prompts, "n_tokens": n_tokens, "prompt0": p0, "token0": t0} | {"files": files}
+            {"name": name, "n_prompts": n_prompts, "n_tokens": n_tokens, "prompt0": p0, "token0": t0}
+            | {"files": files, "checksums": {rel: _checksum(self.path / rel) for rel in files}}
         )
         doc["n_prompts"], doc["n_tokens"] = p0 + n_prompts, t0 + n_tokens
         doc["accum"], doc["accum_sha256"] = accum_file, sha
@@ -546,15 +839,46 @@ class RunWriter:
             (self.path / old_accum).unlink(missing_ok=True)
 
     def _write_manifest(self) -> None:
+        self.doc["digest"] = _doc_digest(self.doc)
         _write_bytes(self.path / RUN_FILE, json.dumps(self.doc, indent=1).encode())
         _fsync_dir(self.path)
 
 
+def _read_table(root: Path, doc: dict, rel: str, columns: Sequence[str] | None = None):
+    """A committed Parquet table of the run, checked first (``checked_file``)."""
+    pa, pq = _pa()
+    path = checked_file(root, doc, rel)
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise _damaged(root, rel, f"cannot be read as a table ({str(e).splitlines()[0] if str(e) else e})") from None
+
+
+def _open_arrays(root: Path, doc: dict, rel: str):
+    """A committed safetensors file of the run, checked first, opened for reading single tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = checked_file(root, doc, rel)
+    try:
+        return safe_open(str(path), "numpy")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _damaged(root, rel, f"cannot be read ({e})") from None
+
+
+def _get_tensor(root: Path, doc: dict, rel: str, key: str) -> np.ndarray:
+    from safetensors import SafetensorError
+
+    with _open_arrays(root, doc, rel) as st:
+        try:
+            return st.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _damaged(root, rel, f"cannot be read ({e})") from None
+
+
 def _committed_ids(path: Path, doc: dict) -> set[str]:
-    _, pq = _pa()
     out: set[str] = set()
     for s in doc["shards"]:
-        t = pq.read_table(path / f"index/{s['name']}.parquet", columns=["prompt_id"])
+        t = _read_table(path, doc, f"index/{s['name']}.parquet", columns=["prompt_id"])
         out.update(t.column("prompt_id").to_pylist())
     return out
 
@@ -580,11 +904,15 @@ class _RunData:
 
     def index(self):
         if self._index is None:
-            _, pq = _pa()
-            import pyarrow as pa
-
-            tables = [pq.read_table(self.path / f"index/{s['name']}.parquet") for s in self.shards]
-            self._index = pa.concat_tables(tables) if tables else None
+            pa, _ = _pa()
+            tables = [_read_table(self.path, self.doc, f"index/{s['name']}.parquet") for s in self.shards]
+            try:
+                self._index = pa.concat_tables(tables) if tables else None
+            except pa.ArrowException as e:
+                raise ProfileError(f"{self.path}: the index tables do not fit together ({e})") from None
+            n = np.zeros(0, np.int64) if self._index is None else self._index.column("n_tokens").to_numpy()
+            if len(n) != self.doc["n_prompts"] or int(n.sum()) != self.doc["n_tokens"]:
+                raise ProfileError(f"{self.path}: the index tables do not match {RUN_FILE} (prompt or token counts)")
         return self._index
 
     def offsets(self) -> np.ndarray:
@@ -600,17 +928,17 @@ class _RunData:
 
     def tokens(self, s: int):
         if self._tokens_cache is None or self._tokens_cache[0] != s:
-            _, pq = _pa()
-            self._tokens_cache = (s, pq.read_table(self.path / f"tokens/{self.shards[s]['name']}.parquet"))
+            self._tokens_cache = (s, _read_table(self.path, self.doc, f"tokens/{self.shards[s]['name']}.parquet"))
         return self._tokens_cache[1]
 
     def token_part(self, s: int, column: str) -> np.ndarray:
         """One shard's token column: [T_s], or [T_s, width] for the fixed-size list columns."""
-        _, pq = _pa()
-        import pyarrow as pa
-
-        col = pq.read_table(self.path / f"tokens/{self.shards[s]['name']}.parquet", columns=[column]).column(column)
-        col = col.combine_chunks()
+        pa, _ = _pa()
+        rel = f"tokens/{self.shards[s]['name']}.parquet"
+        t = _read_table(self.path, self.doc, rel, columns=[column])
+        if t.num_rows != self.shards[s]["n_tokens"]:
+            raise _damaged(self.path, rel, f"has {t.num_rows} rows, {self.shards[s]['n_tokens']} tokens were committed")
+        col = t.column(column).combine_chunks()
         if isinstance(col.type, pa.FixedSizeListType):
             return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
         return col.to_numpy(zero_copy_only=False)
@@ -618,14 +946,12 @@ class _RunData:
     def vector_keys(self) -> dict[str, tuple[int, str]]:
         """Per-prompt vectors-tier names (thumbnails, full matrices) with global prompt numbers -> (shard, name)."""
         if self._vec_keys is None:
-            from safetensors import safe_open
-
             self._vec_keys = {}
             for s, sh in enumerate(self.shards):
-                f = self.path / f"vectors/{sh['name']}.safetensors"
-                if f"vectors/{sh['name']}.safetensors" not in sh["files"]:
+                rel = f"vectors/{sh['name']}.safetensors"
+                if rel not in sh["files"]:
                     continue
-                with safe_open(str(f), "numpy") as st:
+                with _open_arrays(self.path, self.doc, rel) as st:
                     for k in st.keys():
                         if k.startswith(("attn.thumb.p", "attn.full.p")):
                             head, rest = k.split(".p", 1)
@@ -634,17 +960,8 @@ class _RunData:
                             self._vec_keys[g] = (s, k)
         return self._vec_keys
 
-    def vector_part(self, s: int, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path / f"vectors/{self.shards[s]['name']}.safetensors"), "numpy") as st:
-            return st.get_tensor(name)
-
     def tensor(self, s: int, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path / f"vectors/{self.shards[s]['name']}.safetensors"), "numpy") as st:
-            return st.get_tensor(key)
+        return _get_tensor(self.path, self.doc, f"vectors/{self.shards[s]['name']}.safetensors", key)
 
 
 class LazyTokenArray:
@@ -792,7 +1109,7 @@ class _RunArrays(Mapping):
 
             out = lazy(load, 1, (Ly, T), dt)
         elif name in self.vec_names:
-            out = lazy(lambda s: d.vector_part(s, name), 2, (Ly, H, T), np.float32)
+            out = lazy(lambda s: d.tensor(s, name), 2, (Ly, H, T), np.float32)
         elif name.startswith("attn.") and name in d.vector_keys():
             s, key = d.vector_keys()[name]
             return d.tensor(s, key)  # per prompt: small, not cached
@@ -862,32 +1179,41 @@ class _RunPrompts(Sequence):
 
 def load_run(path: str | os.PathLike) -> Profile:
     """A run directory as a ``Profile``: the accumulators are read now, everything per token on first use."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     path = Path(path)
     doc = _read_manifest(path)
-    accum: dict[str, np.ndarray] = {}
-    if doc.get("accum"):
-        f = path / doc["accum"]
-        try:
-            data = f.read_bytes()
-        except OSError as e:
-            raise ProfileError(f"{f} is missing or unreadable: {e.strerror}") from None
-        if hashlib.sha256(data).hexdigest() != doc.get("accum_sha256"):
-            raise ProfileError(f"{f} is corrupted or does not belong to {path / RUN_FILE} (checksum mismatch)")
-        try:
-            accum = dict(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ProfileError(f"{f} is corrupted: {e}") from None
-    for s in doc["shards"]:
+    accum = _load_accum(path, doc)
+    for s in doc["shards"]:  # every file is there and of its committed size; its contents are checked when read
         for rel in s["files"]:
-            if not (path / rel).is_file():
-                raise ProfileError(f"{path} is incomplete: {rel}, named in {RUN_FILE}, is missing")
+            st = _lstat_inside(path, rel)
+            size = (s.get("checksums") or {}).get(rel, {}).get("size")
+            if size is not None and st.st_size != size:
+                raise _damaged(path, rel, f"has {st.st_size} bytes, {size} were committed")
     data = _RunData(path, doc)
     meta = dict(doc["meta"])
     meta["run_status"] = doc.get("status")
     return Profile(meta=meta, prompts=_RunPrompts(data), arrays=_RunArrays(data, accum))
+
+
+def _load_accum(path: Path, doc: dict) -> dict[str, np.ndarray]:
+    """The run's accumulators, checked against their checksum, with the shapes the run's geometry implies."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    if not doc.get("accum"):
+        return {}
+    rel = doc["accum"]
+    f = checked_file(path, doc, rel)
+    try:
+        accum = dict(load(f.read_bytes()))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _damaged(path, rel, f"cannot be read ({e})") from None
+    Ly, H = doc["meta"]["n_layers"], doc["meta"]["n_heads"]
+    for name, a in accum.items():
+        if name in ("attn.hist_all", "attn.hist_log", "attn.moments", "attn.dist", "attn.row_sums") and (
+            a.shape[:2] != (Ly, H)
+        ):
+            raise _damaged(path, rel, f"holds {name} of shape {a.shape}, not [{Ly}, {H}, ...]")
+    return accum
 
 
 def run_tables(path: str | os.PathLike) -> dict[str, object]:
@@ -896,11 +1222,12 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
     pa, _ = _pa()
     path = Path(path)
     prof = load_run(path)
-    doc = _read_manifest(path)
+    doc = prof.arrays.data.doc
     Ly, H = prof.n_layers, prof.n_heads
     out: dict[str, object] = {}
-    for part in ("index", "prompts", "tokens"):
-        out[part] = [str(path / rel) for s in doc["shards"] for rel in s["files"] if rel.startswith(part + "/")]
+    for part in TABLES:  # every table is checked before DuckDB reads it (hashed once, then while unchanged)
+        rels = [rel for s in doc["shards"] for rel in s["files"] if rel.startswith(part + "/")]
+        out[part] = [str(f) for f in checked_files(path, doc, rels, persist=True)]
     heads = {"layer": np.repeat(np.arange(Ly), H), "head": np.tile(np.arange(H), Ly)}
     if doc["shards"]:
         for v, m in prof.head_means().items():
@@ -932,23 +1259,37 @@ def merge_runs(
 
     The merged run keeps the vectors tier only if every source has it (``--keep auto`` keeps it for small runs
     only, so two default runs may differ); returns ``(out, the sources whose vectors were left out)``."""
-    pa, pq = _pa()
+    pa, _ = _pa()
     docs = [_read_manifest(Path(s)) for s in sources]
     if not docs:
         raise RunError("merge needs at least one run")
+    target = Path(out).resolve()
+    for s in sources:
+        src = Path(s).resolve()
+        if src == target or target.is_relative_to(src) or src.is_relative_to(target):
+            raise RunError(f"merge --out {out} is (or lies in, or holds) the input run {s}: choose a new --out")
     first = docs[0]
     for s, d in zip(sources[1:], docs[1:]):
         _check_identity(first, d["meta"], Path(s), "merge")
     for s, d in zip(sources, docs):
         if d.get("status") != "complete":
             raise RunError(f"{s} is an unfinished run: finish it with --resume before merging")
+    owner: dict[str, str] = {}  # a prompt is in a run once: the inputs must not share one
+    for s, d in zip(sources, docs):
+        for pid in _committed_ids(Path(s), d):
+            if pid in owner:
+                raise RunError(
+                    f"prompt {pid!r} is in both {owner[pid]} and {s}: a merged run holds each prompt once "
+                    "(merging a run with itself, or runs of overlapping corpora, would double it)"
+                )
+            owner[pid] = str(s)
     meta = dict(first["meta"])
     meta["keep_vectors"] = keep = all(d.get("keep_vectors") for d in docs)
     dropped = [str(s) for s, d in zip(sources, docs) if d.get("keep_vectors") and not keep]
     with RunWriter(out, meta, mode="force" if force else "new") as w:
         for src, d in zip(sources, docs):
             src = Path(src)
-            accum = load_run(src).arrays.accum if d.get("accum") else {}
+            accum = _load_accum(src, d)
             for sh in d["shards"]:
                 p0, t0 = w.doc["n_prompts"], w.doc["n_tokens"]
                 name = w.next_shard[0]
@@ -958,8 +1299,8 @@ def merge_runs(
                     if part == "vectors" and not keep:
                         continue
                     dst = w.path / part / (name + rel[len(part) + 1 + len(sh["name"]) :])
-                    if part in ("index", "prompts", "tokens"):
-                        t = pq.read_table(src / rel)
+                    if part in TABLES:
+                        t = _read_table(src, d, rel)
                         t = t.set_column(
                             t.schema.get_field_index("prompt"),
                             "prompt",
@@ -969,11 +1310,11 @@ def merge_runs(
                             t = t.drop_columns(["token_offset"])
                         _write_parquet(t, dst)
                     else:
-                        shutil.copyfile(src / rel, dst)
+                        shutil.copyfile(checked_file(src, d, rel), dst)
                     files.append(f"{part}/{dst.name}")
                 w.doc["shards"].append(
                     {"name": name, "n_prompts": sh["n_prompts"], "n_tokens": sh["n_tokens"], "prompt0": p0}
-                    | {"token0": t0, "files": files}
+                    | {"token0": t0, "files": files, "checksums": {f: _checksum(w.path / f) for f in files}}
                 )
                 w.doc["n_prompts"], w.doc["n_tokens"] = p0 + sh["n_prompts"], t0 + sh["n_tokens"]
             base = w.doc["n_tokens"] - d["n_tokens"]
@@ -985,3 +1326,100 @@ def merge_runs(
         w.doc["meta"]["d_ff"] = first["meta"].get("d_ff")
         w._write_manifest()
     return Path(out), dropped
+
+
+# -- verify and repair --
+@dataclass
+class Damage:
+    """One damaged file of a run: its shard (None for the accumulators), its path in the run, what is wrong."""
+
+    shard: str | None
+    rel: str
+    problem: str
+
+
+def verify_run(path: str | os.PathLike) -> tuple[dict, list[Damage], list[str]]:
+    """Check a whole run: ``run.json`` (``ProfileError`` when it cannot be trusted), then every committed file
+    (no symbolic link, size and sha256 as committed, the tables readable and as long as ``run.json`` says).
+
+    Returns ``(run.json, the damaged files, the files and folders no committed shard names)``; hashes every file
+    afresh (nothing is taken from an earlier check)."""
+    path = Path(path)
+    doc = _read_manifest(path)
+    bad: list[Damage] = []
+    pa, pq = _pa()
+    jobs = [(None, doc["accum"])] if doc.get("accum") else []
+    jobs += [(s["name"], rel) for s in doc["shards"] for rel in s["files"]]
+    shards = {s["name"]: s for s in doc["shards"]}
+    for name, rel in jobs:
+        try:
+            _VERIFIED.pop(str((path / rel).resolve()), None)
+            f = checked_file(path, doc, rel)
+            if rel.endswith(".parquet"):
+                rows = pq.ParquetFile(f).metadata.num_rows
+                want = shards[name]["n_tokens" if rel.startswith("tokens/") else "n_prompts"]
+                want *= doc["meta"]["n_layers"] * doc["meta"]["n_heads"] if rel.startswith("prompts/") else 1
+                if rows != want:
+                    raise _damaged(path, rel, f"has {rows} rows, {want} were committed")
+            elif rel.startswith("vectors/"):
+                with _open_arrays(path, doc, rel) as st:
+                    st.keys()
+            else:
+                _load_accum(path, doc)
+        except ProfileError as e:
+            bad.append(Damage(name, rel, str(e).split(": the run's committed files")[0].removeprefix(f"{path / rel} ")))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            bad.append(Damage(name, rel, f"cannot be read ({e})"))
+    named = {rel for _, rel in jobs} | {RUN_FILE, LOCK_FILE}
+    stray = []
+    for f in sorted(path.iterdir()):
+        if f.name in PARTS and f.is_dir() and not f.is_symlink():
+            stray += [f"{f.name}/{g.name}" for g in sorted(f.iterdir()) if f"{f.name}/{g.name}" not in named]
+        elif f.name not in named and f.name not in PARTS and f.name.startswith((".staging", RUN_FILE)):
+            stray.append(f.name)
+    return doc, bad, stray
+
+
+def repair_run(path: str | os.PathLike, drop_bad_shards: bool = False) -> list[str]:
+    """Make a run whole again where that keeps it consistent; returns what was done, one line each.
+
+    Always: deletes what a killed writer left (files no committed shard names, temporary files, ``.staging/``),
+    as the next writer would. With ``drop_bad_shards``: a damaged vectors file costs the run its vectors tier (the
+    per-token vectors are read across every shard; the accumulators do not depend on them), and the run stays
+    exact. A damaged table (index, prompts, tokens) or accumulator file cannot be dropped consistently: the
+    accumulators (histograms, moments, maxima, top-k contexts) are sums and maxima over every committed prompt and
+    cannot be taken apart by shard, so ``RunError`` says so and what to do instead.
+    """
+    path = Path(path)
+    doc, bad, _ = verify_run(path)
+    hard = [d for d in bad if not d.rel.startswith("vectors/")]
+    if drop_bad_shards and hard:
+        names = ", ".join(sorted({d.rel for d in hard}))
+        raise RunError(
+            f"cannot drop {names} and keep {path} consistent: the run's accumulators (histograms, moments, maxima, "
+            "top-k contexts) are sums and maxima over every committed prompt and cannot be taken apart by shard; "
+            "profile the corpus again into a new --out"
+        )
+    w = RunWriter(path, doc["meta"], mode="resume")
+    w.open()  # the lock; what a killed writer left is deleted
+    try:
+        done = ["deleted what a killed writer left (files no committed shard names, temporary files)"]
+        if drop_bad_shards and bad:
+            for s in w.doc["shards"]:
+                rel = f"vectors/{s['name']}.safetensors"
+                if rel in s["files"]:
+                    s["files"].remove(rel)
+                    s["checksums"].pop(rel, None)
+            w.doc["keep_vectors"] = w.meta["keep_vectors"] = False
+            w._write_manifest()
+            for f in (path / "vectors").glob("*.safetensors"):
+                f.unlink()
+            done.append(
+                f"dropped the vectors tier ({len(bad)} damaged vectors file(s)): the per-token vectors, per-prompt "
+                "thumbnails and kept matrices are gone; every table and the accumulators are intact"
+            )
+        else:
+            w._write_manifest()  # a run of schema 1 now records its files' checksums
+    finally:
+        w.close(complete=False)  # the run keeps its status
+    return done
