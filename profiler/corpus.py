@@ -1,15 +1,18 @@
-"""Corpus readers: prompts streamed from .txt, .jsonl, .parquet files and Hugging Face datasets saved on disk.
+"""Corpus readers: prompts streamed from .txt, .jsonl, .csv/.tsv, .parquet files and Hugging Face datasets on disk.
 
 Every prompt gets a stable id for ``--resume``: the corpus's own id (``--id-column``, default ``id``) where it has
 one, else ``<index>:<first 16 hex digits of the text's SHA-256>``. Readers stream (memory does not grow with the
 corpus); ``Corpus.check`` reads everything once to count the prompts and to report a malformed row by file and
-line before any model is loaded.
+line before any model is loaded. A .csv or .tsv file is a table like Parquet: its first line names the columns.
+A prompt holding a NUL character is refused (it is binary data, not text).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,15 +51,50 @@ def _is_hf_dataset(p: Path) -> bool:
     return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "state.json").is_file())
 
 
-def _lines(p: Path) -> Iterator[tuple[int, str]]:
+_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+def _table_rows(p: Path, tc: str, ic: str) -> Iterator[tuple[str | None, object, str]]:
+    """Rows of a .csv/.tsv file whose first line is the header; ``where`` is the line a row starts on."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long prompt is one field (the default limit is 128 KiB)
+    lines = (text for _, text in _lines(p, keep_ends=True))
+    reader = csv.reader(lines, delimiter=_DELIMITERS[p.suffix.lower()], strict=True)  # strict: a stray quote is
+    # an error, not a field that swallows the rest of the file
+    start = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        names = [h.strip() for h in header]
+        if names[:1] and names[0].startswith("\ufeff"):  # a spreadsheet's byte-order mark
+            names[0] = names[0][1:].strip()
+        if tc not in names:
+            raise CorpusError(
+                f"{p} has no column {tc!r} (its first line names the columns: {', '.join(names)}); --text-column"
+            )
+        ti, ii = names.index(tc), (names.index(ic) if ic in names else None)
+        start = reader.line_num + 1
+        for row in reader:
+            where, start = f"{p}:{start}", reader.line_num + 1
+            if not row:  # a blank line
+                continue
+            if len(row) != len(names):
+                raise CorpusError(f"{where}: expected {len(names)} fields (the header's), got {len(row)}")
+            yield ((row[ii] or None) if ii is not None else None), row[ti], where  # an empty id cell: no id
+    except csv.Error as e:
+        raise CorpusError(f"{p}:{start}: not valid {p.suffix[1:].upper()} ({e})") from None
+
+
+def _lines(p: Path, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line, decoded line by line so a bad byte is reported at its own line."""
     try:
         with open(p, "rb") as f:
             for n, raw in enumerate(f, 1):
                 try:
-                    yield n, raw.decode("utf-8").rstrip("\r\n")
+                    text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise CorpusError(f"{p}:{n}: not UTF-8 text ({e.reason})") from None
+                yield n, text if keep_ends else text.rstrip("\r\n")
     except OSError as e:
         raise CorpusError(f"cannot read {p}: {e.strerror}") from None
 
@@ -69,7 +107,7 @@ class Corpus:
         texts: literal prompts (``--prompt``).
         files: files whose whole text is one prompt (``--prompt-file``).
         corpora: corpus files or dataset directories (``--prompts``).
-        text_column: the text field of .jsonl/.parquet/datasets rows.
+        text_column: the text field of .jsonl/.csv/.tsv/.parquet/datasets rows.
         id_column: the id field, used as the prompt id where present.
     """
 
@@ -86,7 +124,7 @@ class Corpus:
             if p.is_dir() and not _is_hf_dataset(p):
                 raise CorpusError(
                     f"prompts file {p} is a directory (a Hugging Face dataset saved with save_to_disk would hold "
-                    "dataset_info.json); give a .txt, .jsonl or .parquet file"
+                    "dataset_info.json); give a .txt, .jsonl, .csv, .tsv or .parquet file"
                 )
             if not p.exists():
                 raise CorpusError(f"prompts file {p} does not exist")
@@ -96,7 +134,9 @@ class Corpus:
         for i, t in enumerate(self.texts):
             yield None, t, f"--prompt {i + 1}"
         for f in self.files:
-            yield None, read_text_file(f), str(f)
+            text = read_text_file(f)
+            nul = text.find("\x00")  # a whole file is one prompt: a NUL in it is named by its line
+            yield None, text, str(f) if nul < 0 else f"{f}:{text.count(chr(10), 0, nul) + 1}"
         for f in self.corpora:
             yield from self._corpus_rows(Path(f))
 
@@ -131,6 +171,8 @@ class Corpus:
                     yield None, obj, f"{p}:{n}"
                 else:
                     raise CorpusError(f"{p}:{n}: expected a string or an object with a string field {tc!r}")
+        elif p.suffix.lower() in _DELIMITERS:
+            yield from _table_rows(p, tc, ic)
         elif p.suffix == ".parquet":
             try:
                 import pyarrow.parquet as pq
@@ -162,6 +204,8 @@ class Corpus:
                 raise CorpusError(f"{where}: the prompt is not a string ({type(text).__name__})")
             if not text.strip():
                 raise CorpusError(f"{where}: the prompt is empty")
+            if "\x00" in text:
+                raise CorpusError(f"{where}: the prompt holds a NUL character (\\x00): binary data, not text")
             if pid is None:
                 pid = f"{index}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
             yield PromptItem(pid, text)

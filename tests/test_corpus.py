@@ -171,3 +171,59 @@ def test_memory_flat_over_corpus_size(tmp_path, rng):
         peaks[n] = int(r.stdout.split("maxrss")[-1])
     print("peak RSS (KB):", peaks)
     assert peaks[2000] <= 1.3 * peaks[200], peaks
+
+
+def test_csv_and_tsv_are_tables(tmp_path):
+    c = tmp_path / "c.csv"  # a spreadsheet's export: byte-order mark, quoted commas and newlines, a blank line
+    c.write_text('\ufeffid,text,lang\nq1,"hello, world",en\nq2,"two\nlines",en\n\n,third,fr\n', encoding="utf-8")
+    items = list(Corpus(corpora=[str(c)]))
+    assert [it.text for it in items] == ["hello, world", "two\nlines", "third"]  # the header is not a prompt
+    assert [it.id for it in items[:2]] == ["q1", "q2"] and items[2].id.startswith("2:")  # an empty id cell: none
+    t = tmp_path / "t.tsv"
+    t.write_text("body\tkey\nfirst one\t7\nsecond, with a comma\t8\n")
+    items = list(Corpus(corpora=[str(t)], text_column="body", id_column="key"))
+    assert [(it.id, it.text) for it in items] == [("7", "first one"), ("8", "second, with a comma")]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "prompt,id\nhello,1\n",
+            "{p} has no column 'text' (its first line names the columns: prompt, id); --text-column",
+        ),
+        ("text,id\nfine,1\nshort\n", "{p}:3: expected 2 fields (the header's), got 1"),
+        ('text\nfine\n"a"b"\n', "{p}:3: not valid CSV (',' expected after '\"')"),
+        ('text\nfine\n"never closed\nmore\n', "{p}:3: not valid CSV (unexpected end of data)"),
+        ("text\nfine\n   \n", "{p}:3: the prompt is empty"),
+        ("text\nfine\nNUL\x00here\n", "{p}:3: the prompt holds a NUL character (\\x00): binary data, not text"),
+    ],
+)
+def test_malformed_csv_rows_name_file_and_line(tmp_path, content, message):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(CorpusError) as e:
+        Corpus(corpora=[str(p)]).check()
+    assert str(e.value) == message.format(p=p)
+
+
+def test_nul_character_is_refused_where_it_is(tmp_path):
+    nul = "the prompt holds a NUL character (\\x00): binary data, not text"
+    txt = tmp_path / "c.txt"
+    txt.write_text("fine\nalso fine\nbad\x00line\n")
+    with pytest.raises(CorpusError) as e:
+        Corpus(corpora=[str(txt)]).check()
+    assert str(e.value) == f"{txt}:3: {nul}"
+    jl = tmp_path / "c.jsonl"
+    jl.write_text('{"text": "fine"}\n{"text": "bad\\u0000"}\n')
+    with pytest.raises(CorpusError) as e:
+        Corpus(corpora=[str(jl)]).check()
+    assert str(e.value) == f"{jl}:2: {nul}"
+    whole = tmp_path / "whole.txt"  # --prompt-file: the whole file is one prompt, the NUL is named by its line
+    whole.write_text("line one\nline two\nthree \x00\n")
+    with pytest.raises(CorpusError) as e:
+        Corpus(files=[str(whole)]).check()
+    assert str(e.value) == f"{whole}:3: {nul}"
+    with pytest.raises(CorpusError) as e:
+        Corpus(texts=["fine", "x\x00"]).check()
+    assert str(e.value) == f"--prompt 2: {nul}"
