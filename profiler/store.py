@@ -679,6 +679,7 @@ class RunWriter:
                         f"{doc.get('keep_vectors')}, this run with {self.meta.get('keep_vectors')} (--keep)"
                     )
                 _clean_uncommitted(p, doc)
+                doc["status"] = "running"  # until this writer closes: a failed --append is continued by --resume
                 if doc["schema_version"] < 2:  # record the checksums of the files already there, then go on
                     for s in doc["shards"]:
                         s["checksums"] = {rel: _checksum(p / rel) for rel in s["files"]}
@@ -749,24 +750,26 @@ class RunWriter:
         if self.mode not in ("resume", "append") or not is_run(self.path):
             return set()
         doc = _read_manifest(self.path)
-        have = _committed_ids(self.path, doc)
-        if self.mode == "resume":
-            new = sum(it.id not in have for it in items)
-            if new and doc.get("status") == "complete":
-                raise RunError(
-                    f"the run in {self.path} is complete and {new} prompt(s) of this corpus are not in it: --resume "
-                    "only continues an unfinished run; --append adds prompts"
-                )
-            return have
-        shas: set[str] = set()
+        have, shas = set(), set()
         for s in doc["shards"]:
-            shas.update(_read_table(self.path, doc, f"index/{s['name']}.parquet", ["sha256"])["sha256"].to_pylist())
-        again = []
+            t = _read_table(self.path, doc, f"index/{s['name']}.parquet", ["prompt_id", "sha256"])
+            have.update(t["prompt_id"].to_pylist())
+            shas.update(t["sha256"].to_pylist())
+        again, new = [], 0
         for it in items:
             sha = hashlib.sha256(it.text.encode()).hexdigest()
             auto = re.fullmatch(r"[0-9]+:" + sha[:16], it.id) is not None
             if it.id in have or (auto and sha in shas):
                 again.append(it.id)
+            else:
+                new += 1
+        if self.mode == "resume":
+            if new and doc.get("status") == "complete":
+                raise RunError(
+                    f"the run in {self.path} is complete and {new} prompt(s) of this corpus are not in it: --resume "
+                    "only continues an unfinished run; --append adds prompts"
+                )
+            return have | set(again)
         if again and not skip_existing:
             raise RunError(
                 f"{len(again)} prompt(s) of this corpus are already in the run in {self.path} (e.g. {again[0]!r}): "
@@ -1411,6 +1414,7 @@ def repair_run(path: str | os.PathLike, drop_bad_shards: bool = False) -> list[s
                     s["files"].remove(rel)
                     s["checksums"].pop(rel, None)
             w.doc["keep_vectors"] = w.meta["keep_vectors"] = False
+            w.doc["status"] = doc.get("status")
             w._write_manifest()
             for f in (path / "vectors").glob("*.safetensors"):
                 f.unlink()
@@ -1419,6 +1423,7 @@ def repair_run(path: str | os.PathLike, drop_bad_shards: bool = False) -> list[s
                 "thumbnails and kept matrices are gone; every table and the accumulators are intact"
             )
         else:
+            w.doc["status"] = doc.get("status")
             w._write_manifest()  # a run of schema 1 now records its files' checksums
     finally:
         w.close(complete=False)  # the run keeps its status

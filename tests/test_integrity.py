@@ -300,3 +300,41 @@ def test_numba_caches_outside_the_package(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
     assert list((tmp_path / "numba").rglob("*.nbi")), "no Numba index under $ATTNSCOPE_CACHE/numba"
     assert set(pkg.rglob("*.nbi")) == before, "Numba wrote its cache next to the package's source"
+
+
+# -- a full disk in the middle of a shard --
+def test_a_full_disk_mid_shard_loses_nothing_committed(runs, tiny_llama_dir, capsys, monkeypatch):
+    import errno
+
+    import attnscope.profiler.store as store
+
+    a = runs / "a"
+    before = _tree(a)
+    new = runs / "new.txt"
+    new.write_text("\n".join(f"new prompt number {i} of the corpus" for i in range(5)) + "\n")
+    real, calls = store._write_parquet, []
+
+    def full_disk(table, path):
+        calls.append(path)
+        if len(calls) == 5:  # the second shard's prompts table: its index is written, the rest is not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(table, path)
+
+    monkeypatch.setattr(store, "_write_parquet", full_disk)
+    line = _one_line_error(capsys, _profile(tiny_llama_dir, new, a, "--append"), "no space left", "--resume")
+    assert str(a) in line
+    doc = json.loads((a / "run.json").read_text())
+    assert doc["n_prompts"] == 10 and doc["status"] == "running"  # the first new shard is committed
+    assert {k: v for k, v in _tree(a).items() if k in before and k != "run.json"} == {
+        k: v for k, v in before.items() if k != "run.json" and not k.startswith("accum/")
+    }
+    assert not list(a.rglob("*.tmp"))
+    monkeypatch.setattr(store, "_write_parquet", real)
+    assert _profile(tiny_llama_dir, new, a, "--resume") == 0  # continues the append; nothing twice
+    prof = load(a)
+    assert len(prof.prompts) == 12 and len({p["sha256"] for p in prof.prompts}) == 12
+    # a new run whose first shard fails leaves no directory behind
+    calls.clear()
+    monkeypatch.setattr(store, "_write_parquet", lambda t, p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    _one_line_error(capsys, _profile(tiny_llama_dir, new, runs / "fresh"), "nothing was committed")
+    assert not (runs / "fresh").exists()
