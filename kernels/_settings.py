@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
+import triton.language as tl
 
-__all__ = ["MAX_HEAD_DIM", "MAX_SEQ", "down_proj_settings", "is_interpreter", "qk_stats_settings"]
+__all__ = [
+    "MAX_HEAD_DIM",
+    "MAX_SEQ",
+    "check_interpreter",
+    "down_proj_settings",
+    "is_interpreter",
+    "qk_stats_settings",
+]
 
 MAX_HEAD_DIM = 256
 MAX_SEQ = 1 << 24  # distance buckets use the float32 exponent of (i - j + 1): exact below 2^24
@@ -15,6 +24,41 @@ MAX_BINS = 8192  # the two histograms live in registers for a whole query tile
 
 def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _loop_bound_probe_kernel(OUT, N):
+    """A loop whose bound is loaded from memory, as every attnscope kernel has."""
+    n = tl.load(N)
+    acc = 0
+    for _ in range(0, n):
+        acc += 1
+    tl.store(OUT, acc)
+
+
+@functools.cache
+def _interpreter_problem() -> str | None:
+    import numpy as np
+    import torch
+
+    out, n = torch.zeros(1, dtype=torch.int32), torch.full((1,), 3, dtype=torch.int32)
+    try:
+        _loop_bound_probe_kernel[(1,)](out, n)
+    except Exception as e:  # the interpreter wraps the TypeError
+        return (
+            f"the triton {triton.__version__} interpreter cannot run attnscope's kernels with numpy {np.__version__} "
+            f"(a loop bound loaded from memory fails: {e}); use numpy < 2.4 or triton >= 3.9 with TRITON_INTERPRET=1"
+        )
+    return None if int(out[0]) == 3 else f"the triton {triton.__version__} interpreter miscounts a loop"
+
+
+def check_interpreter() -> None:
+    """Under ``TRITON_INTERPRET=1``, ``RuntimeError`` (one line) where this triton's interpreter cannot run the
+    kernels: triton 3.6's turns a loop bound into a one-element array, which numpy >= 2.4 refuses as an index."""
+    if is_interpreter():
+        problem = _interpreter_problem()
+        if problem:
+            raise RuntimeError(problem)
 
 
 def qk_stats_settings(

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._settings import down_proj_settings, is_interpreter
+from ._settings import check_interpreter, down_proj_settings, is_interpreter
 
 __all__ = ["down_proj_stats_triton"]
 
@@ -86,6 +86,7 @@ def down_proj_stats_triton(
     """Down-projection statistics (outputs as ``reference.down_proj_stats_ref``)."""
     if not (x.is_cuda or is_interpreter()):
         raise ValueError("down_proj_stats_triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+    check_interpreter()
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x [T, d_ff] and y [T, d_model] do not match: {tuple(x.shape)}, {tuple(y.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._settings import is_interpreter, qk_stats_settings
+from ._settings import check_interpreter, is_interpreter, qk_stats_settings
 from .contract import (
     ATTN_VECTOR_STATS,
     N_DIST_BUCKETS,
@@ -439,6 +439,7 @@ def qk_stats(
     Tiles come from ``_settings.qk_stats_settings`` unless ``block_m``/``block_n`` pin them (tests do).
     ``poison=True`` fills the stored outputs with NaN first, so a test sees any element the kernel skipped.
     """
+    check_interpreter()
     _check(q, k, ranges)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._settings import is_interpreter
+from ._settings import check_interpreter, is_interpreter
 from .vocab_stats_torch import _validate, finish, target_logits
 
 __all__ = ["vocab_stats_triton"]
@@ -120,6 +120,7 @@ def vocab_stats_triton(
     ``TRITON_INTERPRET=1``."""
     if not (h.is_cuda or is_interpreter()):
         raise ValueError("vocab_stats_triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+    check_interpreter()
     _validate(h, weight, target, bias)
     if h.dtype != weight.dtype or h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(

@@ -9,6 +9,7 @@ prints its registers, spill bytes and SASS size (``pytest -s`` shows them).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -53,17 +54,23 @@ def test_kernels_compile_with_installed_triton(arch, names):
 
 
 def _side_python() -> str:
-    """A venv in the cache that sees this interpreter's packages but holds its own triton (created once)."""
-    cache = Path(os.environ.get("ATTNSCOPE_CACHE", Path.home() / ".cache" / "attnscope"))
-    env_dir = cache / f"triton-{SIDE_TRITON}"
+    """A venv in the cache that holds its own triton and sees this interpreter's packages (created once per
+    interpreter): a ``.pth`` file lists this interpreter's site-packages after the venv's own, so torch comes from
+    here whether this interpreter is the system's Python or a virtual environment."""
+    from attnscope import cache_dir
+
+    cache = cache_dir()
+    tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    env_dir = cache / f"triton-{SIDE_TRITON}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}"
     python = env_dir / "bin" / "python"
     ready = env_dir / "ready"
     if ready.exists():
         return str(python)
     shutil.rmtree(env_dir, ignore_errors=True)  # a half-made one from an interrupted run
     base = getattr(sys, "_base_executable", sys.executable)
+    ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
     try:
-        subprocess.run([base, "-m", "venv", "--system-site-packages", str(env_dir)], check=True, capture_output=True)
+        subprocess.run([base, "-m", "venv", str(env_dir)], check=True, capture_output=True)
         subprocess.run(
             [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"triton=={SIDE_TRITON}"],
             check=True,
@@ -71,8 +78,18 @@ def _side_python() -> str:
             text=True,
             timeout=900,
         )
+        site_dir = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        (Path(site_dir) / "attnscope_host_packages.pth").write_text("".join(p + "\n" for p in ours))
         out = subprocess.run(
-            [str(python), "-c", "import triton; print(triton.__version__)"], check=True, capture_output=True, text=True
+            [str(python), "-c", "import torch, triton; print(triton.__version__)"],
+            check=True,
+            capture_output=True,
+            text=True,
         )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         shutil.rmtree(env_dir, ignore_errors=True)
@@ -86,3 +103,34 @@ def _side_python() -> str:
 def test_kernels_compile_with_gpu_image_triton(arch, names):
     rows = _compile(_side_python(), arch, names)
     assert {r["triton"] for r in rows} == {SIDE_TRITON}
+
+
+def test_interpreter_of_gpu_image_triton_runs_or_refuses_in_one_line(tmp_path):
+    # triton 3.6's interpreter turns loop bounds into one-element arrays, which numpy >= 2.4 refuses as an index:
+    # the kernels then stop with one clear line instead of an interpreter traceback
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('k', {str(SCRIPT.parent / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(SCRIPT.parent)!r}])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['k'] = mod; spec.loader.exec_module(mod)\n"
+        "import torch\n"
+        "from k import KeyRanges, AttnStatsSpec\n"
+        "from k.qk_stats import qk_stats\n"
+        "q = torch.randn(1, 2, 20, 16)\n"
+        "try:\n"
+        "    qk_stats(q, q[:, :1], 0.25, KeyRanges.full(1, 20), AttnStatsSpec(bins=32, thumb_size=4), 16, 16)\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e); sys.exit(3)\n"
+        "print('ran')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([_side_python(), str(script)], env=env, capture_output=True, text=True, timeout=600)
+    import numpy as np
+
+    if np.lib.NumpyVersion(np.__version__) >= "2.4.0":
+        assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
+        line = proc.stdout.strip()
+        assert "\n" not in line and "numpy < 2.4" in line and f"triton {SIDE_TRITON}" in line, line
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stdout + proc.stderr[-3000:]
