@@ -100,19 +100,19 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
     try:
         import ray
     except ImportError:
-        from attnscope.cli._common import CLIError
+        from .store import RunError
 
-        raise CLIError("--ray needs Ray Data: pip install 'attnscope[distributed]'") from None
+        raise RunError("--ray needs Ray Data: pip install 'attnscope[distributed]'") from None
     from tqdm.auto import tqdm
 
     from .run import shard_windows
-    from .store import STAGING, RunError, _next_seq, _read_manifest, is_run, shard_name
+    from .store import STAGING, RunError, is_run, next_seq, read_manifest, shard_name
 
     writer.acquire()  # held until the end: no other writer while the actors write into the directory
     try:
-        base = _read_manifest(writer.path) if writer.mode in ("resume", "append") and is_run(writer.path) else None
+        base = read_manifest(writer.path) if writer.mode in ("resume", "append") and is_run(writer.path) else None
         skip = writer.prompts_to_skip(iter(corpus), getattr(args, "skip_existing", False))
-        seq, prompt0 = _next_seq(base), int(base["n_prompts"]) if base else 0
+        seq, prompt0 = next_seq(base), int(base["n_prompts"]) if base else 0
         rows = []
         for first, window in shard_windows(iter(corpus), cfg):
             todo = [it for it in window if it.id not in skip]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from attnscope.profiler import load
 from attnscope.profiler.data import ProfileError
-from attnscope.profiler.store import _doc_digest
+from attnscope.profiler.store import doc_digest
 from helpers import random_text
 
 from attnscope.cli import main
@@ -62,7 +62,7 @@ def _edit_manifest(run: Path, edit) -> None:
     """Rewrite run.json as a forger would: the edit, then a digest that matches it (the digest is no secret)."""
     doc = json.loads((run / "run.json").read_text())
     edit(doc)
-    doc["digest"] = _doc_digest(doc)
+    doc["digest"] = doc_digest(doc)
     (run / "run.json").write_text(json.dumps(doc, indent=1))
 
 
@@ -306,13 +306,13 @@ def test_numba_caches_outside_the_package(tmp_path):
 def test_a_full_disk_mid_shard_loses_nothing_committed(runs, tiny_llama_dir, capsys, monkeypatch):
     import errno
 
-    import attnscope.profiler.store as store
+    import attnscope.profiler.store.writer as store
 
     a = runs / "a"
     before = _tree(a)
     new = runs / "new.txt"
     new.write_text("\n".join(f"new prompt number {i} of the corpus" for i in range(5)) + "\n")
-    real, calls = store._write_parquet, []
+    real, calls = store.write_parquet, []
 
     def full_disk(table, path):
         calls.append(path)
@@ -320,7 +320,7 @@ def test_a_full_disk_mid_shard_loses_nothing_committed(runs, tiny_llama_dir, cap
             raise OSError(errno.ENOSPC, "No space left on device")
         real(table, path)
 
-    monkeypatch.setattr(store, "_write_parquet", full_disk)
+    monkeypatch.setattr(store, "write_parquet", full_disk)
     line = _one_line_error(capsys, _profile(tiny_llama_dir, new, a, "--append"), "no space left", "--resume")
     assert str(a) in line
     doc = json.loads((a / "run.json").read_text())
@@ -329,12 +329,12 @@ def test_a_full_disk_mid_shard_loses_nothing_committed(runs, tiny_llama_dir, cap
         k: v for k, v in before.items() if k != "run.json" and not k.startswith("accum/")
     }
     assert not list(a.rglob("*.tmp"))
-    monkeypatch.setattr(store, "_write_parquet", real)
+    monkeypatch.setattr(store, "write_parquet", real)
     assert _profile(tiny_llama_dir, new, a, "--resume") == 0  # continues the append; nothing twice
     prof = load(a)
     assert len(prof.prompts) == 12 and len({p["sha256"] for p in prof.prompts}) == 12
     # a new run whose first shard fails leaves no directory behind
     calls.clear()
-    monkeypatch.setattr(store, "_write_parquet", lambda t, p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(store, "write_parquet", lambda t, p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     _one_line_error(capsys, _profile(tiny_llama_dir, new, runs / "fresh"), "nothing was committed")
     assert not (runs / "fresh").exists()

@@ -155,7 +155,7 @@ def test_one_writer_at_a_time(setup, rng, tmp_path, capsys):
         [
             sys.executable,
             "-c",
-            "import sys, time; from attnscope.profiler.store import _Lock; from pathlib import Path; "
+            "import sys, time; from attnscope.profiler.store.writer import _Lock; from pathlib import Path; "
             "l = _Lock(Path(sys.argv[1])); l.acquire(); print('held', flush=True); time.sleep(60)",
             str(out),
         ],
