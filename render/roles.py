@@ -26,7 +26,7 @@ import numpy as np
 
 from .summary import head_summary
 
-__all__ = ["ROLE_THRESHOLDS", "ROLES", "head_roles", "plot_head_roles"]
+__all__ = ["ROLE_THRESHOLDS", "ROLES", "head_roles", "plot_head_roles", "role_summary"]
 
 # role -> (score, threshold)
 ROLE_THRESHOLDS: dict[str, tuple[str, float]] = {
@@ -63,6 +63,27 @@ def head_roles(prof) -> dict[str, np.ndarray]:
     names = np.array(list(ROLE_THRESHOLDS), dtype=object)
     s["role"] = np.where(ratio.max(0) >= 1.0, names[best], "mixed")
     return s
+
+
+def role_summary(r: dict[str, np.ndarray], top: int = 3) -> list[str]:
+    """One line per role from ``head_roles``: how many heads pass its threshold, how many carry its label (a head
+    that passes several takes the one it passes by the largest factor), and the ``top`` highest scores, each with
+    the head's label; then the ``mixed`` count. Scores are shown cut (not rounded) to two decimals, so a score
+    below its threshold never shows as reaching it."""
+    role = np.asarray(r["role"]).reshape(-1)
+    H = np.asarray(r["role"]).shape[-1]
+    lines = []
+    for name, (col, thr) in ROLE_THRESHOLDS.items():
+        score = np.asarray(r[col], dtype=np.float64).reshape(-1)
+        order = np.argsort(-score, kind="stable")[:top]
+        best = ", ".join(f"{i // H}:{i % H} {np.floor(score[i] * 100) / 100:.2f} ({role[i]})" for i in order)
+        passing, labelled = int((score >= thr).sum()), int((role == name).sum())
+        lines.append(f"{name:>15} ({col} >= {thr}): {passing:3d} pass, {labelled:3d} labelled {name}; highest {best}")
+    lines.append(
+        f"{'mixed':>15} (passes none): {int((role == 'mixed').sum()):3d} heads; a head that passes several "
+        "thresholds is labelled with the one it passes by the largest factor (score / threshold)"
+    )
+    return lines
 
 
 def plot_head_roles(prof, scores=("induction", "dup", "prev", "sink")):

@@ -4,37 +4,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import CLIError, load_profile
+from ._common import CLIError, figdir, load_profile, writable
+from .views import _view_command
 
 __all__ = ["register"]
 
 
+@_view_command
 def cmd_heads(args) -> int:
     import numpy as np
 
     from attnscope.render.export import write_table
-    from attnscope.render.roles import ROLE_THRESHOLDS, head_roles, plot_head_roles
+    from attnscope.render.roles import head_roles, plot_head_roles, role_summary
     from attnscope.render.views import save
 
     if args.top < 1:
         raise CLIError(f"--top must be >= 1, got {args.top}")
     prof = load_profile(args.profile)
+    out = figdir(args, "the head-role table and figure")
     r = head_roles(prof)
     Ly, H = prof.n_layers, prof.n_heads
     table = {"layer": np.repeat(np.arange(Ly), H), "head": np.tile(np.arange(H), Ly)}
     table.update({name: np.asarray(v).reshape(-1) for name, v in r.items()})
-    out = Path(args.out) if args.out else Path(args.profile) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     print(write_table(table, out / "head_roles", "parquet" if args.parquet else "csv"))
     print(save(plot_head_roles(prof), out / f"head_roles.{args.format}"))
-    for role, (col, thr) in ROLE_THRESHOLDS.items():
-        order = np.argsort(-table[col], kind="stable")[: args.top]
-        best = ", ".join(f"{table['layer'][i]}:{table['head'][i]} {table[col][i]:.2f}" for i in order)
-        n = int((table["role"] == role).sum())
-        print(f"{role:>15} ({col} >= {thr}): {n:3d} heads; highest {best}")
+    for line in role_summary(r, args.top):
+        print(line)
     return 0
 
 
+@_view_command
 def cmd_lens(args) -> int:
     from attnscope.render.lens import has_lens, plot_logit_lens_of
     from attnscope.render.views import save
@@ -49,8 +49,8 @@ def cmd_lens(args) -> int:
             lo, hi = int(a) if a else 0, int(b) if b else None
         except ValueError:
             raise CLIError(f"--tokens takes START:END positions, got {args.tokens!r}") from None
+    out = figdir(args)
     fig = plot_logit_lens_of(prof, args.prompt, lo, hi)
-    out = Path(args.out) if args.out else Path(args.profile) / "figures"
     print(save(fig, out / f"logit_lens_p{args.prompt}.{args.format}"))
     return 0
 
@@ -72,6 +72,7 @@ def cmd_rules(args) -> int:
     prof = load_profile(args.profile)
     if "mlp.ctx_value" not in prof.arrays:
         raise CLIError(f"{args.profile} kept no neuron contexts: profile again with --neuron-contexts K (K > 0)")
+    out = writable(Path(args.out) if args.out else Path(args.profile), "rules.json and rules.parquet", bool(args.out))
     model_id = args.model or prof.meta.get("model_id")
     model, tok, _ = load_model(
         None if model_id == DEFAULT_MODEL else model_id, device=args.device, dtype=prof.meta.get("model_dtype", "auto")
@@ -86,7 +87,6 @@ def cmd_rules(args) -> int:
     ids = np.unique(promoted["token"])
     vocab = dict(zip(ids.tolist(), tok.batch_decode([[int(i)] for i in ids])))
     rules = neuron_rules(prof, promoted, vocab, top_neurons=args.top_neurons, window=args.window)
-    out = Path(args.out) if args.out else Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "rules.json", "w", encoding="utf-8") as f:
         json.dump(rules, f, ensure_ascii=False, indent=1)
