@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, interpret, profile, run, views
-from ._common import CLIError
+from . import bench, interpret, profile, run, verify, views
+from ._common import CLIError, os_error
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.register(sub)
     views.register(sub)
     run.register(sub)
+    verify.register(sub)
     interpret.register(sub)
     bench.register(sub)
     return ap
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command in ("merge", "sql"):
         expected += (ValueError, OSError)
     else:
-        expected += (ValueError, IndexError, ImportError)
+        expected += (ValueError, IndexError, ImportError, OSError)
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader of our output went away (``attnscope sql ... | head``): not an error
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
     except expected as e:
-        print(f"attnscope: error: {e}", file=sys.stderr)
+        print(f"attnscope: error: {os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("attnscope: interrupted; nothing was written", file=sys.stderr)

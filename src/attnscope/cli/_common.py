@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-__all__ = ["CLIError", "MissingArray", "figdir", "int_list", "load_profile", "parse_heads", "slug"]
+__all__ = [
+    "CLIError",
+    "MissingArray",
+    "figdir",
+    "int_list",
+    "load_profile",
+    "os_error",
+    "parse_heads",
+    "slug",
+    "writable",
+]
 
 
 class CLIError(Exception):
@@ -46,10 +57,46 @@ class _Arrays(dict):
         )
 
 
+def _neither(path: Path) -> str | None:
+    """What is wrong with a directory that holds neither a run (``run.json``) nor a whole profile, else None."""
+    from attnscope.profiler.data import ARRAYS_FILE, META_FILE
+    from attnscope.profiler.store import PARTS, RUN_FILE
+
+    if not path.is_dir() or (path / RUN_FILE).is_file():
+        return None
+    has_meta, has_arrays = (path / META_FILE).is_file(), (path / ARRAYS_FILE).is_file()
+    if has_meta and has_arrays:
+        return None
+    if has_meta or has_arrays:
+        there, gone = (META_FILE, ARRAYS_FILE) if has_meta else (ARRAYS_FILE, META_FILE)
+        return f"{path} is an incomplete profile: it has {there} but no {gone}; profile again"
+    inside = sorted(f for f in path.iterdir() if not f.name.startswith("."))
+    held = [f.name for f in inside if f.is_dir() and ((f / RUN_FILE).is_file() or (f / META_FILE).is_file())]
+    if held:
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        return f"{path} is not a profile directory but holds runs ({', '.join(held[:3])}{more}): give one of them"
+    parts = [f"{f.name}/" for f in inside if f.is_dir() and f.name in PARTS]
+    if parts:
+        return (
+            f"{path} is not a profile directory: it has a run's folders ({', '.join(parts)}) but no {RUN_FILE} (the "
+            f"run never committed a shard, or its {RUN_FILE} was removed), so none of it can be read; profile again "
+            "into a new --out"
+        )
+    if not inside:
+        return f"{path} is not a profile directory: it is empty"
+    return (
+        f"{path} is not a profile directory: it holds no {RUN_FILE} (a run) and no {META_FILE} with {ARRAYS_FILE} "
+        "(a profile)"
+    )
+
+
 def load_profile(path: str):
     """Load a profile for a view: a missing array later gives a one-line error that names the directory."""
-    from attnscope.profiler.data import load
+    from attnscope.profiler.data import ProfileError, load
 
+    problem = _neither(Path(path))
+    if problem:
+        raise ProfileError(problem)
     prof = load(path)
     if type(prof.arrays) is dict:
         arrays = _Arrays(prof.arrays)
@@ -58,15 +105,49 @@ def load_profile(path: str):
     return prof
 
 
-def figdir(args) -> Path:
-    return Path(args.out) if getattr(args, "out", None) else Path(args.profile) / "figures"
+def figdir(args, what: str = "the figures") -> Path:
+    """``--out`` or ``PROFILE/figures``, checked writable (a read-only run: one line that says ``--out DIR``)."""
+    chosen = bool(getattr(args, "out", None))
+    return writable(Path(args.out) if chosen else Path(args.profile) / "figures", what, chosen)
 
 
-def int_list(text: str, what: str) -> list[int]:
+def int_list(text: str, what: str, unique: bool = False) -> list[int]:
+    """``"0,1,9"`` -> ``[0, 1, 9]``; empty is an error, and with ``unique`` so is a number given twice."""
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise CLIError(f"{what} takes comma-separated integers, got {text!r}") from None
     if not out:
-        raise CLIError(f"{what} is empty")
+        raise CLIError(f"{what} is empty: give comma-separated integers")
+    if unique:
+        twice = sorted({x for x in out if out.count(x) > 1})
+        if twice:
+            raise CLIError(f"{what} names {', '.join(map(str, twice))} more than once: give each once")
     return out
+
+
+def writable(path: str | Path, what: str, chosen: bool = False, option: str = "--out DIR") -> Path:
+    """``path`` (a directory, made later if missing) can be written; else ``CLIError`` naming it and what to do
+    (``option`` to write elsewhere, or another one when the path was ``chosen`` with it).
+
+    Creates nothing: the nearest existing folder on the way must be a writable directory (``os.access``, which
+    also says no on a read-only filesystem).
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        reason = f"{probe} is a file, not a directory"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        reason = f"{probe} is read-only"
+    else:
+        return path
+    hint = f"choose another {option.split()[0]}" if chosen else f"{option} writes {what} elsewhere"
+    raise CLIError(f"cannot write {what} to {path}: {reason}; {hint}")
+
+
+def os_error(e: OSError) -> str:
+    """An ``OSError`` as one line that names its file: ``runs/x/figures/a.png: No space left on device``."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{e.filename}: {reason}" if e.filename else reason

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._common import CLIError, MissingArray, figdir, int_list, load_profile, parse_heads, slug
+from ._common import CLIError, MissingArray, figdir, int_list, load_profile, os_error, parse_heads, slug, writable
 
 __all__ = ["register"]
 
@@ -40,6 +40,8 @@ def _view_command(func):
                     f"the profile has no array {e.args[0]!r}: it is incomplete or was written by another version "
                     "of attnscope; profile again"
                 ) from None
+            except OSError as e:  # past the checks up front (e.g. the disk filled while writing): name the file
+                raise CLIError(os_error(e)) from None
 
     return run
 
@@ -55,11 +57,11 @@ def cmd_render(args) -> int:
     from attnscope.render.laminar import LaminarRenderer
 
     prof = load_profile(args.profile)
+    out = figdir(args)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     renderer = LaminarRenderer(
         kinds=kinds, points=args.points, per_head=args.per_head, fmt=args.format, scale=args.scale
     )
-    out = figdir(args)
     for path in renderer.render(prof, out):
         print(path)
     if args.plotly:
@@ -76,9 +78,10 @@ def cmd_heatmap(args) -> int:
     from attnscope.render.views import plot_heatmaps, save
 
     prof = load_profile(args.profile)
+    out = figdir(args)
     pairs = list(parse_heads(args.heads.split(","), "--heads"))
     fig = plot_heatmaps(prof, pairs, prompt=args.prompt, mark_top=_mark_top(args), scale=args.scale)
-    print(save(fig, figdir(args) / f"heatmaps_p{args.prompt}.{args.format}"))
+    print(save(fig, out / f"heatmaps_p{args.prompt}.{args.format}"))
     return 0
 
 
@@ -87,9 +90,10 @@ def cmd_patterns(args) -> int:
     from attnscope.render.views import plot_patterns, save
 
     prof = load_profile(args.profile)
+    out = figdir(args)
     pairs = list(parse_heads(args.heads.split(","), "--heads"))
     fig = plot_patterns(prof, pairs, prompt=args.prompt, mode=args.mode, token=args.token, scale=args.scale)
-    print(save(fig, figdir(args) / f"patterns_{args.mode}_p{args.prompt}.{args.format}"))
+    print(save(fig, out / f"patterns_{args.mode}_p{args.prompt}.{args.format}"))
     return 0
 
 
@@ -98,11 +102,15 @@ def cmd_grid(args) -> int:
     from attnscope.render.views import plot_layer_grid, save
 
     prof = load_profile(args.profile)
-    layers = int_list(args.layers, "--layers") if args.layers else list(range(prof.n_layers))
-    head = None if args.head in (None, "mean") else int_list(args.head, "--head")[0]
+    out = figdir(args)
+    layers = list(range(prof.n_layers)) if args.layers is None else int_list(args.layers, "--layers", unique=True)
+    head = None if args.head in (None, "mean") else int_list(args.head, "--head")
+    if head is not None and len(head) > 1:
+        raise CLIError(f"--head takes one head or 'mean', got {args.head!r}")
+    head = None if head is None else head[0]
     fig = plot_layer_grid(prof, layers, head=head, prompt=args.prompt, mark_top=_mark_top(args), scale=args.scale)
     who = "mean" if head is None else f"h{head}"
-    print(save(fig, figdir(args) / f"layer_grid_{who}_p{args.prompt}.{args.format}"))
+    print(save(fig, out / f"layer_grid_{who}_p{args.prompt}.{args.format}"))
     return 0
 
 
@@ -133,6 +141,7 @@ def cmd_compare(args) -> int:
     if len(names) != 2:
         raise CLIError("--names takes two comma-separated names, e.g. critical,neutral")
     out = Path(args.out) if args.out else Path(args.profile) / "figures" / f"compare_{slug(names[1])}.{args.format}"
+    writable(out.parent, "the figure", bool(args.out), "--out FILE")
     print(save(plot_compare(a, b, names), out))
     return 0
 
@@ -142,7 +151,7 @@ def cmd_export(args) -> int:
     from attnscope.render.export import export_tables
 
     prof = load_profile(args.profile)
-    out = Path(args.out) if args.out else Path(args.profile) / "tables"
+    out = writable(Path(args.out) if args.out else Path(args.profile) / "tables", "the tables", bool(args.out))
     for path in export_tables(prof, out, "parquet" if args.parquet else "csv"):
         print(path)
     return 0
@@ -161,6 +170,7 @@ def cmd_report(args) -> int:
         out = Path(args.profile) / f"report_vs_{slug(Path(args.compare).resolve().name)}.html"
     else:
         out = Path(args.profile) / "report.html"
+    writable(out.parent, "the report", bool(args.out), "--out FILE")
     print(write_report(prof, out, compare=other, names=names, prompt=args.prompt))
     return 0
 
