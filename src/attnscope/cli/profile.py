@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -44,6 +45,22 @@ def _batch_size(text: str) -> int:
     return n
 
 
+def _disk_full(e: OSError, out: Path, mode: str, before: int, committed: int) -> str:
+    """The one line for a full disk (or quota) while writing the run: where, what is kept, how to go on."""
+    what = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+    where = f"{what} of the run directory {out}"
+    if e.filename and Path(out).resolve() not in Path(e.filename).resolve().parents:
+        where += f" (writing {e.filename})"
+    if mode == "append":  # --resume knows the appended prompts by their text's sha256 even with generated ids
+        return (
+            f"{where}: the first {committed - before} appended prompt(s) are committed ({committed} in the run); "
+            "free space, then the same command with --resume instead of --append continues"
+        )
+    if not committed:
+        return f"{where}: nothing was committed; free space and profile again"
+    return f"{where}: {committed} prompt(s) are committed; free space, then the same command with --resume continues"
+
+
 def cmd_profile(args) -> int:
     import dataclasses
 
@@ -52,7 +69,7 @@ def cmd_profile(args) -> int:
     from attnscope.profiler.corpus import CorpusError
     from attnscope.profiler.models import DEFAULT_MODEL, load_model
     from attnscope.profiler.run import run_corpus, run_meta
-    from attnscope.profiler.store import RunWriter, _read_manifest, is_run
+    from attnscope.profiler.store import RunWriter, is_run, read_manifest
 
     if sum(map(bool, (args.resume, args.append, args.force))) > 1:
         raise CLIError("--resume, --append and --force exclude each other")
@@ -68,7 +85,7 @@ def cmd_profile(args) -> int:
     out = Path(args.out or Path("runs") / slug(args.model or DEFAULT_MODEL))
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
-    existing = _read_manifest(out) if is_run(out) else None
+    existing = read_manifest(out) if is_run(out) else None
     if existing is not None and (args.resume or (args.append and args.keep == "auto")):  # a resume keeps the run's
         keep_vectors = bool(existing.get("keep_vectors"))
     else:
@@ -97,6 +114,7 @@ def cmd_profile(args) -> int:
     w = RunWriter(out, None, mode)
     w.precheck()  # busy, foreign, unwritable or finished --out: one line, before loading the model
     try:
+        skip = w.prompts_to_skip(iter(corpus), args.skip_existing)  # a prompt is in a run once
         if args.ray is not None:
             from attnscope.profiler.distributed import profile_with_ray
 
@@ -111,21 +129,27 @@ def cmd_profile(args) -> int:
     except BaseException:
         w.discard()
         raise
-    with w:
-        cfg = dataclasses.replace(cfg, keep_vectors=bool(w.meta["keep_vectors"]))
-        skip = w.committed_ids() if mode == "resume" else set()
-        before = w.n_prompts
-        try:
-            run_corpus(model, tok, iter(corpus), w.commit, cfg, skip=skip, total=n)
-        except CorpusError as e:
-            raise CLIError(str(e)) from None
-        except KeyboardInterrupt:
-            print(
-                f"attnscope: interrupted; {w.n_prompts} prompt(s) are committed in {out}: "
-                "profile again with --resume to continue",
-                file=sys.stderr,
-            )
-            raise SystemExit(130) from None
+    before = 0
+    try:
+        with w:
+            cfg = dataclasses.replace(cfg, keep_vectors=bool(w.meta["keep_vectors"]))
+            before = w.n_prompts
+            try:
+                run_corpus(model, tok, iter(corpus), w.commit, cfg, skip=skip, total=n)
+            except CorpusError as e:
+                raise CLIError(str(e)) from None
+            except KeyboardInterrupt:
+                print(
+                    f"attnscope: interrupted; {w.n_prompts} prompt(s) are committed in {out}: "
+                    "profile again with --resume to continue",
+                    file=sys.stderr,
+                )
+                raise SystemExit(130) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        w.discard()  # a directory this command made and committed nothing to does not stay
+        raise CLIError(_disk_full(e, out, mode, before, w.n_prompts)) from None
     tiers = "accumulators, per-prompt and per-token tables" + (", vectors" if cfg.keep_vectors else "")
     print(
         f"attnscope: profiled {w.n_prompts - before} prompt(s) ({w.doc['n_tokens']} tokens in the run) "
@@ -155,10 +179,12 @@ def register(sub) -> None:
         "--prompts",
         action="append",
         metavar="FILE",
-        help="a corpus: .txt (one prompt per line), .jsonl or .parquet (--text-column, --id-column), or a Hugging "
-        "Face dataset directory saved with save_to_disk (repeatable)",
+        help="a corpus: .txt (one prompt per line), .jsonl, .csv/.tsv (a header line names the columns) or .parquet "
+        "(--text-column, --id-column), or a Hugging Face dataset directory saved with save_to_disk (repeatable)",
     )
-    p.add_argument("--text-column", default="text", help="text field of .jsonl/.parquet/dataset rows (default: text)")
+    p.add_argument(
+        "--text-column", default="text", help="text field of .jsonl/.csv/.tsv/.parquet/dataset rows (default: text)"
+    )
     p.add_argument(
         "--id-column",
         default="id",
@@ -246,6 +272,12 @@ def register(sub) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out, skipping its prompts")
     p.add_argument("--append", action="store_true", help="add the prompts to the run in --out (same model, settings)")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="with --append: leave out the prompts already in the run (by id, or by text for generated ids) "
+        "instead of refusing them",
+    )
     p.add_argument(
         "--force", action="store_true", help="replace the run in --out (never a directory that is not a run)"
     )
