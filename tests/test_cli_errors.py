@@ -214,8 +214,11 @@ def test_profile_refuses_a_nul_character(model_dir, tmp_path, capsys):
 
 def _full_disk_after(monkeypatch, shards: int):
     """Every shard after the first ``shards`` fails as a full disk does (errno 28, no file name)."""
-    import attnscope.profiler.store as store
+    import sys
 
+    from attnscope.profiler.store import RunWriter
+
+    store = sys.modules[RunWriter.__module__]  # where RunWriter.commit finds write_shard_files
     real, calls = store.write_shard_files, []
 
     def write(*args, **kwargs):
