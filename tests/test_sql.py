@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -138,3 +141,183 @@ def test_per_prompt_distance_with_several_prompts_per_batch(model_dir, tmp_path,
     assert np.isfinite(d4).all() and (d4 >= 0).all()
     np.testing.assert_allclose(d4, d1, rtol=1e-4, atol=1e-5)  # padding changes float32 rounding only
     assert len(np.unique(d1.round(6))) > 1  # prompts and heads differ: a per-batch sum would not pass
+
+
+# -- sql is confined to the run: read-only, its own files only, the settings locked --
+
+
+@pytest.fixture(scope="module")
+def small_run(model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sqlrun")
+    c = d / "c.txt"
+    c.write_text("the cat and the dog\nthe fox was in the tree by the river\nlight\n")
+    _profile(model_dir, c, d / "r", "--keep", "vectors")
+    return d / "r"
+
+
+def _digest(root) -> dict[str, str]:
+    """Every file (and link) under ``root``, by relative path: its sha256 (a link: where it points)."""
+    out = {}
+    for f in sorted(root.rglob("*")):
+        rel = str(f.relative_to(root))
+        if f.is_symlink():
+            out[rel] = "-> " + os.readlink(f)
+        elif f.is_file():
+            out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+HOSTILE = [
+    "copy (select * from heads) to '{outside}/heads.csv'",
+    "copy (select 1 as x) to '{run}/run.json' (format json)",
+    "copy heads to '{run}/index/s999999.parquet'",
+    "select * from read_csv('/etc/passwd')",
+    "select * from read_text('/etc/passwd')",
+    "select * from read_blob('/etc/passwd')",
+    "select * from read_text('{run}/run.json')",  # a file of the run that is not one of its tables
+    "select * from glob('/root/*')",
+    "select * from glob('{outside}/*')",
+    "select * from read_parquet('{run}/index/../../outside/planted.parquet')",
+    "select * from read_parquet('{outside}/planted.parquet')",
+    "attach '{outside}/db.duckdb' as x",
+    "detach memory",
+    "install httpfs",
+    "load httpfs",
+    "set threads = 1",
+    "reset threads",
+    "set enable_external_access = true",
+    "pragma version",
+    "create table t as select * from heads",
+    "insert into heads values (0)",
+    "update heads set sink = 0",
+    "delete from heads",
+    "drop view tokens",
+    "export database '{outside}/export'",
+    "call pragma_version()",
+    "checkpoint",
+    "explain analyze copy (select 1) to '{outside}/e.csv'",
+    "select * from query('copy (select 1) to ''{outside}/q.csv''')",
+    "select 1; copy (select 1) to '{outside}/two.csv'",
+    "select 1; select 2",
+    "",
+    "   ",
+    "-- only a comment",
+    "/* a comment */ ;",
+]
+
+
+@pytest.mark.parametrize("query", HOSTILE)
+def test_sql_refuses_what_is_not_a_read_of_the_run(small_run, tmp_path, capsys, query):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret\n")
+    shutil.copy(next((small_run / "index").glob("*.parquet")), outside / "planted.parquet")
+    before, before_out = _digest(small_run), _digest(outside)
+    capsys.readouterr()
+    assert main(["sql", str(small_run), query.format(run=small_run, outside=outside)]) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("attnscope: error: sql"), cap.err
+    assert "secret" not in cap.out + cap.err and "root:" not in cap.out + cap.err
+    assert _digest(small_run) == before  # byte-identical, and no file added
+    assert _digest(outside) == before_out
+
+
+def test_sql_refusals_say_what_and_how_to_export(small_run, capsys):
+    for q, words in [
+        ("copy heads to 'x.csv'", "COPY statements are refused"),
+        ("attach 'x.db'", "ATTACH statements are refused"),
+        ("set threads = 1", "SET statements are refused"),
+        ("", "the query is empty"),
+        ("select 1; select 2", "one statement, not 2"),
+    ]:
+        assert main(["sql", str(small_run), q]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        if "refused" in words:
+            assert "--out FILE" in err
+
+
+def test_sql_reads_the_run_in_every_select_form(small_run, capsys):
+    prof = load(small_run)
+    n = prof.n_tokens
+    for q in [
+        "select count(*) as n from tokens",
+        "with t as (select * from tokens) select count(*) as n from t",
+        "from tokens select count(*) as n",
+        "select sum(n_tokens) as n from prompt_index",
+        "select count(*) as n from (summarize tokens)",
+        "select count(*) as n from '{tok}'",  # a table file of the run, named directly
+    ]:
+        q = q.format(tok=sorted((small_run / "tokens").glob("*.parquet"))[0])
+        got = json.loads(_sql(capsys, small_run, q))[0]["n"]
+        assert got == n or (q.startswith("select count(*) as n from (summarize") and got > 0), q
+    for q in ["describe tokens", "show tables", "values (1, 2)", "explain select * from heads", "summarize heads"]:
+        assert main(["sql", str(small_run), q]) == 0, q
+    assert "prompt_index" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ext", ["csv", "json", "parquet"])
+def test_sql_out_writes_the_result_atomically(small_run, tmp_path, capsys, ext):
+    q = "select prompt, position, token, logit_entropy from tokens order by prompt, position"
+    want = json.loads(_sql(capsys, small_run, q))
+    before = _digest(small_run)
+    out = tmp_path / f"res.{ext}"
+    out.write_text("old")  # an existing file is replaced
+    assert main(["sql", str(small_run), q, "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "" and f"wrote {len(want)} rows" in cap.err
+    if ext == "csv":
+        rows = list(csv.DictReader(io.StringIO(out.read_text())))
+        got = [{"prompt": int(r["prompt"]), "position": int(r["position"]), "token": r["token"],
+                "logit_entropy": float(r["logit_entropy"])} for r in rows]  # fmt: skip
+    elif ext == "json":
+        got = json.loads(out.read_text())
+    else:
+        import pyarrow.parquet as pq
+
+        got = pq.read_table(out).to_pylist()
+    assert got == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file left
+    assert _digest(small_run) == before
+
+
+def test_sql_out_never_writes_into_the_run(small_run, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(small_run)
+    before = _digest(small_run)
+    for out in [
+        small_run / "heads.csv",
+        small_run / "index" / "x.parquet",
+        small_run / "run.json",
+        link / "x.json",
+        small_run,
+        tmp_path / "x.txt",  # no known format
+        tmp_path / "missing" / "x.csv",
+    ]:
+        assert main(["sql", str(small_run), "select * from heads", "--out", str(out)]) == 2, out
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("attnscope: error: sql --out"), err
+    assert _digest(small_run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+def test_sql_out_of_memory_is_one_line(small_run, capsys, monkeypatch):
+    import attnscope.cli.run as run_cli
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(run_cli, "_write_table", no_memory)
+    assert main(["sql", str(small_run), "select * from tokens"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and "--out" in err[0]
+
+
+def test_sql_help_says_what_is_allowed(capsys):
+    with pytest.raises(SystemExit):
+        main(["sql", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "read-only" in text and "COPY" in text and "--out FILE" in text

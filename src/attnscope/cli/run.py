@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import os
+import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from ._common import CLIError
 
-__all__ = ["cmd_merge", "cmd_sql", "register", "sql_connection"]
+__all__ = ["cmd_merge", "cmd_sql", "read_only_statement", "register", "sql_connection"]
 
 VIEWS = {
     "heads": "one row per (layer, head): the mean of every attention vector over all tokens, and mean distance",
@@ -38,15 +44,25 @@ def cmd_merge(args) -> int:
             f"only {', '.join(dropped)} had it (--keep vectors on every run keeps it)",
             file=sys.stderr,
         )
-    from attnscope.profiler.store import _read_manifest
+    from attnscope.profiler.store import read_manifest
 
-    doc = _read_manifest(Path(out))
+    doc = read_manifest(Path(out))
     print(f"attnscope: merged {len(args.runs)} runs: {doc['n_prompts']} prompts, {doc['n_tokens']} tokens -> {out}")
     return 0
 
 
-def sql_connection(run: str | Path):
-    """A DuckDB connection with the run's views (``VIEWS``) over its Parquet files, read in place."""
+# Statements that only read: SELECT covers WITH, VALUES, FROM-first, DESCRIBE, SHOW, SUMMARIZE and PIVOT ... IN (...)
+_READ_ONLY = {"SELECT"}
+_EXPORT_HINT = "sql only reads; to save a result give --out FILE (.csv, .parquet or .json)"
+
+
+def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
+    """A DuckDB connection with the run's views (``VIEWS``) over its Parquet files, read in place, confined to them.
+
+    Before it is returned the connection can open no file but the run's verified table files (and its
+    ``rules.parquet``): external access is off (no COPY, ATTACH, read_csv/read_text/read_blob/glob of other files),
+    extensions are neither installed nor loaded, Python variables are not scanned, and the configuration is locked.
+    ``spill_dir``: where DuckDB may spill a large sort or join (outside the run; default: no spilling)."""
     try:
         import duckdb
     except ImportError:
@@ -56,7 +72,22 @@ def sql_connection(run: str | Path):
     if not is_run(run):
         raise CLIError(f"{run} is not a run directory (no run.json of attnscope)")
     t = run_tables(run)
-    con = duckdb.connect()
+    for part in ("index", "prompts", "tokens"):
+        t[part] = [os.path.abspath(f) for f in t[part]]
+    rules = Path(os.path.abspath(Path(run) / "rules.parquet"))
+    has_rules = rules.is_file() and not rules.is_symlink()
+    allowed = [f for part in ("index", "prompts", "tokens") for f in t[part]] + ([str(rules)] if has_rules else [])
+    con = duckdb.connect(
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "allow_community_extensions": False,
+            "python_enable_replacements": False,
+            "temp_directory": str(spill_dir) if spill_dir else "",
+        }
+    )
+    con.execute("set allowed_paths = ?", [allowed])  # these files only: none of the run's others, nothing outside
+    con.execute("set enable_external_access = false")
 
     def files(part: str) -> str:
         return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in t[part]) + "]"
@@ -80,13 +111,57 @@ def sql_connection(run: str | Path):
                 "create view logit_lens as select prompt, position, token_id, token, "
                 f"unnest(range(len(lens_top_prob))) as layer, {lists} from tokens"
             )
-    rules = Path(run) / "rules.parquet"
-    if rules.is_file():
+    if has_rules:
         con.execute(f"create view rules as select * from read_parquet('{_quote(rules)}')")
     con.register("heads", _heads_with_roles(run, t["heads"]))
     if t["neurons"] is not None:
         con.register("neurons", t["neurons"])
+    con.execute("set lock_configuration = true")
     return con
+
+
+def read_only_statement(con, query: str):
+    """The one statement of ``query`` if it only reads (SELECT and its forms, EXPLAIN of one), else ``CLIError``.
+
+    Several statements are refused, even if each would be allowed: ``sql`` answers one query."""
+    import duckdb
+
+    try:
+        stmts = con.extract_statements(query)
+    except duckdb.Error as e:
+        raise CLIError(f"sql: {str(e).strip().splitlines()[0]}") from None
+    except ValueError:  # a statement kind this duckdb's Python API cannot name (e.g. UPDATE EXTENSIONS)
+        raise CLIError(f"sql: this kind of statement is refused: {_EXPORT_HINT}") from None
+    if not stmts:
+        raise CLIError('sql: the query is empty (give one statement, e.g. "select * from heads limit 5")')
+    if len(stmts) > 1:
+        raise CLIError(f"sql: give one statement, not {len(stmts)} (sql answers one query at a time)")
+    st = stmts[0]
+    kind = st.type.name
+    if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs the statement it explains: that one must read only too
+        m = re.match(r"explain(\s+analy[sz]e)?\b(.*)", _strip_comments(st.query), re.I | re.S)
+        inner = con.extract_statements(m.group(2)) if m else []
+        if len(inner) == 1 and inner[0].type.name in _READ_ONLY:
+            return st
+        raise CLIError(f"sql: EXPLAIN is allowed of a SELECT only: {_EXPORT_HINT}")
+    if kind == "MULTI":
+        raise CLIError("sql: PIVOT without an IN list is refused (it creates types); write select * from (pivot ...)")
+    if kind not in _READ_ONLY:
+        raise CLIError(f"sql: {kind} statements are refused: {_EXPORT_HINT}")
+    return st
+
+
+def _strip_comments(sql: str) -> str:
+    """``sql`` without its leading whitespace and comments (``-- ...`` and ``/* ... */``)."""
+    while True:
+        s = sql.lstrip()
+        if s.startswith("--"):
+            s = s.split("\n", 1)[1] if "\n" in s else ""
+        elif s.startswith("/*"):
+            s = s.split("*/", 1)[1] if "*/" in s else ""
+        if s == sql:
+            return s
+        sql = s
 
 
 def _quote(path: Path) -> str:
@@ -106,34 +181,118 @@ def _heads_with_roles(run, heads):
     return heads
 
 
+OUT_FORMATS = (".csv", ".parquet", ".json")
+
+
+def _out_path(run: str | Path, out: str) -> Path:
+    """``--out``: a file of a known format, in an existing folder, not inside the run (nor the run itself)."""
+    path = Path(out)
+    fmt = path.suffix.lower()
+    if fmt not in OUT_FORMATS:
+        raise CLIError(f"sql --out {out}: the format is chosen by the extension: {', '.join(OUT_FORMATS)}")
+    full = path.resolve()  # follows links: a link that leads into the run is inside it
+    root = Path(run).resolve()
+    if full == root or full.is_relative_to(root):
+        raise CLIError(f"sql --out {out} lies inside the run {run}: sql never writes into a run; choose another path")
+    if full.is_dir():
+        raise CLIError(f"sql --out {out} is a directory: give a file name ending in {', '.join(OUT_FORMATS)}")
+    if not full.parent.is_dir():
+        raise CLIError(f"sql --out {out}: no folder {path.parent}")
+    return path
+
+
+def _write_out(con, query: str, path: Path) -> int:
+    """Write the query's result to ``path`` atomically (a temporary file beside it, fsynced, then renamed over
+    ``path``); returns the row count. Parquet goes through Arrow, CSV and JSON as on stdout."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            if path.suffix.lower() == ".parquet":
+                import pyarrow.parquet as pq
+
+                reader = con.sql(query).to_arrow_reader(65536)
+                n = 0
+                with pq.ParquetWriter(raw, reader.schema) as w:
+                    for batch in reader:
+                        w.write_batch(batch)
+                        n += batch.num_rows
+            else:
+                text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+                n = _write_rows(con.execute(query), text, path.suffix.lower()[1:])
+                text.flush()
+                text.detach()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+def _write_rows(res, out, fmt: str) -> int:
+    """Stream the result's rows to ``out`` as CSV or as a JSON array of row objects; returns the row count."""
+    cols = [d[0] for d in res.description] if res.description else []
+    w = csv.writer(out) if fmt == "csv" else None
+    if w:
+        w.writerow(cols)
+    else:
+        out.write("[")
+    n = 0
+    while rows := res.fetchmany(8192):
+        if w:
+            w.writerows(rows)
+        else:
+            out.write("".join(("" if n + i == 0 else ", ") + json.dumps(dict(zip(cols, r)), default=str)
+                              for i, r in enumerate(rows)))  # fmt: skip
+        n += len(rows)
+    if not w:
+        out.write("]\n")
+    return n
+
+
 def cmd_sql(args) -> int:
     import duckdb
 
-    con = sql_connection(args.run)
+    out_path = _out_path(args.run, args.out) if getattr(args, "out", None) else None
+    spill = tempfile.mkdtemp(prefix="attnscope-sql-")  # DuckDB's spill files: never in the run, nor the cwd
+    con = None
     try:
-        res = con.execute(args.query)
-        cols = [d[0] for d in res.description] if res.description else []
-        rows = res.fetchall() if cols else []
-    except duckdb.Error as e:
-        msg = str(e).strip().splitlines()[0]
-        names = {r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()}
-        have = [v for v in VIEWS if v in names]  # this run's views (logit_lens and rules only where written)
-        raise CLIError(f"sql: {msg} (views of this run: {', '.join(have) or 'none yet'})") from None
-    out = sys.stdout
-    if args.csv:
-        w = csv.writer(out)
-        w.writerow(cols)
-        w.writerows(rows)
-    elif args.json:
-        json.dump([dict(zip(cols, r)) for r in rows], out, default=str)
-        out.write("\n")
-    else:
-        cells = [[_fmt(v) for v in r] for r in rows]
-        width = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-        out.write("  ".join(c.rjust(w) for c, w in zip(cols, width)) + "\n")
-        for r in cells:
-            out.write("  ".join(v.rjust(w) for v, w in zip(r, width)) + "\n")
+        con = sql_connection(args.run, spill_dir=Path(spill) / "spill")
+        read_only_statement(con, args.query)  # one statement, and one that only reads: run as given
+        try:
+            if out_path is not None:
+                n = _write_out(con, args.query, out_path)
+                print(f"attnscope: wrote {n} rows -> {out_path}", file=sys.stderr)
+            elif args.csv or args.json:
+                _write_rows(con.execute(args.query), sys.stdout, "csv" if args.csv else "json")
+            else:
+                res = con.execute(args.query)
+                cols = [d[0] for d in res.description] if res.description else []
+                _write_table(res.fetchall() if cols else [], cols, sys.stdout)
+        except MemoryError:
+            raise CLIError(
+                "sql: out of memory holding the result: add a LIMIT, aggregate, or write it with --out FILE.parquet"
+            ) from None
+        except duckdb.Error as e:
+            msg = str(e).strip().splitlines()[0]
+            names = {r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()}
+            have = [v for v in VIEWS if v in names]  # this run's views (logit_lens and rules only where written)
+            raise CLIError(f"sql: {msg} (views of this run: {', '.join(have) or 'none yet'})") from None
+    finally:
+        if con is not None:
+            con.close()
+        shutil.rmtree(spill, ignore_errors=True)
     return 0
+
+
+def _write_table(rows: list[tuple], cols: list[str], out) -> None:
+    cells = [[_fmt(v) for v in r] for r in rows]
+    width = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    out.write("  ".join(c.rjust(w) for c, w in zip(cols, width)) + "\n")
+    for r in cells:
+        out.write("  ".join(v.rjust(w) for v, w in zip(r, width)) + "\n")
 
 
 def _fmt(v) -> str:
@@ -156,14 +315,23 @@ def register(sub) -> None:
 
     s = sub.add_parser(
         "sql",
-        help="query a run with SQL (DuckDB over its Parquet files, in place)",
-        description="Run one SQL query on a run directory. Views: "
+        help="query a run with SQL (DuckDB over its Parquet files, in place, read-only)",
+        description="Run one read-only SQL statement on a run directory: SELECT in any form (WITH, VALUES, FROM ..., "
+        "DESCRIBE, SHOW, SUMMARIZE, PIVOT ... IN (...)) or EXPLAIN of one. DuckDB opens only the run's own table "
+        "files: COPY, ATTACH, INSTALL/LOAD, SET, PRAGMA, CREATE/INSERT/UPDATE/DELETE, EXPORT and CALL are refused, "
+        "and so are reads of any other file (read_csv, read_text, read_blob, glob). To save a result give --out FILE "
+        "(never inside the run). Views: "
         + "; ".join(f"{k}: {v}" for k, v in VIEWS.items())
         + '. Example: attnscope sql runs/c "select layer, head, avg(sink) from heads group by 1, 2 order by 3 desc"',
     )
     s.add_argument("run", metavar="RUN", help="a run directory")
-    s.add_argument("query", help="the SQL query")
+    s.add_argument("query", help="one SQL statement that only reads")
     fmt = s.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV on stdout")
     fmt.add_argument("--json", action="store_true", help="a JSON array of row objects on stdout")
+    fmt.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the result to FILE (.csv, .parquet or .json, by its extension; atomically; not inside the run)",
+    )
     s.set_defaults(func=cmd_sql)
