@@ -57,7 +57,7 @@ VIEWS = {  # command -> (extra arguments, where it writes by default, what it wr
     "grid": ([], "figures", "the figures"),
     "heads": ([], "figures", "the head-role table and figure"),
     "export": ([], "tables", "the tables"),
-    "report": ([], "", "the report"),
+    "report": ([], "report.html", "the report"),
 }
 
 
@@ -85,7 +85,7 @@ def readonly_run(run_dir, tmp_path, monkeypatch):
 def test_view_on_a_read_only_run_says_where_and_what_to_do(readonly_run, tmp_path, capsys, command):
     extra, sub, what = VIEWS[command]
     before = _tree(readonly_run)
-    target = readonly_run / sub if sub else readonly_run
+    target = readonly_run / sub
     line = _error(capsys, [command, str(readonly_run), *extra])
     option = "--out FILE" if command == "report" else "--out DIR"
     assert line == f"cannot write {what} to {target}: {readonly_run} is read-only; {option} writes {what} elsewhere"

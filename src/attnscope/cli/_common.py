@@ -126,15 +126,15 @@ def int_list(text: str, what: str, unique: bool = False) -> list[int]:
     return out
 
 
-def writable(path: str | Path, what: str, chosen: bool = False, option: str = "--out DIR") -> Path:
-    """``path`` (a directory, made later if missing) can be written; else ``CLIError`` naming it and what to do
-    (``option`` to write elsewhere, or another one when the path was ``chosen`` with it).
+def writable(path: str | Path, what: str, chosen: bool = False, option: str = "--out DIR", file: bool = False) -> Path:
+    """``path`` (a directory, made later if missing, or with ``file`` a file) can be written; else ``CLIError``
+    naming it and what to do (``option`` to write elsewhere, or another one when the path was ``chosen`` with it).
 
     Creates nothing: the nearest existing folder on the way must be a writable directory (``os.access``, which
     also says no on a read-only filesystem).
     """
     path = Path(path)
-    probe = path
+    probe = path.parent if file else path  # a file is written into its folder
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():

@@ -141,7 +141,7 @@ def cmd_compare(args) -> int:
     if len(names) != 2:
         raise CLIError("--names takes two comma-separated names, e.g. critical,neutral")
     out = Path(args.out) if args.out else Path(args.profile) / "figures" / f"compare_{slug(names[1])}.{args.format}"
-    writable(out.parent, "the figure", bool(args.out), "--out FILE")
+    writable(out, "the figure", bool(args.out), "--out FILE", file=True)
     print(save(plot_compare(a, b, names), out))
     return 0
 
@@ -170,7 +170,7 @@ def cmd_report(args) -> int:
         out = Path(args.profile) / f"report_vs_{slug(Path(args.compare).resolve().name)}.html"
     else:
         out = Path(args.profile) / "report.html"
-    writable(out.parent, "the report", bool(args.out), "--out FILE")
+    writable(out, "the report", bool(args.out), "--out FILE", file=True)
     print(write_report(prof, out, compare=other, names=names, prompt=args.prompt))
     return 0
 
