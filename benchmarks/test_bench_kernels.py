@@ -22,7 +22,7 @@ GEOMETRIES = {  # name: (heads, kv heads, head_dim, d_ff, d_model)
 def _device(request) -> str:
     dev = request.config.getoption("--device", default="cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("CUDA not available")
+        pytest.fail("--device cuda, but torch sees no CUDA device", pytrace=False)
     return dev
 
 

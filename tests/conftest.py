@@ -14,6 +14,10 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device for kernel tests: cpu or cuda")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: the CUDA paths (benchmarks/gpu_check.sh runs them with --device cuda)")
+
+
 @pytest.fixture
 def device(request) -> str:
     """``--device``; asked for cuda, a test fails (never skips) where torch sees no GPU or the interpreter is on."""

@@ -181,9 +181,11 @@ def test_threads_setting_is_used_and_restored(rng):
         profile(model, word_tokenizer(), ["the cat"], threads=0)
 
 
-# -- which op gives the lse: the selection is plain Python, testable without CUDA --
+# -- which op gives the lse: the selection is plain Python, testable without CUDA (marked cuda: the GPU step of
+# benchmarks/gpu_check.sh runs them next to the CUDA tests) --
 
 
+@pytest.mark.cuda
 def test_lse_op_follows_torchs_choice():
     from attnscope.profiler.hooks import SDP_BACKENDS, lse_op
 
@@ -201,6 +203,7 @@ def test_lse_op_follows_torchs_choice():
         assert hasattr(torch.ops.aten, lse_op(names[backend], "cuda", False, 64))
 
 
+@pytest.mark.cuda
 def test_lse_of_every_op_is_normalised():
     from attnscope.profiler.hooks import normalise_lse
 
@@ -214,6 +217,7 @@ def test_lse_of_every_op_is_normalised():
     assert normalise_lse(lse[..., None].expand(2, 3, 45, 2), 2, 3, 45) is None
 
 
+@pytest.mark.cuda
 def test_lse_from_a_cudnn_shaped_op(monkeypatch):
     # the whole path as it runs on a GPU whose torch picks cuDNN, on the CPU: a stand-in op with cuDNN's signature
     # and lse layout ([B, H, L, 1]); the output is the plain call's, the lse reaches the callback as [B, H, L]
@@ -230,13 +234,13 @@ def test_lse_from_a_cudnn_shaped_op(monkeypatch):
         s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
         return out, torch.logsumexp(s, -1, keepdim=True).float(), None, None, L, L, None, None, None
 
-    monkeypatch.setattr(hooks, "sdpa_backend", lambda *a, **k: 3)
-    monkeypatch.setattr(hooks, "lse_op", lambda b, dev, mask, d: "_scaled_dot_product_cudnn_attention")
-    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake_cudnn, raising=False)
-    model = tiny_model("gpt_neox")
+    model = tiny_model("gpt_neox")  # first: importing a modeling file registers ops that name the real one
     ids = torch.randint(2, 128, (1, 17))
     with torch.no_grad():
         plain = model(ids).logits
+    monkeypatch.setattr(hooks, "sdpa_backend", lambda *a, **k: 3)
+    monkeypatch.setattr(hooks, "lse_op", lambda b, dev, mask, d: "_scaled_dot_product_cudnn_attention")
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake_cudnn, raising=False)
     seen = {}
     with torch.no_grad(), hooks.lse_sources() as sources:
         with capture(model, lambda layer, *args: seen.__setitem__(layer, args)):
@@ -246,6 +250,7 @@ def test_lse_from_a_cudnn_shaped_op(monkeypatch):
         assert lse is not None and lse.shape == q.shape[:3], f"layer {layer}: lse {None if lse is None else lse.shape}"
 
 
+@pytest.mark.cuda
 def test_lse_sources_say_when_none_did():
     from attnscope.profiler import hooks
 
@@ -264,6 +269,7 @@ def test_lse_sources_say_when_none_did():
 CUDA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_lse_ops_are_bit_identical_to_the_plain_call(device, backend, D):
@@ -288,6 +294,7 @@ def test_cuda_lse_ops_are_bit_identical_to_the_plain_call(device, backend, D):
     assert_verbose_allclose(lse.double(), want, atol=1e-3, rtol=1e-4, name=f"{op} lse")
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["gpt_neox", "llama"])
 def test_cuda_capture_keeps_the_logits(device, kind):
     # the model's own call on the GPU, in bf16, is bit-identical with the lse taken; which op gave it is printed
