@@ -648,8 +648,11 @@ def run_corpus(
             skipped, todo, token_lists, token_text = pending.result()
             nxt = next(windows, None)
             pending = pool.submit(prepare, *nxt) if nxt else None
-            if skipped:
-                bar.update(skipped)
+            if skipped:  # counted as done, but not as work done now: the rate and ETA are over new prompts only
+                bar.n += skipped
+                bar.initial += skipped
+                bar.last_print_n = bar.n
+                bar.refresh()
             if todo:
                 sink(eng.run_shard(todo, token_lists, bar, token_text))
     finally:
