@@ -32,8 +32,8 @@ INSTALLED = [
 SIDE = [(90, ["qk_stats_d80_bf16", "qk_stats_d128_bf16", "qk_stats_lse_d80_bf16", "down_proj_pythia_bf16"])]
 
 
-def _compile(python: str, arch: int, names: list[str]) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _compile(python: str, arch: int, names: list[str], env: dict[str, str] | None = None) -> list[dict]:
+    env = env or {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [python, str(SCRIPT), "--json", "--arch", str(arch)] + [a for n in names for a in ("--only", n)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -53,55 +53,56 @@ def test_kernels_compile_with_installed_triton(arch, names):
     _compile(sys.executable, arch, names)
 
 
-def _side_python() -> str:
-    """A venv in the cache that holds its own triton and sees this interpreter's packages (created once per
-    interpreter): a ``.pth`` file lists this interpreter's site-packages after the venv's own, so torch comes from
-    here whether this interpreter is the system's Python or a virtual environment."""
+def _side_env() -> dict[str, str]:
+    """The environment of a Python with triton 3.6.0 that sees this interpreter's packages (torch included), whether
+    this interpreter is the system's Python or a virtual environment: a venv in the cache, made once per base
+    interpreter, that holds triton only, run with ``PYTHONPATH`` = its own site-packages, then this interpreter's."""
     from attnscope import cache_dir
 
-    cache = cache_dir()
-    tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-    env_dir = cache / f"triton-{SIDE_TRITON}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}"
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    tag = hashlib.sha1(base.encode()).hexdigest()[:10]
+    env_dir = cache_dir() / f"triton-{SIDE_TRITON}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}"
     python = env_dir / "bin" / "python"
-    ready = env_dir / "ready"
-    if ready.exists():
-        return str(python)
-    shutil.rmtree(env_dir, ignore_errors=True)  # a half-made one from an interrupted run
-    base = getattr(sys, "_base_executable", sys.executable)
     ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
-    try:
-        subprocess.run([base, "-m", "venv", str(env_dir)], check=True, capture_output=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"triton=={SIDE_TRITON}"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        site_dir = subprocess.run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        (Path(site_dir) / "attnscope_host_packages.pth").write_text("".join(p + "\n" for p in ours))
-        out = subprocess.run(
-            [str(python), "-c", "import torch, triton; print(triton.__version__)"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        shutil.rmtree(env_dir, ignore_errors=True)
-        pytest.skip(f"cannot install triton=={SIDE_TRITON} in a side environment: {str(e.stderr or e)[-500:]}")
-    assert out.stdout.strip() == SIDE_TRITON, out.stdout
-    ready.write_text(SIDE_TRITON)
-    return str(python)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ready = env_dir / "ready"
+    if not ready.exists():
+        shutil.rmtree(env_dir, ignore_errors=True)  # a half-made one from an interrupted run
+        try:
+            subprocess.run([base, "-m", "venv", str(env_dir)], check=True, capture_output=True)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"triton=={SIDE_TRITON}"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            own = subprocess.run(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            shutil.rmtree(env_dir, ignore_errors=True)
+            pytest.skip(f"cannot install triton=={SIDE_TRITON} in a side environment: {str(e.stderr or e)[-500:]}")
+        ready.write_text(own)
+    env["PYTHONPATH"] = os.pathsep.join([ready.read_text(), *ours])
+    env["ATTNSCOPE_SIDE_PYTHON"] = str(python)
+    out = subprocess.run(
+        [str(python), "-c", "import torch, triton; print(triton.__version__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip() == SIDE_TRITON, out.stdout + out.stderr[-2000:]
+    return env
 
 
 @pytest.mark.parametrize("arch, names", SIDE, ids=[f"sm{a}" for a, _ in SIDE])
 def test_kernels_compile_with_gpu_image_triton(arch, names):
-    rows = _compile(_side_python(), arch, names)
+    env = _side_env()
+    rows = _compile(env["ATTNSCOPE_SIDE_PYTHON"], arch, names, env)
     assert {r["triton"] for r in rows} == {SIDE_TRITON}
 
 
@@ -124,8 +125,10 @@ def test_interpreter_of_gpu_image_triton_runs_or_refuses_in_one_line(tmp_path):
         "    print('refused:', e); sys.exit(3)\n"
         "print('ran')\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([_side_python(), str(script)], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(_side_env(), TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [env["ATTNSCOPE_SIDE_PYTHON"], str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
     import numpy as np
 
     if np.lib.NumpyVersion(np.__version__) >= "2.4.0":
