@@ -66,7 +66,7 @@ def _side_env() -> dict[str, str]:
     ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     ready = env_dir / "ready"
-    if not ready.exists():
+    if not (ready.exists() and Path(ready.read_text()).is_dir()):
         shutil.rmtree(env_dir, ignore_errors=True)  # a half-made one from an interrupted run
         try:
             subprocess.run([base, "-m", "venv", str(env_dir)], check=True, capture_output=True)
