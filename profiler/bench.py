@@ -86,7 +86,11 @@ def machine_info(device: str = "cpu") -> dict:
         info["triton"] = None
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu_memory_bytes"] = props.total_memory
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return info
 
 
