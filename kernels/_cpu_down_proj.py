@@ -8,8 +8,10 @@
   insertion; the first of them is the neuron's max and argmax.
 
 Ties keep the earlier neuron / token (an insertion needs a strictly larger value), so the results do not depend on
-the thread count. torch.topk over the token axis of a [T, d_ff] array and max with argmax cost ~16 ms per layer of
-SmolLM2 at 2,048 tokens; these passes a few.
+the thread count, and, with a batch's tokens passed in run order, a tie goes to the lower token index in the run,
+the rule of every maximum and top-k over tokens (``profiler.data.combine_accum`` and ``topk_fold`` too).
+torch.topk over the token axis of a [T, d_ff] array and max with argmax cost ~16 ms per layer of SmolLM2
+at 2,048 tokens; these passes a few.
 """
 
 from __future__ import annotations

@@ -162,12 +162,15 @@ def down_proj_stats_ref(
         ``in_norm`` [T], ``out_norm`` [T] (L2 norms), ``topk_idx`` [T, k] int64 and ``topk_val`` [T, k] (neurons
         of largest |x|, signed values), ``neuron_max`` [d_ff] and ``neuron_argmax`` [d_ff] int64 (max of x over tokens
         and the token holding it), ``neuron_sum`` and ``neuron_sumsq`` [d_ff] float64 (summed in the working dtype).
+
+    Ties go to the earlier row (token) and, in a token's top-k, to the lower neuron. The profiler passes a batch's
+    tokens in run order, so the earlier row is the lower token index in the run, the rule everywhere.
     """
     dt = torch.float64 if upcast else torch.float32
     xf, yf = x.to(dt), y.to(dt)
     k = min(top_k, x.shape[-1])
-    _, idx = xf.abs().topk(k, dim=-1)  # [T, k]
-    mx, amx = xf.max(dim=0)  # [d_ff]
+    idx = torch.sort(xf.abs(), dim=-1, descending=True, stable=True).indices[:, :k]  # [T, k] ties: lower neuron
+    mx, amx = xf.max(dim=0)  # [d_ff] the first row holding the max
     return {
         "in_norm": torch.linalg.vector_norm(xf, dim=-1),
         "out_norm": torch.linalg.vector_norm(yf, dim=-1),

@@ -116,7 +116,9 @@ class ProfileError(ValueError):
 def combine_accum(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray], b_token_offset: int) -> dict:
     """The accumulators of two disjoint prompt sets, ``b``'s tokens numbered after ``b_token_offset`` tokens.
 
-    Sums the additive ones and keeps the larger neuron maximum (ties keep ``a``'s, the earlier token).
+    Sums the additive ones and keeps the larger neuron maximum and the top-k contexts. Ties go to the lower token
+    index in the run (the earliest prompt, then position), whichever side holds it, as everywhere a maximum or
+    top-k over tokens is kept: so folding shards one by one and merging runs both equal one pass over the tokens.
     """
     if a is None:
         out = {k: v.copy() for k, v in b.items() if k in ACCUM_NAMES}
@@ -132,9 +134,11 @@ def combine_accum(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray], b_t
             a["mlp.ctx_value"], a["mlp.ctx_token"], b["mlp.ctx_value"], tb
         )
     if "mlp.neuron_max" in a and "mlp.neuron_max" in b:
-        take_b = b["mlp.neuron_max"] > a["mlp.neuron_max"]
-        out["mlp.neuron_max"] = np.where(take_b, b["mlp.neuron_max"], a["mlp.neuron_max"])
-        out["mlp.neuron_argmax"] = np.where(take_b, b["mlp.neuron_argmax"] + b_token_offset, a["mlp.neuron_argmax"])
+        va, vb = a["mlp.neuron_max"], b["mlp.neuron_max"]
+        ta, tb = a["mlp.neuron_argmax"], b["mlp.neuron_argmax"] + b_token_offset
+        take_b = (vb > va) | ((vb == va) & (tb < ta))  # a tie: the lower token index in the run
+        out["mlp.neuron_max"] = np.where(take_b, vb, va)
+        out["mlp.neuron_argmax"] = np.where(take_b, tb, ta)
     return out
 
 
