@@ -321,3 +321,21 @@ def test_sql_help_says_what_is_allowed(capsys):
         main(["sql", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "read-only" in text and "COPY" in text and "--out FILE" in text
+
+
+def test_sql_connection_is_locked_and_explain_reads_only(small_run, capsys):
+    import duckdb
+
+    from attnscope.cli.run import sql_connection
+
+    con = sql_connection(small_run)
+    assert con.execute("select current_setting('lock_configuration')").fetchone()[0] is True
+    assert con.execute("select current_setting('enable_external_access')").fetchone()[0] is False
+    with pytest.raises(duckdb.Error):
+        con.execute("set enable_external_access = true")
+    assert con.execute("select count(*) from tokens").fetchone()[0] == load(small_run).n_tokens
+    con.close()
+    assert main(["sql", str(small_run), "explain analyze select count(*) from tokens"]) == 0
+    for q in ["explain copy heads to 'x.csv'", "/* c */ explain analyze attach 'x.db'", "explain analyze"]:
+        assert main(["sql", str(small_run), q]) == 2, q
+        assert capsys.readouterr().err.startswith("attnscope: error: sql")

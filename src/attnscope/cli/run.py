@@ -140,7 +140,10 @@ def read_only_statement(con, query: str):
     kind = st.type.name
     if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs the statement it explains: that one must read only too
         m = re.match(r"explain(\s+analy[sz]e)?\b(.*)", _strip_comments(st.query), re.I | re.S)
-        inner = con.extract_statements(m.group(2)) if m else []
+        try:
+            inner = con.extract_statements(m.group(2)) if m else []
+        except (duckdb.Error, ValueError):
+            inner = []
         if len(inner) == 1 and inner[0].type.name in _READ_ONLY:
             return st
         raise CLIError(f"sql: EXPLAIN is allowed of a SELECT only: {_EXPORT_HINT}")
