@@ -248,14 +248,16 @@ class _Engine:
 
     def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         """Length-bucketed batches of a shard: prompts sorted by length, then cut in runs of ``batch_size``, or
-        (auto) cut where padding would cost more than another forward pass (``_auto_batches``)."""
+        (auto) cut where padding would cost more than another forward pass (``_auto_batches``). Within a batch the
+        prompts keep their corpus order, so an exact tie between rows (a neuron's max, its top contexts) goes to
+        the earlier prompt, as between batches, shards and merged runs."""
         cfg = self.cfg
         order = np.argsort(lengths, kind="stable")
         if cfg.batch_size > 0:
-            return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            return [np.sort(order[i : i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
         per_batch = _BATCH_COST_TOKENS.get(self.device.type, _BATCH_COST_TOKENS["cuda"])
         cuts = _auto_batches(lengths[order], cfg.token_budget, per_batch)
-        return [order[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+        return [np.sort(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
     # -- one forward pass --
     def forward(self, batch_ids: list[np.ndarray]) -> dict:
@@ -648,7 +650,7 @@ def run_corpus(
             skipped, todo, token_lists, token_text = pending.result()
             nxt = next(windows, None)
             pending = pool.submit(prepare, *nxt) if nxt else None
-            if skipped:  # counted as done, but not as work done now: the rate and ETA are over new prompts only
+            if skipped and not bar.disable:  # done, but not now: the rate and ETA count only new prompts
                 bar.n += skipped
                 bar.initial += skipped
                 bar.last_print_n = bar.n

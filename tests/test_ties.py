@@ -115,11 +115,6 @@ def model_dir(tiny_llama_dir):
     return tiny_llama_dir
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="profiler/run.py hands the kernel a batch's prompts sorted by length, so among exact ties the kernel's "
-    "earlier row can be a later token of the run: each batch's prompts must go in run order (np.sort(sel))",
-)
 def test_merge_equals_one_run_on_exact_ties(model_dir, tmp_path, rng):
     """Prompts that share their first token tie exactly there, and a prompt twice ties at every position; B's short
     prompts come after A's in the run but first in a length-sorted batch. Every batch is padded to the same length
