@@ -213,10 +213,19 @@ class Corpus:
     def check(self) -> int:
         """Read every prompt once: the count, or ``CorpusError`` at the first malformed row or repeated id."""
         seen: set[str] = set()
+        texts: dict[str, int] = {}  # sha256 of the prompts with generated ids -> their number
         n = 0
         for it in self:
             if it.id in seen:
                 raise CorpusError(f"prompt id {it.id!r} appears twice: ids must be unique for --resume")
             seen.add(it.id)
+            sha = hashlib.sha256(it.text.encode()).hexdigest()
+            if it.id.endswith(":" + sha[:16]):  # a generated id: the prompt is its text
+                if sha in texts:
+                    raise CorpusError(
+                        f"prompt {n} repeats prompt {texts[sha]} (the same text): a prompt is profiled once per run; "
+                        "give each prompt an id (a JSONL or table id field, --id-column) to profile both"
+                    )
+                texts[sha] = n
             n += 1
         return n

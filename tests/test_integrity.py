@@ -338,3 +338,62 @@ def test_a_full_disk_mid_shard_loses_nothing_committed(runs, tiny_llama_dir, cap
     monkeypatch.setattr(store, "write_parquet", lambda t, p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     _one_line_error(capsys, _profile(tiny_llama_dir, new, runs / "fresh"), "nothing was committed")
     assert not (runs / "fresh").exists()
+
+
+# -- a forger's run.json (the digest recomputed), and other ways in --
+FORGED = {
+    "no accumulators": lambda d: d.update(accum=None, accum_sha256=None),
+    "fewer vectors": lambda d: d["meta"].update(vectors=d["meta"]["vectors"][:5]),
+    "schema 1 with checksums": lambda d: d.update(schema_version=1),
+    "tokens moved between shards": lambda d: (
+        d["shards"][0].update(n_tokens=d["shards"][0]["n_tokens"] - 1),
+        d["shards"][1].update(n_tokens=d["shards"][1]["n_tokens"] + 1, token0=d["shards"][1]["token0"] - 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(FORGED))
+def test_a_forged_manifest_is_refused_by_readers_and_writers(runs, kind, capsys):
+    run = runs / "a"
+    _edit_manifest(run, FORGED[kind])
+    new = runs / "new.txt"
+    new.write_text("a prompt that is not in the run yet\n")
+    before = _tree(runs)
+    for argv in _readers(run, runs) + [["verify", str(run)], ["repair", str(run)]]:
+        if kind == "tokens moved between shards" and argv[0] == "heads":
+            continue  # reads the accumulators only, which the forgery leaves right
+        _one_line_error(capsys, main(argv))
+    # refused before the model is looked for (there is none at this path)
+    _one_line_error(capsys, _profile(runs / "no-model", new, run, "--append"))
+    assert _tree(runs) == before and not (runs / "merged").exists()
+
+
+def test_append_to_a_damaged_run_is_refused_before_any_work(runs, capsys):
+    run = runs / "a"
+    f = run / "tokens/s000001.parquet"
+    _flip(f, f.stat().st_size // 2)
+    new = runs / "new.txt"
+    new.write_text("a prompt that is not in the run yet\n")
+    _one_line_error(capsys, _profile(runs / "no-model", new, run, "--append"), "tokens/s000001", "cannot be trusted")
+
+
+def test_a_repeated_prompt_in_one_corpus_is_refused(runs, tiny_llama_dir, capsys):
+    twice = runs / "twice.txt"
+    twice.write_text("the same prompt\nanother one\nthe same prompt\n")
+    _one_line_error(capsys, _profile(tiny_llama_dir, twice, runs / "t"), "prompt 2 repeats prompt 0", "id")
+    assert not (runs / "t").exists()
+
+
+def test_views_never_write_through_a_link_in_the_run(runs, capsys):
+    elsewhere = runs / "elsewhere"
+    elsewhere.mkdir()
+    (runs / "a" / "figures").symlink_to(elsewhere)
+    _one_line_error(capsys, main(["render", str(runs / "a"), "--kinds", "self"]), "symbolic link", "--out")
+    assert not list(elsewhere.iterdir())
+
+
+def test_sql_never_writes_into_another_run(runs, capsys):
+    before = _tree(runs / "b")
+    code = main(["sql", str(runs / "a"), "select 1 as a", "--out", str(runs / "b" / "run.json")])
+    _one_line_error(capsys, code, "lies inside the run")
+    assert _tree(runs / "b") == before

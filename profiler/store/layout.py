@@ -221,6 +221,10 @@ def _check_manifest(path: Path, doc: dict) -> None:
     if (doc.get("n_prompts"), doc.get("n_tokens")) != (p0, t0):
         raise bad(f"it counts {doc.get('n_prompts')} prompts and {doc.get('n_tokens')} tokens, its shards {p0}, {t0}")
     accum = doc.get("accum")
+    if accum is None and shards:
+        raise bad("it has shards but no accumulators")
+    if doc["schema_version"] < 2 and ("digest" in doc or any("checksums" in s for s in shards)):
+        raise bad("it says schema 1 but carries the checksums of schema 2")
     if accum is not None and (not isinstance(accum, str) or not _ACCUM_FILE.fullmatch(accum)):
         raise bad(f"accumulators {accum!r} (they are accum/a<6 digits>.safetensors)")
     if accum is not None and not _SHA256.fullmatch(str(doc.get("accum_sha256"))):
@@ -356,9 +360,23 @@ def read_table(root: Path, doc: dict, rel: str, columns: Sequence[str] | None = 
     pa, pq = pyarrow_modules()
     path = checked_file(root, doc, rel)
     try:
-        return pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise damaged(root, rel, f"cannot be read as a table ({str(e).splitlines()[0] if str(e) else e})") from None
+    want = table_rows(doc, rel)
+    if table.num_rows != want:
+        raise damaged(root, rel, f"has {table.num_rows} rows, {want} were committed")
+    return table
+
+
+def table_rows(doc: dict, rel: str) -> int:
+    """How many rows the committed table ``rel`` holds, by ``run.json``: a prompt a row in index, a token a row in
+    tokens, a (prompt, layer, head) a row in prompts."""
+    part, name = rel.split("/")[0], rel.split("/")[1].split(".")[0]
+    s = next(s for s in doc["shards"] if s["name"] == name)
+    if part == "tokens":
+        return s["n_tokens"]
+    return s["n_prompts"] * (doc["meta"]["n_layers"] * doc["meta"]["n_heads"] if part == "prompts" else 1)
 
 
 def open_arrays(root: Path, doc: dict, rel: str):
@@ -409,6 +427,9 @@ def read_accum(path: Path, doc: dict) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError, ValueError) as e:
         raise damaged(path, rel, f"cannot be read ({e})") from None
     Ly, H = doc["meta"]["n_layers"], doc["meta"]["n_heads"]
+    sums = accum.get("attn.row_sums")
+    if sums is None or sums.shape != (Ly, H, len(doc["meta"]["vectors"])):
+        raise damaged(path, rel, f"does not hold the row sums of {Ly} layers x {H} heads x the run's vectors")
     for name, a in accum.items():
         if name in ("attn.hist_all", "attn.hist_log", "attn.moments", "attn.dist", "attn.row_sums") and (
             a.shape[:2] != (Ly, H)

@@ -26,6 +26,7 @@ from .layout import (
     read_manifest,
     read_table,
     save_arrays,
+    table_rows,
     write_parquet,
 )
 from .writer import RunWriter, check_identity
@@ -56,7 +57,7 @@ def merge_runs(
             raise RunError(f"{s} is an unfinished run: finish it with --resume before merging")
     owner: dict[str, str] = {}  # a prompt is in a run once: the inputs must not share one
     for s, d in zip(sources, docs):
-        for pid in read_committed_ids(Path(s), d):
+        for pid in sorted(read_committed_ids(Path(s), d)):
             if pid in owner:
                 raise RunError(
                     f"prompt {pid!r} is in both {owner[pid]} and {s}: a merged run holds each prompt once "
@@ -130,15 +131,12 @@ def verify_run(path: str | os.PathLike) -> tuple[dict, list[Damage], list[str]]:
     pa, pq = pyarrow_modules()
     jobs = [(None, doc["accum"])] if doc.get("accum") else []
     jobs += [(s["name"], rel) for s in doc["shards"] for rel in s["files"]]
-    shards = {s["name"]: s for s in doc["shards"]}
     for name, rel in jobs:
         try:
             forget_verified(path / rel)
             f = checked_file(path, doc, rel)
             if rel.endswith(".parquet"):
-                rows = pq.ParquetFile(f).metadata.num_rows
-                want = shards[name]["n_tokens" if rel.startswith("tokens/") else "n_prompts"]
-                want *= doc["meta"]["n_layers"] * doc["meta"]["n_heads"] if rel.startswith("prompts/") else 1
+                rows, want = pq.ParquetFile(f).metadata.num_rows, table_rows(doc, rel)
                 if rows != want:
                     raise damaged(path, rel, f"has {rows} rows, {want} were committed")
             elif rel.startswith("vectors/"):

@@ -21,6 +21,7 @@ from .layout import (
     read_manifest,
     read_table,
     read_tensor,
+    table_rows,
 )
 
 _LENS_INT = ("lens.top_id", "lens.target_rank")  # the lens arrays that hold integers
@@ -73,8 +74,6 @@ class _RunData:
         pa, _ = pyarrow_modules()
         rel = f"tokens/{self.shards[s]['name']}.parquet"
         t = read_table(self.path, self.doc, rel, columns=[column])
-        if t.num_rows != self.shards[s]["n_tokens"]:
-            raise damaged(self.path, rel, f"has {t.num_rows} rows, {self.shards[s]['n_tokens']} tokens were committed")
         col = t.column(column).combine_chunks()
         if isinstance(col.type, pa.FixedSizeListType):
             return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
@@ -334,7 +333,7 @@ def load_run(path: str | os.PathLike) -> Profile:
 def run_tables(path: str | os.PathLike) -> dict[str, object]:
     """Where the tables of a run are, for SQL: Parquet globs of index/prompts/tokens, and the heads and neurons
     tables (pyarrow, from the accumulators)."""
-    pa, _ = pyarrow_modules()
+    pa, pq = pyarrow_modules()
     path = Path(path)
     prof = load_run(path)
     doc = prof.arrays.data.doc
@@ -343,6 +342,10 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
     for part in TABLES:  # every table is checked before DuckDB reads it (hashed once, then while unchanged)
         rels = [rel for s in doc["shards"] for rel in s["files"] if rel.startswith(part + "/")]
         out[part] = [str(f) for f in checked_files(path, doc, rels, persist=True)]
+        for rel, f in zip(rels, out[part]):
+            rows = pq.ParquetFile(f).metadata.num_rows  # the footer only
+            if rows != table_rows(doc, rel):
+                raise damaged(path, rel, f"has {rows} rows, {table_rows(doc, rel)} were committed")
     heads = {"layer": np.repeat(np.arange(Ly), H), "head": np.tile(np.arange(H), Ly)}
     if doc["shards"]:
         for v, m in prof.head_means().items():

@@ -25,6 +25,7 @@ from .layout import (
     STAGING,
     RunError,
     Shard,
+    checked_files,
     doc_digest,
     file_checksum,
     fsync_dir,
@@ -406,6 +407,9 @@ class RunWriter:
         if self.mode not in ("resume", "append") or not is_run(self.path):
             return set()
         doc = read_manifest(self.path)
+        # every committed file first: work added to a damaged run could not be kept (verified once, then cached)
+        checked_files(self.path, doc, [rel for s in doc["shards"] for rel in s["files"]], persist=True)
+        read_accum(self.path, doc)
         have, shas = set(), set()
         for s in doc["shards"]:
             t = read_table(self.path, doc, f"index/{s['name']}.parquet", ["prompt_id", "sha256"])

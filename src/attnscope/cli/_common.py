@@ -134,6 +134,10 @@ def writable(path: str | Path, what: str, chosen: bool = False, option: str = "-
     also says no on a read-only filesystem).
     """
     path = Path(path)
+    if not chosen and path.is_symlink():  # a default place inside a run: never written through a link
+        raise CLIError(
+            f"cannot write {what} to {path}: it is a symbolic link inside the run; {option} writes elsewhere"
+        )
     probe = path.parent if file else path  # a file is written into its folder
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent

@@ -197,6 +197,11 @@ def _out_path(run: str | Path, out: str) -> Path:
     root = Path(run).resolve()
     if full == root or full.is_relative_to(root):
         raise CLIError(f"sql --out {out} lies inside the run {run}: sql never writes into a run; choose another path")
+    from attnscope.profiler.store import is_run
+
+    for d in full.parents:  # nor inside any other run
+        if is_run(d):
+            raise CLIError(f"sql --out {out} lies inside the run {d}: sql never writes into a run; choose another path")
     if full.is_dir():
         raise CLIError(f"sql --out {out} is a directory: give a file name ending in {', '.join(OUT_FORMATS)}")
     if not full.parent.is_dir():

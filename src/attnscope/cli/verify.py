@@ -32,8 +32,13 @@ def cmd_verify(args) -> int:
         )
     print(
         f"attnscope: {args.run} is intact: {n_files} files, {len(doc['shards'])} shards, {doc['n_prompts']} prompts, "
-        f"{doc['n_tokens']} tokens ({doc.get('status')}); every file matches its checksum"
-        + (" (schema 1: no checksums to compare; `attnscope repair` records them)" if doc["schema_version"] < 2 else "")
+        f"{doc['n_tokens']} tokens ({doc.get('status')}); "
+        + (
+            "every file matches its checksum"
+            if doc["schema_version"] >= 2
+            else "every file is readable, but this run of schema 1 records no checksums to compare them with "
+            "(`attnscope repair` records the files' checksums as they are now)"
+        )
     )
     return 0
 
