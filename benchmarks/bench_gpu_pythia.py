@@ -35,27 +35,16 @@ def pythia_config(layers: int | None, tiny: bool = False):
     """Pythia-2.8B (32 layers, 32 heads, d_head 80, d_ff 10240); ``tiny``: 4 heads of 80 and a small vocabulary."""
     from transformers import GPTNeoXConfig
 
-    if tiny:
+    common = dict(rotary_pct=0.25, use_parallel_residual=True)
+    if tiny:  # d_head 80 as in Pythia-2.8B, 2 layers of 4 heads
         return GPTNeoXConfig(
-            vocab_size=512,
-            hidden_size=320,
-            num_hidden_layers=layers or 2,
-            num_attention_heads=4,
-            intermediate_size=1280,
-            rotary_pct=0.25,
-            max_position_embeddings=4096,
-            use_parallel_residual=True,
-        )
+            vocab_size=512, hidden_size=320, num_hidden_layers=layers or 2, num_attention_heads=4,
+            intermediate_size=1280, max_position_embeddings=4096, **common,
+        )  # fmt: skip
     return GPTNeoXConfig(
-        vocab_size=50304,
-        hidden_size=2560,
-        num_hidden_layers=layers or 32,
-        num_attention_heads=32,
-        intermediate_size=10240,
-        rotary_pct=0.25,
-        max_position_embeddings=32768,
-        use_parallel_residual=True,
-    )
+        vocab_size=50304, hidden_size=2560, num_hidden_layers=layers or 32, num_attention_heads=32,
+        intermediate_size=10240, max_position_embeddings=32768, **common,
+    )  # fmt: skip
 
 
 class Tok:

@@ -85,6 +85,19 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama64_dir(tmp_path_factory):
+    """The tiny Llama of ``tiny_llama_dir`` with 64 positions (for prompts longer than the model's positions)."""
+    from helpers import tiny_model, word_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_llama64")
+    model = tiny_model("llama", vocab=200)
+    model.config.max_position_embeddings = 64
+    model.save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny random Llama (GQA, vocabulary 200) and a word-level tokenizer, saved as a model directory."""
     from helpers import tiny_model, word_tokenizer

@@ -8,19 +8,14 @@ import shutil
 
 import pytest
 from attnscope.profiler import load
-from helpers import random_text, tiny_model, word_tokenizer
+from helpers import random_text
 
 from attnscope.cli import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    model = tiny_model("llama", vocab=200)
-    model.config.max_position_embeddings = 64
-    model.save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
+def model_dir(tiny_llama64_dir):
+    return tiny_llama64_dir
 
 
 @pytest.fixture(scope="module")
