@@ -311,6 +311,23 @@ def _expected(root: Path, doc: dict, rel: str) -> dict:
     raise damaged(root, rel, "is not a file of this run")
 
 
+def _stat_committed(root: Path, doc: dict, rel: str) -> tuple[dict, os.stat_result]:
+    """What ``run.json`` records of ``rel``, and its ``lstat`` once it is known to be there, no link, and of its
+    committed size."""
+    expect = _expected(root, doc, rel)
+    st = lstat_inside(root, rel)
+    if "size" in expect and st.st_size != expect["size"]:
+        raise damaged(root, rel, f"has {st.st_size} bytes, {expect['size']} were committed")
+    return expect, st
+
+
+def check_present(root: Path, doc: dict) -> None:
+    """Every committed shard file is there, no link, and of its committed size (cheap: no file is read)."""
+    for s in doc["shards"]:
+        for rel in s["files"]:
+            _stat_committed(root, doc, rel)
+
+
 def forget_verified(path: Path) -> None:
     """Forget that ``path`` was verified in this process (``verify_run`` hashes every file afresh)."""
     _VERIFIED.pop(str(path.resolve()), None)
@@ -325,12 +342,9 @@ def checked_files(root: Path, doc: dict, rels: Sequence[str], persist: bool = Fa
     changed = False
     out = []
     for rel in rels:
-        expect = _expected(root, doc, rel)
-        st = lstat_inside(root, rel)
+        expect, st = _stat_committed(root, doc, rel)
         path = root / rel
         out.append(path)
-        if "size" in expect and st.st_size != expect["size"]:
-            raise damaged(root, rel, f"has {st.st_size} bytes, {expect['size']} were committed")
         if not expect.get("sha256"):
             continue  # a run of schema 1: no checksum to verify against
         key, fp = str(path.resolve()), _fingerprint(st)

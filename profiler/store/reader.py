@@ -12,9 +12,9 @@ from ..data import LENS_ARRAYS, Profile, ProfileError, mean_distance
 from .layout import (
     RUN_FILE,
     TABLES,
+    check_present,
     checked_files,
     damaged,
-    lstat_inside,
     open_arrays,
     pyarrow_modules,
     read_accum,
@@ -318,12 +318,7 @@ def load_run(path: str | os.PathLike) -> Profile:
     path = Path(path)
     doc = read_manifest(path)
     accum = read_accum(path, doc)
-    for s in doc["shards"]:  # every file is there and of its committed size; its contents are checked when read
-        for rel in s["files"]:
-            st = lstat_inside(path, rel)
-            size = (s.get("checksums") or {}).get(rel, {}).get("size")
-            if size is not None and st.st_size != size:
-                raise damaged(path, rel, f"has {st.st_size} bytes, {size} were committed")
+    check_present(path, doc)  # sizes now; each file's contents when it is first read
     data = _RunData(path, doc)
     meta = dict(doc["meta"])
     meta["run_status"] = doc.get("status")
