@@ -1,7 +1,7 @@
 """The statistics contract shared by the float64 reference, the torch path and the Triton kernels.
 
 Everything here defines *what* is computed (bin edges, masks, pooling cells, output names and shapes); the
-implementations in ``reference.py``, ``attn_stats.py`` and ``qk_stats.py`` decide *how*.
+implementations in ``reference.py``, ``attn_stats_torch.py`` (with ``_cpu_fused.py``) and ``qk_stats.py`` decide *how*.
 
 For one (batch row b, head h), query i and key j of a padded batch of length L:
 
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .stats import N_DIST_BUCKETS, VECTOR_NAMES
+
 __all__ = [
     "ATTN_VECTOR_STATS",
     "N_DIST_BUCKETS",
@@ -43,21 +45,9 @@ __all__ = [
     "validate_qk",
 ]
 
-N_DIST_BUCKETS = 32  # distance buckets floor(log2(i - j + 1)): enough for 2**32 tokens
-
-# Per-position vectors every implementation returns, each [batch, heads, L] float32 (zero outside the valid rows):
-ATTN_VECTOR_STATS = (
-    "diag",  # p_ii
-    "final",  # p_{end-1, j}: the last real token's row, indexed by key j
-    "entropy",  # H_i
-    "rowmax",  # max_j p_ij
-    "recv_sum",  # sum_i p_ij, indexed by key j
-    "recv_max",  # max_i p_ij, indexed by key j
-    "sink",  # p_{i, start}: attention to the first real token
-    "prev",  # p_{i, i-1}
-    "dup",  # sum_j p_ij [tok_j = tok_i, j < i]: duplicate-token mass
-    "induction",  # sum_j p_ij [tok_{j-1} = tok_i, start <= j - 1, j < i]: induction mass
-)
+# Per-position vectors every implementation returns, each [batch, heads, L] float32 (zero outside the valid rows),
+# in slot order: what each one is lives in ``stats.VECTORS`` (name, formula, fold, label)
+ATTN_VECTOR_STATS = VECTOR_NAMES
 
 
 @dataclass(frozen=True)

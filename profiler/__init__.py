@@ -47,8 +47,8 @@ _WHERE = {
     "capture": "hooks",
     "down_proj_modules": "hooks",
     "model_geometry": "hooks",
-    "ProfileConfig": "run",
-    "PromptError": "run",
+    "ProfileConfig": "config",
+    "PromptError": "config",
     "profile": "run",
     "run_with_stats": "run",
 }

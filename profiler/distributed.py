@@ -44,7 +44,8 @@ class ShardActor:
         from attnscope.kernels import set_cpu_threads
 
         from .models import load_model
-        from .run import ProfileConfig, _Engine
+        from .config import ProfileConfig
+        from .engine import Engine
         from .store import STAGING
 
         if threads:
@@ -52,7 +53,7 @@ class ShardActor:
         self.model, self.tok, _ = load_model(model, device=device, dtype=dtype)
         self.model.eval()
         cfg = ProfileConfig(**config)
-        self.engine = _Engine(self.model, self.tok, cfg)
+        self.engine = Engine(self.model, self.tok, cfg)
         self.staging = Path(run_dir) / STAGING if run_dir and token else None
         if self.staging is not None and not (self.staging / token).is_file():
             self.staging = None  # another node without the run directory: the driver writes the shards

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 from attnscope.profiler.corpus import Corpus, CorpusError
-from attnscope.profiler.run import ProfileConfig, _Engine
+from attnscope.profiler.config import ProfileConfig
+from attnscope.profiler.engine import Engine as _Engine
 from helpers import random_text, tiny_model, word_tokenizer
 
 
@@ -100,7 +101,7 @@ def test_auto_batches_are_the_cheapest_cuts(rng, per_batch):
     within the token budget; with no cost per batch it pads nothing it need not."""
     import itertools
 
-    from attnscope.profiler.run import _auto_batches
+    from attnscope.profiler.engine import _auto_batches
 
     def cost(cuts, L):
         return sum(per_batch + (b - a) * L[b - 1] for a, b in zip(cuts[:-1], cuts[1:]))

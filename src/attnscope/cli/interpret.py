@@ -62,7 +62,7 @@ def cmd_rules(args) -> int:
 
     from attnscope.profiler.memories import promoted_tokens
     from attnscope.profiler.models import DEFAULT_MODEL, cache_dir, load_model
-    from attnscope.profiler.run import _config_digest, _weights_digest
+    from attnscope.profiler.engine import config_digest, weights_digest
     from attnscope.render.export import write_table
     from attnscope.render.memories import neuron_rules, rules_table
 
@@ -77,7 +77,7 @@ def cmd_rules(args) -> int:
     model, tok, _ = load_model(
         None if model_id == DEFAULT_MODEL else model_id, device=args.device, dtype=prof.meta.get("model_dtype", "auto")
     )
-    if (_config_digest(model), _weights_digest(model)) != (
+    if (config_digest(model), weights_digest(model)) != (
         prof.meta.get("config_digest"),
         prof.meta.get("weights_digest"),
     ):
