@@ -30,7 +30,7 @@ _WHERE = {
     "AttnStatsSpec": "contract",
     "KeyRanges": "contract",
     "attn_stats": "dispatch",
-    "attn_stats_torch": "attn_stats_torch",
+    "attn_stats_torch": "torch_path",
     "down_proj_stats": "dispatch",
     "linear_bin": "contract",
     "log_bin": "contract",

@@ -1,6 +1,6 @@
 """The post-matmul work of one query block on the CPU in a single Numba pass, parallel over heads.
 
-Before it, torch forms log p over the block (``attn_stats_torch._attn_stats_fused``): with the forward's lse,
+Before it, torch forms log p over the block (``torch_path._attn_stats_fused``): with the forward's lse,
 log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmul; without it, torch finds lse
 (``torch.logsumexp`` over the masked scores) and subtracts it. The Numba pass then takes each row i over its allowed
 keys j in [lo, hi), forms p = exp(log p) in a vectorised float32 exp of its own (Numba has no vector exp), and reduces
@@ -32,6 +32,8 @@ import math
 import numpy as np
 import torch
 
+from .stats import DIAG, DUP, ENTROPY, FINAL, INDUCTION, N_DIST_BUCKETS, PREV, RECV_MAX, RECV_SUM, ROWMAX, SINK, VECTORS
+
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["HAS_NUMBA", "FusedState", "fused_block", "previous_occurrence", "set_cpu_threads"]
@@ -45,6 +47,11 @@ _EXP_LO = np.float32(-87.33)  # below: p < 2^-126, flushed to 0
 _EXP_FLUSH = np.float32(-88.0)  # its n is -127
 _F0, _F1, _F2, _F3, _F4, _F5, _F6, _F7 = (np.float32(1.0 / math.factorial(k)) for k in range(8))  # 1 / k!
 prange = range  # numba.prange once the loop is compiled (Numba reads module globals when it compiles)
+# the slots of the [V, B, H, L] vector output (module globals: Numba freezes them as constants)
+_DIAG, _FINAL, _ENTROPY, _ROWMAX = DIAG.slot, FINAL.slot, ENTROPY.slot, ROWMAX.slot
+_RECV_SUM, _RECV_MAX, _SINK, _PREV, _DUP, _INDUCTION = (
+    RECV_SUM.slot, RECV_MAX.slot, SINK.slot, PREV.slot, DUP.slot, INDUCTION.slot
+)  # fmt: skip
 _compiled = None
 _close_cells = None
 _flush_cell = None  # the jitted _flush_cell_py once compiled (the kernels call it by this name)
@@ -107,7 +114,7 @@ class FusedState:
     head is one task (its batch rows in turn), so nothing is written by two threads."""
 
     def __init__(self, B: int, H: int, L: int, bins: int, R: int):
-        self.vec = np.zeros((10, B, H, L), np.float32)  # ATTN_VECTOR_STATS order
+        self.vec = np.zeros((len(VECTORS), B, H, L), np.float32)  # [V, B, H, L], slot order
         self.hist = np.zeros((H, 2, bins), np.int64)  # linear, log10, summed over the batch rows
         # the loop counts into int32 copies (half the cache footprint of int64): 4 linear + 2 log10 per (b, h), since
         # neighbouring keys often share a bin (most p of a long row sit in bin 0) and spreading the increments
@@ -116,7 +123,7 @@ class FusedState:
         self.pending = 0  # pairs counted into hist32 of one head since the last fold
 
         self.mom = np.zeros((B, H, 3), np.float64)  # n, sum p, sum p^2
-        self.dist = np.zeros((B, H, 32), np.float64)
+        self.dist = np.zeros((B, H, N_DIST_BUCKETS), np.float64)
         self.thumb = np.zeros((B, H, R, R), np.float64)
         # attention received per key from the rows of the open thumbnail row cell: added to recv_sum and to the
         # thumbnail when the rows reach the next cell (one vectorised add per pair instead of two)
@@ -166,10 +173,10 @@ def _fused_block_py(
     cell,  # [B, L] int64 thumbnail cell of each position (-1: padding)
     bins,
     log_min,
-    vec,  # [10, B, H, L] float32
+    vec,  # [V, B, H, L] float32, by slot
     hist,  # [H, 6, bins] int32: 4 linear copies, 2 log10 copies, summed over the batch rows
     mom,  # [B, H, 3] float64
-    dist,  # [B, H, 32] float64
+    dist,  # [B, H, N_DIST_BUCKETS] float64
     thumb,  # [B, H, R, R] float64
     cell_recv,  # [B, H, L] float32 attention from the rows of the current row cell, per key, not yet in thumb/recv_sum
     open_cell,  # [B, H, 3] int64 that row cell and its span of keys [lo, hi) (-1: none)
@@ -196,9 +203,9 @@ def _fused_block_py(
             prv = prev_same[b]
             cel = cell[b]
             acc = cell_recv[b, h]
-            rsum = vec[4, b, h]
-            rmaxi = vec[5, b, h].view(np.int32)  # p >= 0: the int32 order of the bits is the float order
-            fin = vec[1, b, h]
+            rsum = vec[_RECV_SUM, b, h]
+            rmaxi = vec[_RECV_MAX, b, h].view(np.int32)  # p >= 0: the int32 order of the bits is the float order
+            fin = vec[_FINAL, b, h]
             dst = dist[b, h]
             thb = thumb[b, h]
             cur, tlo, thi = open_cell[b, h, 0], open_cell[b, h, 1], open_cell[b, h, 2]
@@ -330,16 +337,16 @@ def _fused_block_py(
                 # it, a relative error of |lse - lse(these scores)|, ~1e-7 |s|)
                 inv = 1.0 / pz
                 bits[0] = mx
-                vec[2, b, h, i] = np.float32(np.log(pz) - pdl * inv)  # entropy -sum p log p of the normalised row
-                vec[3, b, h, i] = np.float32(bits.view(np.float32)[0] * inv)
-                vec[8, b, h, i] = np.float32(dup * inv)
-                vec[9, b, h, i] = np.float32(ind * inv)
+                vec[_ENTROPY, b, h, i] = np.float32(np.log(pz) - pdl * inv)  # -sum p log p of the normalised row
+                vec[_ROWMAX, b, h, i] = np.float32(bits.view(np.float32)[0] * inv)
+                vec[_DUP, b, h, i] = np.float32(dup * inv)
+                vec[_INDUCTION, b, h, i] = np.float32(ind * inv)
                 if a <= i:
-                    vec[0, b, h, i] = np.float32(ps[i - a] * inv)  # diag
+                    vec[_DIAG, b, h, i] = np.float32(ps[i - a] * inv)
                 if a <= i - 1:
-                    vec[7, b, h, i] = np.float32(ps[i - 1 - a] * inv)  # prev
+                    vec[_PREV, b, h, i] = np.float32(ps[i - 1 - a] * inv)
                 if a <= st:
-                    vec[6, b, h, i] = np.float32(ps[st - a] * inv)  # sink
+                    vec[_SINK, b, h, i] = np.float32(ps[st - a] * inv)
             open_cell[b, h, 0], open_cell[b, h, 1], open_cell[b, h, 2] = cur, tlo, thi
             mom[b, h, 0] += n
             mom[b, h, 1] += m1
@@ -355,7 +362,7 @@ def _close_cells_py(vec, thumb, cell, cell_recv, open_cell):  # pragma: no cover
         cur = open_cell[b, h, 0]
         if cur >= 0:
             _flush_cell(
-                cell_recv[b, h], vec[4, b, h], thumb[b, h], cell[b], cur, open_cell[b, h, 1], open_cell[b, h, 2]
+                cell_recv[b, h], vec[_RECV_SUM, b, h], thumb[b, h], cell[b], cur, open_cell[b, h, 1], open_cell[b, h, 2]
             )
             open_cell[b, h, 0] = -1
 
@@ -401,29 +408,31 @@ def fused_block(
     fn = _kernel()
     chunk = numba.get_parallel_chunksize()
     numba.set_parallel_chunksize(1)  # head tasks taken one at a time: a thread descheduled by other load stalls less
-    with numba_threads():
-        fn(
-            d.numpy(),
-            lo.contiguous().numpy(),
-            hi.contiguous().numpy(),
-            i0,
-            kstart,
-            start,
-            final_row,
-            tokens,
-            prev_same,
-            n_before,
-            cell,
-            bins,
-            log_min,
-            state.vec,
-            state.hist32,
-            state.mom,
-            state.dist,
-            state.thumb,
-            state.cell_recv,
-            state.open_cell,
-            state.fscratch,
-            state.iscratch,
-        )
-    numba.set_parallel_chunksize(chunk)
+    try:
+        with numba_threads():
+            fn(
+                d.numpy(),
+                lo.contiguous().numpy(),
+                hi.contiguous().numpy(),
+                i0,
+                kstart,
+                start,
+                final_row,
+                tokens,
+                prev_same,
+                n_before,
+                cell,
+                bins,
+                log_min,
+                state.vec,
+                state.hist32,
+                state.mom,
+                state.dist,
+                state.thumb,
+                state.cell_recv,
+                state.open_cell,
+                state.fscratch,
+                state.iscratch,
+            )
+    finally:
+        numba.set_parallel_chunksize(chunk)

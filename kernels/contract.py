@@ -1,7 +1,7 @@
 """The statistics contract shared by the float64 reference, the torch path and the Triton kernels.
 
 Everything here defines *what* is computed (bin edges, masks, pooling cells, output names and shapes); the
-implementations in ``reference.py``, ``attn_stats_torch.py`` (with ``_cpu_fused.py``) and ``qk_stats.py`` decide *how*.
+implementations in ``reference.py``, ``torch_path.py`` (with ``_cpu_fused.py``) and ``qk_stats.py`` decide *how*.
 
 For one (batch row b, head h), query i and key j of a padded batch of length L:
 

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from ._cpu_fused import HAS_NUMBA
-from .attn_stats_torch import attn_stats_torch
+from .torch_path import attn_stats_torch
 from .contract import AttnStatsSpec, KeyRanges, validate_lse
 from .reference import down_proj_stats_ref
 

@@ -12,14 +12,26 @@ import math
 import torch
 
 from .contract import (
-    ATTN_VECTOR_STATS,
-    N_DIST_BUCKETS,
     AttnStatsSpec,
     KeyRanges,
     linear_bin,
     log_bin,
     resolve_tokens,
     thumb_edges,
+)
+from .stats import (
+    DIAG,
+    DUP,
+    ENTROPY,
+    FINAL,
+    INDUCTION,
+    N_DIST_BUCKETS,
+    PREV,
+    RECV_MAX,
+    RECV_SUM,
+    ROWMAX,
+    SINK,
+    VECTORS,
 )
 
 __all__ = [
@@ -65,7 +77,7 @@ def attn_stats_ref(
         ``hist_all``/``hist_log`` [H, bins] int64, ``moments`` [H, 3] float64 (n pairs, sum p, sum p^2),
         ``dist`` [B, H, 32] float64 (sum of p by floor(log2(i - j + 1))), ``thumb`` [B, H, r, r] with r = min(R, L)
         (average-pooled p; a prompt of n < r tokens fills its first n cells, the rest are zero), and each name of
-        ``ATTN_VECTOR_STATS`` as [B, H, L].
+        ``stats.VECTORS`` as [B, H, L] (keyed by its name).
     """
     p = attention_probs_ref(q, k, scaling, ranges, upcast).cpu()  # [B, H, L, L]
     return attn_stats_from_probs_ref(p, ranges, spec, tokens)
@@ -109,7 +121,7 @@ def attn_stats_from_probs_ref(
             dist[b, h].index_add_(0, bucket[sel], p[b, h][sel].double())
     out["dist"] = dist
 
-    vec = {name: torch.zeros(B, H, L, dtype=p.dtype) for name in ATTN_VECTOR_STATS}
+    vec = {s: torch.zeros(B, H, L, dtype=p.dtype) for s in VECTORS}
     logp = torch.where(p > 0, torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))
     for b in range(B):
         lo, hi = start[b], end[b]
@@ -117,15 +129,15 @@ def attn_stats_from_probs_ref(
             continue
         pb = p[b]  # [H, L, L]
         rows = torch.arange(lo, hi)
-        vec["diag"][b, :, lo:hi] = pb[:, rows, rows]
-        vec["final"][b, :, :hi] = pb[:, hi - 1, :hi]
-        vec["entropy"][b, :, lo:hi] = -(pb[:, lo:hi] * logp[b][:, lo:hi]).sum(-1)
-        vec["rowmax"][b, :, lo:hi] = pb[:, lo:hi].amax(-1)
-        vec["recv_sum"][b, :, lo:hi] = pb[:, lo:hi, lo:hi].sum(1)
-        vec["recv_max"][b, :, lo:hi] = pb[:, lo:hi, lo:hi].amax(1)
-        vec["sink"][b, :, lo:hi] = pb[:, lo:hi, lo]
+        vec[DIAG][b, :, lo:hi] = pb[:, rows, rows]
+        vec[FINAL][b, :, :hi] = pb[:, hi - 1, :hi]
+        vec[ENTROPY][b, :, lo:hi] = -(pb[:, lo:hi] * logp[b][:, lo:hi]).sum(-1)
+        vec[ROWMAX][b, :, lo:hi] = pb[:, lo:hi].amax(-1)
+        vec[RECV_SUM][b, :, lo:hi] = pb[:, lo:hi, lo:hi].sum(1)
+        vec[RECV_MAX][b, :, lo:hi] = pb[:, lo:hi, lo:hi].amax(1)
+        vec[SINK][b, :, lo:hi] = pb[:, lo:hi, lo]
         if hi - lo > 1:
-            vec["prev"][b, :, lo + 1 : hi] = pb[:, rows[1:], rows[1:] - 1]
+            vec[PREV][b, :, lo + 1 : hi] = pb[:, rows[1:], rows[1:] - 1]
         # head-role masks [L, L] over (query i, key j), written from their definitions
         t = tokens[b]  # [L]
         earlier = j < i  # [L, L]
@@ -133,9 +145,9 @@ def attn_stats_from_probs_ref(
         t_before = t.roll(1)  # [L] token j - 1 at key j, used only where j - 1 is a real token of this prompt
         has_before = torch.arange(L) >= lo + 1
         ind = earlier & (t[:, None] == t_before[None, :]) & has_before[None, :]
-        vec["dup"][b, :, lo:hi] = (pb * dup).sum(-1)[:, lo:hi]
-        vec["induction"][b, :, lo:hi] = (pb * ind).sum(-1)[:, lo:hi]
-    out.update(vec)
+        vec[DUP][b, :, lo:hi] = (pb * dup).sum(-1)[:, lo:hi]
+        vec[INDUCTION][b, :, lo:hi] = (pb * ind).sum(-1)[:, lo:hi]
+    out.update({s.name: v for s, v in vec.items()})
 
     R = spec.thumb_size
     thumb = torch.zeros(B, H, R, R, dtype=p.dtype)

@@ -6,7 +6,7 @@ pass, the Triton kernel, the ``Profile`` arrays (``attn.<name>``), the run's tab
 summaries, the head roles and the report take it from the ``Stat`` objects below.
 
 Adding a per-row attention statistic: declare it in ``VECTORS`` (its slot is its position), write its formula in
-``reference.attn_stats_from_probs_ref``, ``attn_stats_torch`` (the torch fallback), ``_cpu_fused`` and
+``reference.attn_stats_from_probs_ref``, ``torch_path`` (the torch fallback), ``_cpu_fused`` and
 ``qk_stats`` (each indexes the one [V, B, H, L] output by ``slot``); everything after the kernels (the profile, the
 store, SQL, summaries, views) follows from the declaration.
 
@@ -94,8 +94,10 @@ VECTORS = _vectors(
     Stat("diag", "vector", "query", "store", "vectors", "self-attention p(i, i)", "weight", "self", "p_ii"),
     Stat("final", "vector", "key", "store", "vectors", "final token's attention p(L-1, j)", "weight", None,
          "p_{end-1, j}: the last real token's row, indexed by key j"),
-    Stat("entropy", "vector", "query", "store", "vectors", "row entropy", "nats", "entropy", "H_i = -sum_j p_ij log p_ij"),
-    Stat("rowmax", "vector", "query", "store", "vectors", "largest weight of the row", "weight", "rowmax", "max_j p_ij"),
+    Stat("entropy", "vector", "query", "store", "vectors", "row entropy", "nats", "entropy",
+         "H_i = -sum_j p_ij log p_ij"),
+    Stat("rowmax", "vector", "query", "store", "vectors", "largest weight of the row", "weight", "rowmax",
+         "max_j p_ij"),
     Stat("recv_sum", "vector", "key", "sum", "vectors", "attention received", "weight", None, "sum_i p_ij, by key j"),
     Stat("recv_max", "vector", "key", "max", "vectors", "largest attention received", "weight", None,
          "max_i p_ij, by key j"),
@@ -209,8 +211,8 @@ HIST_ALL_ACC = Accum(HIST_ALL.key, "sum", ("Ly", "H", "bins"), "int64", of=HIST_
 HIST_LOG_ACC = Accum(HIST_LOG.key, "sum", ("Ly", "H", "bins"), "int64", of=HIST_LOG.formula)
 MOMENTS_ACC = Accum(MOMENTS.key, "sum", ("Ly", "H", "3"), "float64", of=MOMENTS.formula)
 DIST_ACC = Accum(DIST.key, "sum", ("Ly", "H", str(N_DIST_BUCKETS)), "float64", of=DIST.formula)
-ROW_SUMS = Accum("attn.row_sums", "sum", ("Ly", "H", "V"), "float64", of="sum over tokens of each vector (VECTORS order)")
-THUMB_REL = Accum("attn.thumb_rel", "sum", ("Ly", "H", "R", "R"), "float64", of="thumbnails pooled in relative position")
+ROW_SUMS = Accum("attn.row_sums", "sum", ("Ly", "H", "V"), "float64", of="sum over tokens of each vector (slots)")
+THUMB_REL = Accum("attn.thumb_rel", "sum", ("Ly", "H", "R", "R"), "float64", of="thumbnails in relative position")
 THUMB_REL_COUNT = Accum("attn.thumb_rel_count", "sum", ("R", "R"), "int64", of="prompts that fed each relative cell")
 NEURON_SUM = Accum("mlp.neuron_sum", "sum", ("Ly", "F"), "float64", of="sum over tokens of each down_proj input")
 NEURON_SUMSQ = Accum("mlp.neuron_sumsq", "sum", ("Ly", "F"), "float64", of="sum of squares of the same")

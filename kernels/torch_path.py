@@ -22,8 +22,6 @@ import torch
 
 from ._cpu_fused import HAS_NUMBA, FusedState, fused_block, previous_occurrence
 from .contract import (
-    ATTN_VECTOR_STATS,
-    N_DIST_BUCKETS,
     AttnStatsSpec,
     KeyRanges,
     previous_tokens,
@@ -31,6 +29,20 @@ from .contract import (
     thumb_layout,
     validate_lse,
     validate_qk,
+)
+from .stats import (
+    DIAG,
+    DUP,
+    ENTROPY,
+    FINAL,
+    INDUCTION,
+    N_DIST_BUCKETS,
+    PREV,
+    RECV_MAX,
+    RECV_SUM,
+    ROWMAX,
+    SINK,
+    VECTORS,
 )
 
 __all__ = ["attn_stats_torch"]
@@ -82,7 +94,7 @@ def attn_stats_torch(
     R = spec.thumb_size
     f32 = dict(device=dev, dtype=torch.float32)
 
-    vec = {name: torch.zeros(B, H, L, **f32) for name in ATTN_VECTOR_STATS}
+    vec = {s: torch.zeros(B, H, L, **f32) for s in VECTORS}
     hist_all = torch.zeros(H, spec.bins, dtype=torch.long)
     hist_log = torch.zeros(H, spec.bins, dtype=torch.long)
     moments = torch.zeros(H, 3, dtype=torch.float64)
@@ -141,28 +153,28 @@ def attn_stats_torch(
             rowmax = torch.where(row_ok[:, None], rowmax, 0.0)
 
         # -- row statistics --
-        vec["entropy"][:, :, i0:i1] = ent
-        vec["rowmax"][:, :, i0:i1] = rowmax
-        vec["diag"][:, :, i0:i1] = torch.diagonal(p, offset=i0 - kstart, dim1=-2, dim2=-1)
+        vec[ENTROPY][:, :, i0:i1] = ent
+        vec[ROWMAX][:, :, i0:i1] = rowmax
+        vec[DIAG][:, :, i0:i1] = torch.diagonal(p, offset=i0 - kstart, dim1=-2, dim2=-1)
         prev_col = (rows - 1 - kstart).clamp_min(0)  # [R_blk]
         prev = p.gather(-1, prev_col.view(1, 1, -1, 1).expand(B, H, -1, 1)).squeeze(-1)  # [B, H, R_blk]
-        vec["prev"][:, :, i0:i1] = torch.where((rows - 1 >= kstart)[None, None], prev, 0.0)
+        vec[PREV][:, :, i0:i1] = torch.where((rows - 1 >= kstart)[None, None], prev, 0.0)
         sink_col = (start - kstart).clamp(0, Lk - 1)  # [B]
         sink = p.gather(-1, sink_col.view(B, 1, 1, 1).expand(B, H, i1 - i0, 1)).squeeze(-1)  # [B, H, R_blk]
-        vec["sink"][:, :, i0:i1] = torch.where((start >= kstart)[:, None, None], sink, 0.0)
+        vec[SINK][:, :, i0:i1] = torch.where((start >= kstart)[:, None, None], sink, 0.0)
         # -- head-role masses: p summed over the earlier keys holding the query's token (or after it) --
         tq = tokens[:, i0:i1, None]  # [B, R_blk, 1]
         earlier = cols[None, :] < rows[:, None]  # [R_blk, Lk]
         same = (tq == tokens[:, None, kstart:i1]) & earlier  # [B, R_blk, Lk]
-        vec["dup"][:, :, i0:i1] = (p * same[:, None]).sum(-1)
+        vec[DUP][:, :, i0:i1] = (p * same[:, None]).sum(-1)
         after = (tq == tok_before[:, None, kstart:i1]) & earlier  # [B, R_blk, Lk]
-        vec["induction"][:, :, i0:i1] = (p * after[:, None]).sum(-1)
+        vec[INDUCTION][:, :, i0:i1] = (p * after[:, None]).sum(-1)
         for b in torch.nonzero((final_row >= i0) & (final_row < i1)).flatten().tolist():
-            vec["final"][b, :, kstart:i1] = p[b, :, int(final_row[b]) - i0]
+            vec[FINAL][b, :, kstart:i1] = p[b, :, int(final_row[b]) - i0]
 
         # -- column statistics (attention received) --
-        vec["recv_sum"][:, :, kstart:i1] += p.sum(2)
-        torch.maximum(vec["recv_max"][:, :, kstart:i1], p.amax(2), out=vec["recv_max"][:, :, kstart:i1])
+        vec[RECV_SUM][:, :, kstart:i1] += p.sum(2)
+        torch.maximum(vec[RECV_MAX][:, :, kstart:i1], p.amax(2), out=vec[RECV_MAX][:, :, kstart:i1])
 
         # -- histograms and moments --
         lo_c, hi_c = lo.contiguous().cpu(), hi.contiguous().cpu()
@@ -186,7 +198,7 @@ def attn_stats_torch(
     out = {"hist_all": hist_all, "hist_log": hist_log, "moments": moments, "dist": dist.cpu()}
     r = min(R, L)  # no prompt has more cells a side
     out["thumb"] = (thumb[:, :, :r, :r].cpu() / cell_count[:, None, :r, :r]).float()
-    out.update({name: v for name, v in vec.items()})
+    out.update({s.name: v for s, v in vec.items()})
     return out
 
 
@@ -299,5 +311,5 @@ def _attn_stats_fused(
         "dist": torch.from_numpy(state.dist),
         "thumb": (torch.from_numpy(state.thumb) / cell_count[:, None]).float(),
     }
-    out.update({name: torch.from_numpy(state.vec[n]) for n, name in enumerate(ATTN_VECTOR_STATS)})
+    out.update({s.name: torch.from_numpy(state.vec[s.slot]) for s in VECTORS})
     return out
