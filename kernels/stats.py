@@ -157,15 +157,16 @@ class Laminar:
     kind: str
     label: str
     samples: Stat | None
-    hist: str  # the key of its linear histogram among a profile's arrays
+    hist: str  # the key of its histogram among a profile's arrays
     moments: str  # the key of its moments (n, sum, sum of squares)
+    kde: bool = True  # a KDE of the weights on [0, 1]; False: the log10 histogram itself
 
 
 LAMINAR: dict[str, Laminar] = {
     "self": Laminar("self", DIAG.label, DIAG, "attn.self_hist", "attn.self_moments"),
     "final": Laminar("final", FINAL.label, FINAL, "attn.final_hist", "attn.final_moments"),
     "all": Laminar("all", "all causal pairs p(i, j)", None, HIST_ALL.key, MOMENTS.key),
-    "log": Laminar("log", "log10 p(i, j) of all causal pairs", None, HIST_LOG.key, MOMENTS.key),
+    "log": Laminar("log", "log10 p(i, j) of all causal pairs", None, HIST_LOG.key, MOMENTS.key, kde=False),
 }
 
 

@@ -35,7 +35,7 @@ _WHERE = {
     "SCHEMA_VERSION": "data",
     "Profile": "data",
     "ProfileError": "data",
-    "load": "data",
+    "load": "store",
     "Corpus": "corpus",
     "PromptItem": "corpus",
     "RunWriter": "store",

@@ -6,30 +6,23 @@ On disk (one directory): ``profile.safetensors`` holds every array, ``profile.js
 list and a SHA-256 of the arrays file (a profile whose two files disagree is refused). Arrays, with
 Ly layers, H heads, T tokens of all prompts concatenated (prompt p owns ``offsets[p]:offsets[p+1]``):
 
-    attn.hist_all, attn.hist_log    [Ly, H, bins] int64   p and log10 p of every allowed pair
-    attn.moments                    [Ly, H, 3] float64    n pairs, sum p, sum p^2
-    attn.dist                       [Ly, H, 32] float64   sum p by floor(log2(i - j + 1))
-    attn.<vector>                   [Ly, H, T] float32    diag, final, entropy, rowmax, recv_sum, recv_max, sink, prev,
-                                                          dup, induction
+    attn.<vector>                   [Ly, H, T] float32    each per-row vector of ``stats.VECTORS`` (``Stat.key``)
     attn.thumb.p<i>                 [Ly, H, R, R] float32 average-pooled p of prompt i (R = min(thumb, L_i))
     attn.full.p<i>.l<l>.h<h>        [L_i, L_i] float32    full matrices of the heads the user chose to keep
     mlp.in_norm, mlp.out_norm       [Ly, T] float32       L2 norm of the down_proj input and output per token
     mlp.topk_idx, mlp.topk_val      [Ly, T, k]            neurons of largest |x| per token
-    mlp.neuron_max                  [Ly, F] float32       max over tokens, with mlp.neuron_argmax (global token)
-    mlp.neuron_sum, mlp.neuron_sumsq [Ly, F] float64
     tokens.ids                      [T] int64
     tokens.logit_entropy            [T] float32           entropy of the next-token distribution (nats)
+    lens.<field>                    [Ly, T]               the logit lens (``LENS_ARRAYS``), when it was on
     prompts.offsets                 [P + 1] int64
 
-Additive accumulators that let a corpus run without the per-token vectors still draw every view of the whole run:
+and the accumulators of ``stats.ACCUMULATORS`` (per layer and head, or per neuron; each with its shape, dtype and
+fold declared there), which let a corpus run without the per-token vectors still draw every view of the whole run:
+the pair histograms and moments, the distance buckets, the histograms and moments of the self and final weights
+(``stats.LAMINAR``), the row sums of every vector, the thumbnails pooled in relative position, and the neurons'
+sums, maxima and top contexts.
 
-    attn.self_hist, attn.final_hist [Ly, H, bins] int64   linear histograms of p_ii and of each final-token row
-    attn.self_moments, attn.final_moments [Ly, H, 3]      n, sum, sum of squares of the same samples
-    attn.row_sums                   [Ly, H, V] float64    sum over tokens of each vector (V = ATTN_VECTORS, in order)
-    attn.thumb_rel                  [Ly, H, R, R] float64 sum over prompts of the thumbnail, cells in relative position
-    attn.thumb_rel_count            [R, R] int64          prompts that fed each relative cell
-
-The final-token row of prompt p is ``attn.final[..., offsets[p]:offsets[p+1]]`` (one value per key).
+The final-token row of prompt p is ``arrays[stats.FINAL.key][..., offsets[p]:offsets[p+1]]`` (one value per key).
 """
 
 from __future__ import annotations
@@ -43,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from attnscope.kernels.stats import ACCUM_KEYS, LAMINAR, ROW_SUMS, VECTOR_NAMES, VECTORS
+
+from .accum import combine_accum, topk_fold
 
 __all__ = [
     "ACCUM_NAMES",
@@ -53,7 +49,7 @@ __all__ = [
     "Profile",
     "ProfileError",
     "combine_accum",
-    "load",
+    "load_profile_dir",
     "mean_distance",
     "topk_fold",
 ]
@@ -63,25 +59,8 @@ FORMAT_NAME = "attnscope-profile"
 ARRAYS_FILE = "profile.safetensors"
 META_FILE = "profile.json"
 
-ATTN_VECTORS = ("diag", "final", "entropy", "rowmax", "recv_sum", "recv_max", "sink", "prev", "dup", "induction")
-ACCUM_ADDITIVE = (
-    "attn.hist_all",
-    "attn.hist_log",
-    "attn.moments",
-    "attn.dist",
-    "attn.self_hist",
-    "attn.self_moments",
-    "attn.final_hist",
-    "attn.final_moments",
-    "attn.row_sums",
-    "attn.thumb_rel",
-    "attn.thumb_rel_count",
-    "mlp.neuron_sum",
-    "mlp.neuron_sumsq",
-)
-# running top-k activating tokens per neuron (FFN memories' trigger contexts), [Ly, k, d_ff], largest first
-ACCUM_TOPK = ("mlp.ctx_value", "mlp.ctx_token")
-ACCUM_NAMES = ACCUM_ADDITIVE + ("mlp.neuron_max", "mlp.neuron_argmax") + ACCUM_TOPK
+ATTN_VECTORS = VECTOR_NAMES
+ACCUM_NAMES = ACCUM_KEYS
 # logit lens per layer and token (``--logit-lens``), [Ly, T]
 LENS_ARRAYS = (
     "lens.top_id",
@@ -91,10 +70,9 @@ LENS_ARRAYS = (
     "lens.target_rank",
     "lens.final_prob",
 )
-_ADDITIVE = ACCUM_ADDITIVE
 # per-token arrays: name -> the axis that runs over the tokens of all prompts
 TOKEN_AXIS = (
-    {f"attn.{v}": 2 for v in ATTN_VECTORS}
+    {s.key: 2 for s in VECTORS}
     | {
         "mlp.in_norm": 1,
         "mlp.out_norm": 1,
@@ -113,55 +91,12 @@ class ProfileError(ValueError):
     """A profile directory is missing, corrupted, foreign, or incompatible with another profile."""
 
 
-def combine_accum(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray], b_token_offset: int) -> dict:
-    """The accumulators of two disjoint prompt sets, ``b``'s tokens numbered after ``b_token_offset`` tokens.
-
-    Sums the additive ones and keeps the larger neuron maximum and the top-k contexts. Ties go to the lower token
-    index in the run (the earliest prompt, then position), whichever side holds it, as everywhere a maximum or
-    top-k over tokens is kept: so folding shards one by one and merging runs both equal one pass over the tokens.
-    """
-    if a is None:
-        out = {k: v.copy() for k, v in b.items() if k in ACCUM_NAMES}
-        if "mlp.neuron_argmax" in out:
-            out["mlp.neuron_argmax"] = out["mlp.neuron_argmax"] + b_token_offset
-        if "mlp.ctx_token" in out:
-            out["mlp.ctx_token"] = np.where(out["mlp.ctx_token"] >= 0, out["mlp.ctx_token"] + b_token_offset, -1)
-        return out
-    out = {name: a[name] + b[name] for name in ACCUM_ADDITIVE if name in a and name in b}
-    if "mlp.ctx_value" in a and "mlp.ctx_value" in b:
-        tb = np.where(b["mlp.ctx_token"] >= 0, b["mlp.ctx_token"] + b_token_offset, -1)
-        out["mlp.ctx_value"], out["mlp.ctx_token"] = topk_fold(
-            a["mlp.ctx_value"], a["mlp.ctx_token"], b["mlp.ctx_value"], tb
-        )
-    if "mlp.neuron_max" in a and "mlp.neuron_max" in b:
-        va, vb = a["mlp.neuron_max"], b["mlp.neuron_max"]
-        ta, tb = a["mlp.neuron_argmax"], b["mlp.neuron_argmax"] + b_token_offset
-        take_b = (vb > va) | ((vb == va) & (tb < ta))  # a tie: the lower token index in the run
-        out["mlp.neuron_max"] = np.where(take_b, vb, va)
-        out["mlp.neuron_argmax"] = np.where(take_b, tb, ta)
-    return out
-
-
 def mean_distance(dist: np.ndarray) -> np.ndarray:
     """Mean attention distance (tokens) from distance buckets [..., 32], bucket k holding i - j + 1 in
     [2^k, 2^(k+1)): each bucket counts at its midpoint 1.5 * 2^k - 1.5; 0 where no mass."""
     mid = 1.5 * 2.0 ** np.arange(dist.shape[-1]) - 1.5
     mass = dist.sum(-1)
     return np.divide((dist * mid).sum(-1), mass, out=np.zeros_like(mass), where=mass > 0)
-
-
-def topk_fold(
-    value: np.ndarray, token: np.ndarray, new_value: np.ndarray, new_token: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k (k = value.shape[-2]) of two candidate sets along axis -2: arrays [..., k, F] and [..., k', F]
-    of values and global token indices (-1: none). Larger values first, ties to the earlier token, so folding
-    batches one by one or merging two runs gives the same result as one pass."""
-    k = value.shape[-2]
-    v = np.concatenate([value, new_value], axis=-2)
-    t = np.concatenate([token, new_token], axis=-2)
-    late = np.where(t < 0, np.iinfo(np.int64).max, t)
-    order = np.lexsort((late, -v), axis=-2)[..., :k, :]
-    return np.take_along_axis(v, order, -2), np.take_along_axis(t, order, -2)
 
 
 @dataclass
@@ -209,10 +144,14 @@ class Profile:
 
     # -- laminar profiles --
     def weights(self, which: str):
-        """The self (p_ii) or final-row weights, [layers, heads, tokens], or None where the profile holds only their
-        additive histogram and moments (a corpus run without the vectors tier)."""
-        name = "attn.diag" if which == "self" else "attn.final"
-        return self.arrays[name] if name in self.arrays else None
+        """The weights a laminar kind draws (``"self"``: p_ii, ``"final"``: each final-token row), [layers, heads,
+        tokens], or None where the profile holds only their additive histogram and moments (a corpus run without
+        the vectors tier)."""
+        lam = LAMINAR.get(which)
+        if lam is None or lam.samples is None:
+            kinds = [k for k, v in LAMINAR.items() if v.samples is not None]
+            raise ValueError(f"which must be {_one_of(kinds)} to have weights, got {which!r}")
+        return self.arrays[lam.samples.key] if lam.samples.key in self.arrays else None
 
     def laminar(
         self, which: str = "self", points: int = 300, head: int | None = None, lo: float = 0.0, hi: float = 1.0
@@ -220,7 +159,8 @@ class Profile:
         """Per-layer KDE of attention weights (the "laminar" profile).
 
         Args:
-            which: ``"self"`` (diagonal p_ii), ``"final"`` (last token's row) or ``"all"`` (every causal pair).
+            which: a KDE kind of ``stats.LAMINAR``: ``"self"`` (diagonal p_ii), ``"final"`` (last token's row) or
+                ``"all"`` (every causal pair).
             points: grid size, ``np.linspace(lo, hi, points)``.
             head: one head, or None to pool every head of a layer.
             lo, hi: grid range; [0, 1] as the seed draws it (part of the kernel mass of weights near 0 or 1
@@ -229,41 +169,38 @@ class Profile:
         Returns:
             ``(grid [points], density [layers, points])``: Gaussian KDE with Scott's bandwidth, equal to
             scipy.stats.gaussian_kde on the materialised weights (exactly for self/final; from the
-            histogram for all, see ``attnscope.render.kde.binned_kde`` for its error bound).
+            histogram for all, see ``attnscope.kernels.kde.BinnedKDE`` for its error bound).
         """
-        from attnscope.render.kde import BinnedKDE, ExactKDE
+        from attnscope.kernels.kde import BinnedKDE, ExactKDE
 
+        kinds = [k for k, v in LAMINAR.items() if v.kde]
+        if which not in kinds:
+            raise ValueError(f"which must be {_one_of(kinds)}, got {which!r}")
         if head is not None and not 0 <= head < self.n_heads:
             raise IndexError(f"head {head} out of range: the model has {self.n_heads} heads")
+        lam = LAMINAR[which]
+        heads = slice(None) if head is None else slice(head, head + 1)
         grid = np.linspace(lo, hi, points)
-        weights = self.weights(which) if which in ("self", "final") else None
-        if which in ("self", "final") and weights is None:
-            # a corpus run without the vectors tier: the same KDE from the additive histogram and exact moments
-            heads = slice(None) if head is None else slice(head, head + 1)
-            if f"attn.{which}_hist" not in self.arrays:
-                raise ProfileError(f"this profile holds neither the {which} vectors nor their histogram")
-            hist = self.arrays[f"attn.{which}_hist"][:, heads].sum(1)  # [Ly, bins]
-            mom = self.arrays[f"attn.{which}_moments"][:, heads].sum(1)  # [Ly, 3]
-            return grid, BinnedKDE(grid)(hist, mom)
-        if which in ("self", "final"):
-            heads = slice(None) if head is None else slice(head, head + 1)
+        weights = self.weights(which) if lam.samples is not None else None
+        if weights is not None:
             samples = [weights[layer, heads].reshape(-1).astype(np.float64) for layer in range(self.n_layers)]
             return grid, ExactKDE(grid)(samples)
-        if which == "all":
-            heads = slice(None) if head is None else slice(head, head + 1)
-            hist = self.arrays["attn.hist_all"][:, heads].sum(1)  # [Ly, bins]
-            mom = self.arrays["attn.moments"][:, heads].sum(1)  # [Ly, 3]
-            return grid, BinnedKDE(grid)(hist, mom)
-        raise ValueError(f"which must be 'self', 'final' or 'all', got {which!r}")
+        # every pair, or a corpus run without the vectors tier: the same KDE from the additive histogram and moments
+        if lam.hist not in self.arrays:
+            raise ProfileError(f"this profile holds neither the {which} vectors nor their histogram")
+        hist = self.arrays[lam.hist][:, heads].sum(1)  # [Ly, bins]
+        mom = self.arrays[lam.moments][:, heads].sum(1)  # [Ly, 3]
+        return grid, BinnedKDE(grid)(hist, mom)
 
     def head_means(self) -> dict[str, np.ndarray]:
-        """Per (layer, head) mean over every token of each vector of ``ATTN_VECTORS``, [layers, heads] float64.
+        """Per (layer, head) mean over every token of each vector of ``stats.VECTORS``, [layers, heads] float64.
 
-        Comes from the additive ``attn.row_sums``, so it needs no per-token vector (a corpus run has none).
+        Comes from the additive row sums (``stats.ROW_SUMS``), so it needs no per-token vector (a corpus run has
+        none).
         """
-        names = self.meta.get("vectors", list(ATTN_VECTORS))
-        if "attn.row_sums" in self.arrays:
-            sums = self.arrays["attn.row_sums"]  # [Ly, H, V]
+        names = self.meta.get("vectors", list(VECTOR_NAMES))
+        if ROW_SUMS.key in self.arrays:
+            sums = self.arrays[ROW_SUMS.key]  # [Ly, H, V]
             return {v: sums[..., i] / max(self.n_tokens, 1) for i, v in enumerate(names)}
         return {v: self.arrays[f"attn.{v}"].mean(-1).astype(np.float64) for v in names}
 
@@ -324,7 +261,7 @@ class Profile:
                 raise ProfileError(f"{path} exists and is not a directory")
             if any(path.iterdir()):
                 try:
-                    old = load(path)
+                    old = load_profile_dir(path)
                 except ProfileError as e:
                     raise ProfileError(
                         f"refusing to overwrite {path}: it is not empty and not a profile ({e})"
@@ -372,7 +309,14 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
-        return load(path)
+        """A profile directory written by ``Profile.save`` (``attnscope.load`` reads run directories too)."""
+        return load_profile_dir(path)
+
+
+def _one_of(names) -> str:
+    """``'a', 'b' or 'c'``."""
+    q = [repr(n) for n in names]
+    return q[0] if len(q) == 1 else f"{', '.join(q[:-1])} or {q[-1]}"
 
 
 def _sha256(path: Path) -> str:
@@ -383,19 +327,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load(path: str | os.PathLike) -> Profile:
-    """Load a profile directory written by ``Profile.save``, or a run directory written by ``attnscope profile``
-    (``run.json``, lazy: per-token data is read on first use); ``ProfileError`` if it is neither."""
+def load_profile_dir(path: str | os.PathLike) -> Profile:
+    """Load a profile directory written by ``Profile.save``; ``ProfileError`` if it is not one (``attnscope.load``
+    reads run directories too)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
     if not path.is_dir():
         raise ProfileError(f"{path} is not a profile directory (it does not exist or is not a directory)")
-    if (path / "run.json").is_file():  # a run directory written shard by shard (profiler/store.py)
-        from .store import load_run
-
-        return load_run(path)
     meta_path, arrays_path = path / META_FILE, path / ARRAYS_FILE
     if not meta_path.is_file() or not arrays_path.is_file():
         raise ProfileError(f"{path} is not a profile directory: {META_FILE} or {ARRAYS_FILE} is missing")

@@ -11,23 +11,66 @@ import platform
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from attnscope.kernels import KeyRanges, attn_stats, down_proj_stats
 from attnscope.kernels.reference import attention_probs_ref
+from attnscope.kernels.stats import (
+    ACCUMULATORS,
+    CTX_VALUE,
+    DIST,
+    DIST_ACC,
+    HIST_ALL,
+    HIST_ALL_ACC,
+    HIST_LOG,
+    HIST_LOG_ACC,
+    LAMINAR,
+    MOMENTS,
+    MOMENTS_ACC,
+    N_DIST_BUCKETS,
+    NEURON_MAX,
+    NEURON_SUM,
+    NEURON_SUMSQ,
+    ROW_SUMS,
+    THUMB,
+    THUMB_REL,
+    THUMB_REL_COUNT,
+    VECTORS,
+)
 
+from .accum import ACCUM, Accumulator
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
-from .data import ATTN_VECTORS, LENS_ARRAYS, SCHEMA_VERSION, mean_distance, topk_fold
+from .data import ATTN_VECTORS, LENS_ARRAYS, SCHEMA_VERSION, mean_distance
 from .hooks import capture, model_geometry
 from .lens import LensCollector, next_token_entropy, residual_hooks
 from .memories import top_contexts
 from .store import Shard
 
-__all__ = ["Engine", "config_digest", "release_freed_memory", "weights_digest"]
+__all__ = ["BatchStats", "Engine", "config_digest", "release_freed_memory", "weights_digest"]
 
 _LENS_DTYPE = {"lens.top_id": np.int32, "lens.target_rank": np.int32}
+# the accumulators one forward pass fills directly (the others are folded from its vectors and down_proj statistics)
+_BATCH_SUMS = (HIST_ALL_ACC, HIST_LOG_ACC, MOMENTS_ACC, THUMB_REL, THUMB_REL_COUNT)
+# the attention accumulators of a shard, allocated up front (the down_proj ones once d_ff is known)
+_ATTN_ACCUMS = tuple(a for a in ACCUMULATORS if a.key.startswith("attn."))
+
+
+@dataclass
+class BatchStats:
+    """Everything one forward pass of B prompts yields, on the host (Lmax: the longest prompt of the batch)."""
+
+    lengths: np.ndarray  # [B] real tokens of each prompt
+    vec: np.ndarray  # [V, Ly, B, H, Lmax] float32: every per-row vector by slot, 0 past each prompt's end
+    sums: Accumulator  # the pair histograms and moments, and the thumbnails in relative position, of the batch
+    dist: np.ndarray  # [Ly, B, H, N_DIST_BUCKETS] float64: distance buckets per prompt
+    thumbs: list  # per prompt [Ly, H, r, r] float32 (the vectors tier), else None
+    full: dict = field(default_factory=dict)  # (batch row, layer, head) -> [L, L] kept full matrices
+    mlp: dict = field(default_factory=dict)  # layer -> down_proj statistics of the batch's real tokens, row-major
+    entropy: np.ndarray | None = None  # [T_batch] next-token entropy of the real tokens, row-major
+    lens: dict | None = None  # logit-lens field -> [Ly, T_batch]
 
 
 def _digest(obj) -> str:
@@ -91,6 +134,8 @@ class Engine:
         self.pad_id = t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0)
         self.base = model.base_model
         self.vectors = ATTN_VECTORS
+        spec = cfg.spec
+        self.dims = {"Ly": self.Ly, "H": self.H, "bins": spec.bins, "R": spec.thumb_size, "V": len(VECTORS)}
         self._decoded: dict[int, str] = {}
         # the tokenising thread and the lens' decoding (main thread) share the tokenizer: one call at a time
         self._tok_lock = threading.Lock()
@@ -141,7 +186,8 @@ class Engine:
         return [np.sort(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
     # -- one forward pass --
-    def forward(self, batch_ids: list[np.ndarray]) -> dict:
+    def forward(self, batch_ids: list[np.ndarray]) -> BatchStats:
+        """Run the model on one padded batch and bring every statistic to the host (``BatchStats``)."""
         cfg, Ly, H, R = self.cfg, self.Ly, self.H, self.cfg.spec.thumb_size
         B = len(batch_ids)
         lengths = np.array([len(x) for x in batch_ids])
@@ -152,19 +198,15 @@ class Engine:
             ids[b, : len(x)] = torch.from_numpy(x)
             mask[b, : len(x)] = 1
         ranges = KeyRanges.from_attention_mask(mask)
-        nb = cfg.spec.bins
-        r = {
-            "vec": {v: np.zeros((Ly, B, H, Lmax), np.float32) for v in self.vectors},
-            "thumb_rel": np.zeros((Ly, H, R, R)),
-            "thumb_rel_count": np.zeros((R, R), np.int64),
-            "thumbs": [None] * B,
-            "hist_all": np.zeros((Ly, H, nb), np.int64),
-            "hist_log": np.zeros((Ly, H, nb), np.int64),
-            "moments": np.zeros((Ly, H, 3)),
-            "dist": np.zeros((Ly, B, H, 32)),  # per batch row
-            "full": {},
-            "mlp": {},
-        }
+        r = BatchStats(
+            lengths=lengths,
+            vec=np.zeros((len(VECTORS), Ly, B, H, Lmax), np.float32),
+            sums=Accumulator().allocate(self.dims, *_BATCH_SUMS),
+            dist=np.zeros((Ly, B, H, N_DIST_BUCKETS)),
+            thumbs=[np.zeros((Ly, H, min(R, int(n)), min(R, int(n))), np.float32) for n in lengths]
+            if cfg.keep_vectors
+            else [None] * B,
+        )
         dev_ids = ids.to(self.device)
         # thumbnail cell t of a prompt of L tokens starts at position ceil(t L / r): its relative cell is that * R // L
         cells = []
@@ -173,34 +215,33 @@ class Engine:
             rp = min(R, L)
             rel = np.array([-(-t * L // rp) for t in range(rp)]) * R // L
             cells.append((rp, rel[:, None], rel[None, :]))
-            r["thumb_rel_count"][rel[:, None], rel[None, :]] += 1
-            if cfg.keep_vectors:
-                r["thumbs"][b] = np.zeros((Ly, H, rp, rp), np.float32)
+            r.sums[THUMB_REL_COUNT.key][rel[:, None], rel[None, :]] += 1
 
         def on_attention(layer, q, k, scaling, window, lse=None):
             rr = ranges.with_window(window)
             st = attn_stats(
                 q.detach(), k.detach(), scaling, rr, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids, lse=lse
             )
-            for name in ("hist_all", "hist_log", "moments", "dist"):
-                r[name][layer] = st[name].cpu().numpy()
-            for v in self.vectors:
-                r["vec"][v][layer] = st[v].cpu().numpy()
+            for stat in (HIST_ALL, HIST_LOG, MOMENTS):
+                r.sums.fold(ACCUM[stat.key], st[stat.name].cpu().numpy(), at=layer)
+            r.dist[layer] = st[DIST.name].cpu().numpy()
+            for s in VECTORS:
+                r.vec[s.slot, layer] = st[s.name].cpu().numpy()
             if self.device.type == "cpu" and Lmax >= 1024:  # long rows leave big freed blocks; short ones do not
                 release_freed_memory()
-            th = st["thumb"].cpu().numpy()  # [B, H, r, r], r = min(R, L): prompt b fills [:rp, :rp]
-            rel_sum = r["thumb_rel"][layer]  # [H, R, R]
+            th = st[THUMB.name].cpu().numpy()  # [B, H, r, r], r = min(R, L): prompt b fills [:rp, :rp]
+            rel_sum = r.sums[THUMB_REL.key][layer]  # [H, R, R]
             for b, (rp, ra, rc) in enumerate(cells):  # one small numpy op per prompt and layer
                 rel_sum[:, ra, rc] += th[b, :, :rp, :rp]
                 if cfg.keep_vectors:
-                    r["thumbs"][b][layer] = th[b, :, :rp, :rp]
+                    r.thumbs[b][layer] = th[b, :, :rp, :rp]
             for lyr, head in cfg.keep_full:
                 if lyr == layer:
                     kv = head // (H // k.shape[1])
                     p = attention_probs_ref(q[:, head : head + 1], k[:, kv : kv + 1], scaling, rr, upcast=False)
                     for b in range(B):
                         L = int(lengths[b])
-                        r["full"][(b, layer, head)] = p[b, 0, :L, :L].float().cpu().numpy()
+                        r.full[(b, layer, head)] = p[b, 0, :L, :L].float().cpu().numpy()
 
         sel = mask.bool().to(self.device)
 
@@ -209,7 +250,7 @@ class Engine:
             st = down_proj_stats(xs, y.detach()[sel], cfg.top_k, cfg.impl, contexts=cfg.neuron_contexts)
             if cfg.neuron_contexts and "ctx_value" not in st:  # this batch's candidates for the top-k per neuron
                 st["ctx_value"], st["ctx_index"] = top_contexts(xs, cfg.neuron_contexts)  # [k, d_ff]
-            r["mlp"][layer] = {name: t.cpu().numpy() for name, t in st.items()}
+            r.mlp[layer] = {name: t.cpu().numpy() for name, t in st.items()}
 
         lens = LensCollector(self.model, dev_ids, mask.to(self.device), cfg.impl) if cfg.logit_lens else None
         with (
@@ -220,11 +261,10 @@ class Engine:
             hidden = self.base(input_ids=dev_ids, attention_mask=mask.to(self.device), use_cache=False)[0]
             # real tokens only; the vocabulary is reduced a chunk at a time, never [batch, L, vocab] logits
             if lens is not None:  # the last layer's lens is the model's own distribution: one reduction serves both
-                r["lens"] = {f: t.numpy() for f, t in lens.finish().items()}
-                r["entropy"] = r["lens"]["entropy"][-1].astype(np.float32)
+                r.lens = {f: t.numpy() for f, t in lens.finish().items()}
+                r.entropy = r.lens["entropy"][-1].astype(np.float32)
             else:
-                r["entropy"] = next_token_entropy(self.model, hidden[sel], cfg.impl).float().cpu().numpy()
-        r["lengths"] = lengths
+                r.entropy = next_token_entropy(self.model, hidden[sel], cfg.impl).float().cpu().numpy()
         return r
 
     # -- a shard --
@@ -233,111 +273,17 @@ class Engine:
     ) -> Shard:
         """The ``Shard`` of ``items`` (in their order), computed in length-bucketed batches; ``token_text`` is the
         decoded text of every token (decoded here when None)."""
-        cfg, Ly, H, R = self.cfg, self.Ly, self.H, self.cfg.spec.thumb_size
-        V, nb = len(self.vectors), cfg.spec.bins
-        P = len(items)
         lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        T = int(offsets[-1])
-        keep = cfg.keep_vectors
-        vectors = {f"attn.{v}": np.zeros((Ly, H, T), np.float32) for v in self.vectors} if keep else None
-        thumbs: list = [None] * P if keep else None
-        mlp = {
-            "in_norm": np.zeros((Ly, T), np.float32),
-            "out_norm": np.zeros((Ly, T), np.float32),
-            "topk_idx": np.zeros((Ly, T, cfg.top_k), np.int32),
-            "topk_val": np.zeros((Ly, T, cfg.top_k), np.float32),
-        }
-        entropy = np.zeros(T, np.float32)
-        lens = {n: np.zeros((Ly, T), _LENS_DTYPE.get(n, np.float32)) for n in LENS_ARRAYS} if cfg.logit_lens else None
-        row_means = np.zeros((P, Ly, H, V), np.float32)
-        distance = np.full((P, Ly, H), np.nan)
-        acc = {
-            "attn.hist_all": np.zeros((Ly, H, nb), np.int64),
-            "attn.hist_log": np.zeros((Ly, H, nb), np.int64),
-            "attn.moments": np.zeros((Ly, H, 3)),
-            "attn.dist": np.zeros((Ly, H, 32)),
-            "attn.self_hist": np.zeros((Ly, H, nb), np.int64),
-            "attn.self_moments": np.zeros((Ly, H, 3)),
-            "attn.final_hist": np.zeros((Ly, H, nb), np.int64),
-            "attn.final_moments": np.zeros((Ly, H, 3)),
-            "attn.row_sums": np.zeros((Ly, H, V)),
-            "attn.thumb_rel": np.zeros((Ly, H, R, R)),
-            "attn.thumb_rel_count": np.zeros((R, R), np.int64),
-        }
-        full: dict = {}
+        out = _ShardBuffers(self, len(items), lengths)
         for sel in self.batches(lengths):
-            r = self.forward([token_lists[i] for i in sel])
-            B, Lmax = len(sel), int(r["lengths"].max())
-            blen = r["lengths"]
-            valid = np.arange(Lmax)[None, :] < blen[:, None]  # [B, Lmax]
-            for name in ("hist_all", "hist_log", "moments"):
-                acc[f"attn.{name}"] += r[name]
-            acc["attn.dist"] += r["dist"].sum(1)
-            # per prompt: vector sums -> means, head accumulators
-            sums = np.stack([r["vec"][v].sum(-1, dtype=np.float64) for v in self.vectors], -1)  # [Ly, B, H, V]
-            acc["attn.row_sums"] += sums.sum(1)
-            row_means[sel] = (sums / blen[None, :, None, None]).transpose(1, 0, 2, 3)
-            distance[sel] = mean_distance(r["dist"]).transpose(1, 0, 2)  # [Ly, B, H, 32] -> [B, Ly, H]
-            # histograms and moments of p_ii and of the final rows, from the vectors (valid positions only)
-            for which, v in (("self", "diag"), ("final", "final")):
-                x = r["vec"][v].transpose(0, 2, 1, 3)[:, :, valid]  # [Ly, H, n]
-                _add_hist(acc[f"attn.{which}_hist"], x, nb)
-                x64 = x.astype(np.float64)
-                acc[f"attn.{which}_moments"] += np.stack(
-                    [np.full(x.shape[:2], float(x.shape[-1])), x64.sum(-1), (x64 * x64).sum(-1)], -1
-                )
-            # thumbnails, pooled again in relative position so prompts of any length add up
-            acc["attn.thumb_rel"] += r["thumb_rel"]
-            acc["attn.thumb_rel_count"] += r["thumb_rel_count"]
-            for b, i in enumerate(sel.tolist()):
-                L = int(blen[b])
-                lo, hi = offsets[i], offsets[i + 1]
-                if keep:
-                    for v in self.vectors:
-                        vectors[f"attn.{v}"][:, :, lo:hi] = r["vec"][v][:, b, :, :L]
-                    thumbs[i] = r["thumbs"][b]
-            for (b, layer, head), m in r["full"].items():
-                full[(int(sel[b]), layer, head)] = m
-            # down_proj: the batch's real tokens in row-major order -> shard token positions
-            where = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in sel.tolist()])
-            entropy[where] = r["entropy"]
-            if lens is not None:
-                for f, a in r["lens"].items():
-                    lens[f"lens.{f}"][:, where] = a
-            for layer in range(Ly):
-                st = r["mlp"][layer]
-                for name in mlp:
-                    mlp[name][layer, where] = st[name]
-                mx, amx = st["neuron_max"].astype(np.float32), where[st["neuron_argmax"]]
-                if "mlp.neuron_max" not in acc:
-                    F = mx.shape[0]
-                    acc["mlp.neuron_max"] = np.full((Ly, F), -np.inf, np.float32)
-                    acc["mlp.neuron_argmax"] = np.zeros((Ly, F), np.int64)
-                    acc["mlp.neuron_sum"] = np.zeros((Ly, F))
-                    acc["mlp.neuron_sumsq"] = np.zeros((Ly, F))
-                cur = acc["mlp.neuron_max"][layer]
-                take = (mx > cur) | ((mx == cur) & (amx < acc["mlp.neuron_argmax"][layer]))  # ties: earlier token
-                acc["mlp.neuron_max"][layer] = np.where(take, mx, cur)
-                acc["mlp.neuron_argmax"][layer] = np.where(take, amx, acc["mlp.neuron_argmax"][layer])
-                acc["mlp.neuron_sum"][layer] += st["neuron_sum"]
-                if "ctx_value" in st:  # FFN memories: fold this batch's top-k tokens per neuron (shard positions)
-                    if "mlp.ctx_value" not in acc:
-                        shape = (Ly, cfg.neuron_contexts, st["ctx_value"].shape[1])
-                        acc["mlp.ctx_value"] = np.full(shape, -np.inf, np.float32)
-                        acc["mlp.ctx_token"] = np.full(shape, -1, np.int64)
-                    acc["mlp.ctx_value"][layer], acc["mlp.ctx_token"][layer] = topk_fold(
-                        acc["mlp.ctx_value"][layer],
-                        acc["mlp.ctx_token"][layer],
-                        st["ctx_value"],
-                        where[st["ctx_index"]],
-                    )
-                acc["mlp.neuron_sumsq"][layer] += st["neuron_sumsq"]
+            batch = self.forward([token_lists[i] for i in sel])
+            out.add_attention(sel, batch)
+            out.add_mlp(sel, batch)
             if bar is not None:
-                bar.tokens += int(blen.sum())
+                bar.tokens += int(batch.lengths.sum())
                 rate = bar.tokens / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-                bar.update(B)
+                bar.update(len(sel))
         token_ids = np.concatenate(token_lists) if token_lists else np.zeros(0, np.int64)
         return Shard(
             prompt_ids=[it.id for it in items],
@@ -346,16 +292,16 @@ class Engine:
             lengths=lengths,
             token_ids=token_ids,
             token_text=self.decode(token_ids) if token_text is None else token_text,
-            logit_entropy=entropy,
-            mlp=mlp,
-            row_means=row_means,
-            distance=distance,
-            accum=acc,
-            vectors=vectors,
-            thumbs=thumbs,
-            full=full,
-            lens=lens,
-            lens_vocab=self._vocab(lens["lens.top_id"]) if lens is not None else None,
+            logit_entropy=out.entropy,
+            mlp=out.mlp,
+            row_means=out.row_means,
+            distance=out.distance,
+            accum=dict(out.acc),
+            vectors=out.vectors,
+            thumbs=out.thumbs,
+            full=out.full,
+            lens=out.lens,
+            lens_vocab=self._vocab(out.lens["lens.top_id"]) if out.lens is not None else None,
         )
 
     def _vocab(self, ids: np.ndarray) -> dict[int, str]:
@@ -390,6 +336,88 @@ class Engine:
             "versions": _versions(),
             "schema_version": SCHEMA_VERSION,
         }
+
+
+class _ShardBuffers:
+    """The arrays of one shard, filled batch by batch in corpus order (``Engine.run_shard``)."""
+
+    def __init__(self, eng: Engine, P: int, lengths: np.ndarray):
+        cfg, Ly, H = eng.cfg, eng.Ly, eng.H
+        self.cfg, self.dims = cfg, eng.dims
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        T = int(self.offsets[-1])
+        keep = cfg.keep_vectors
+        self.vectors = {s.key: np.zeros((Ly, H, T), np.float32) for s in VECTORS} if keep else None
+        self.thumbs: list | None = [None] * P if keep else None
+        self.mlp = {
+            "in_norm": np.zeros((Ly, T), np.float32),
+            "out_norm": np.zeros((Ly, T), np.float32),
+            "topk_idx": np.zeros((Ly, T, cfg.top_k), np.int32),
+            "topk_val": np.zeros((Ly, T, cfg.top_k), np.float32),
+        }
+        self.entropy = np.zeros(T, np.float32)
+        self.lens = (
+            {n: np.zeros((Ly, T), _LENS_DTYPE.get(n, np.float32)) for n in LENS_ARRAYS} if cfg.logit_lens else None
+        )
+        self.row_means = np.zeros((P, Ly, H, len(VECTORS)), np.float32)
+        self.distance = np.full((P, Ly, H), np.nan)
+        self.acc = Accumulator().allocate(self.dims, *_ATTN_ACCUMS)
+        self.full: dict = {}
+
+    def add_attention(self, sel: np.ndarray, r: BatchStats) -> None:
+        """Fold one batch's attention statistics (prompts ``sel`` of the shard)."""
+        acc, nb, blen = self.acc, self.cfg.spec.bins, r.lengths
+        valid = np.arange(r.vec.shape[-1])[None, :] < blen[:, None]  # [B, Lmax]
+        for key, a in r.sums.items():
+            acc.fold(ACCUM[key], a)
+        acc.fold(DIST_ACC, r.dist.sum(1))
+        # per prompt: vector sums -> means, head accumulators
+        sums = np.moveaxis(r.vec.sum(-1, dtype=np.float64), 0, -1)  # [Ly, B, H, V]
+        acc.fold(ROW_SUMS, sums.sum(1))
+        self.row_means[sel] = (sums / blen[None, :, None, None]).transpose(1, 0, 2, 3)
+        self.distance[sel] = mean_distance(r.dist).transpose(1, 0, 2)  # [Ly, B, H, 32] -> [B, Ly, H]
+        # histograms and moments of the weights the laminar views draw (p_ii, the final rows), valid positions only
+        for lam in LAMINAR.values():
+            if lam.samples is None:
+                continue
+            x = r.vec[lam.samples.slot].transpose(0, 2, 1, 3)[:, :, valid]  # [Ly, H, n]
+            _add_hist(acc[lam.hist], x, nb)
+            x64 = x.astype(np.float64)
+            acc.fold(
+                ACCUM[lam.moments],
+                np.stack([np.full(x.shape[:2], float(x.shape[-1])), x64.sum(-1), (x64 * x64).sum(-1)], -1),
+            )
+        if self.vectors is not None:
+            for b, i in enumerate(sel.tolist()):
+                lo, hi = self.offsets[i], self.offsets[i + 1]
+                for s in VECTORS:
+                    self.vectors[s.key][:, :, lo:hi] = r.vec[s.slot][:, b, :, : hi - lo]
+                self.thumbs[i] = r.thumbs[b]
+        for (b, layer, head), m in r.full.items():
+            self.full[(int(sel[b]), layer, head)] = m
+
+    def add_mlp(self, sel: np.ndarray, r: BatchStats) -> None:
+        """Fold one batch's down_proj statistics, next-token entropy and logit lens (row-major real tokens ->
+        shard token positions)."""
+        acc, off = self.acc, self.offsets
+        where = np.concatenate([np.arange(off[i], off[i + 1]) for i in sel.tolist()])
+        self.entropy[where] = r.entropy
+        if self.lens is not None:
+            for f, a in r.lens.items():
+                self.lens[f"lens.{f}"][:, where] = a
+        for layer in sorted(r.mlp):
+            st = r.mlp[layer]
+            for name, a in self.mlp.items():
+                a[layer, where] = st[name]
+            mx = st["neuron_max"].astype(np.float32)
+            dims = self.dims | {"F": mx.shape[0], "k": self.cfg.neuron_contexts}
+            acc.allocate(dims, NEURON_MAX, NEURON_SUM, NEURON_SUMSQ)
+            acc.fold(NEURON_MAX, mx, where[st["neuron_argmax"]], at=layer)  # ties: the earlier token
+            acc.fold(NEURON_SUM, st["neuron_sum"], at=layer)
+            if "ctx_value" in st:  # FFN memories: fold this batch's top-k tokens per neuron (shard positions)
+                acc.allocate(dims, CTX_VALUE)
+                acc.fold(CTX_VALUE, st["ctx_value"], where[st["ctx_index"]], at=layer)
+            acc.fold(NEURON_SUMSQ, st["neuron_sumsq"], at=layer)
 
 
 def _libc():

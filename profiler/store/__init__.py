@@ -22,6 +22,10 @@ under ``.staging/`` with the same layout; the commit renames them into place, an
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from ..data import Profile, ProfileError, load_profile_dir
 from .layout import (
     IDENTITY,
     PARTS,
@@ -60,6 +64,7 @@ __all__ = [
     "committed_ids",
     "doc_digest",
     "is_run",
+    "load",
     "load_run",
     "merge_runs",
     "next_seq",
@@ -72,3 +77,14 @@ __all__ = [
     "verify_run",
     "write_shard_files",
 ]
+
+
+def load(path: str | os.PathLike) -> Profile:
+    """A run directory (``run.json``: lazy, per-token data read on first use) or a profile directory written by
+    ``Profile.save``, as a ``Profile``; ``ProfileError`` if it is neither."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ProfileError(f"{path} is not a profile directory (it does not exist or is not a directory)")
+    if (path / RUN_FILE).is_file():
+        return load_run(path)
+    return load_profile_dir(path)

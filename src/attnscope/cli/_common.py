@@ -92,7 +92,8 @@ def _neither(path: Path) -> str | None:
 
 def load_profile(path: str):
     """Load a profile for a view: a missing array later gives a one-line error that names the directory."""
-    from attnscope.profiler.data import ProfileError, load
+    from attnscope.profiler.data import ProfileError
+    from attnscope.profiler.store import load
 
     problem = _neither(Path(path))
     if problem:

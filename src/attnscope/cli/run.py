@@ -173,7 +173,7 @@ def _quote(path: Path) -> str:
 
 def _heads_with_roles(run, heads):
     """The heads table with the head-role scores and label of ``attnscope.render.roles`` added."""
-    from attnscope.profiler.data import load
+    from attnscope.profiler.store import load
     from attnscope.render.roles import head_roles
 
     if heads.num_rows == 0 or "entropy" not in heads.column_names:
