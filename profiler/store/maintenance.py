@@ -8,16 +8,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import ProfileError, combine_accum
+from ..data import ProfileError
 from .layout import (
     LOCK_FILE,
     PARTS,
     RUN_FILE,
+    STAGING,
     TABLES,
     RunError,
     checked_file,
     damaged,
-    file_checksum,
     forget_verified,
     open_arrays,
     pyarrow_modules,
@@ -25,7 +25,6 @@ from .layout import (
     read_committed_ids,
     read_manifest,
     read_table,
-    save_arrays,
     table_rows,
     write_parquet,
 )
@@ -68,18 +67,19 @@ def merge_runs(
     meta["keep_vectors"] = keep = all(d.get("keep_vectors") for d in docs)
     dropped = [str(s) for s, d in zip(sources, docs) if d.get("keep_vectors") and not keep]
     with RunWriter(out, meta, mode="force" if force else "new") as w:
+        staging = w.path / STAGING
         for src, d in zip(sources, docs):
             src = Path(src)
-            accum = read_accum(src, d)
-            for sh in d["shards"]:
-                p0, t0 = w.doc["n_prompts"], w.doc["n_tokens"]
-                name = w.next_shard[0]
+            accum = read_accum(src, d)  # the source's whole accumulators, committed with its first shard
+            for n, sh in enumerate(d["shards"]):
+                name, p0 = w.next_shard
                 files = []
                 for rel in sh["files"]:
                     part = rel.split("/")[0]
                     if part == "vectors" and not keep:
                         continue
-                    dst = w.path / part / (name + rel[len(part) + 1 + len(sh["name"]) :])
+                    dst = staging / part / (name + rel[len(part) + 1 + len(sh["name"]) :])
+                    dst.parent.mkdir(parents=True, exist_ok=True)
                     if part in TABLES:
                         t = read_table(src, d, rel)
                         t = t.set_column(
@@ -93,19 +93,7 @@ def merge_runs(
                     else:
                         shutil.copyfile(checked_file(src, d, rel), dst)
                     files.append(f"{part}/{dst.name}")
-                w.doc["shards"].append(
-                    {"name": name, "n_prompts": sh["n_prompts"], "n_tokens": sh["n_tokens"], "prompt0": p0}
-                    | {"token0": t0, "files": files, "checksums": {f: file_checksum(w.path / f) for f in files}}
-                )
-                w.doc["n_prompts"], w.doc["n_tokens"] = p0 + sh["n_prompts"], t0 + sh["n_tokens"]
-            base = w.doc["n_tokens"] - d["n_tokens"]
-            if accum:
-                w.accum = combine_accum(w.accum, accum, base)
-        if w.accum is not None:
-            gen_file = "accum/a000000.safetensors"
-            w.doc["accum"], w.doc["accum_sha256"] = gen_file, save_arrays(w.accum, w.path / gen_file)
-        w.doc["meta"]["d_ff"] = first["meta"].get("d_ff")
-        w._write_manifest()
+                w.commit_staged(name, p0, sh["n_prompts"], sh["n_tokens"], files, accum if n == 0 else None)
     return Path(out), dropped
 
 

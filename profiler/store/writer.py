@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from attnscope.kernels.stats import NEURON_MAX
 
-from ..data import combine_accum
+from ..accum import combine_accum
 from .layout import (
     IDENTITY,
     LOCK_FILE,
@@ -461,9 +462,13 @@ class RunWriter:
         self._commit_files(name, shard.n_prompts, shard.n_tokens, files, shard.accum)
         self._ids.update(shard.prompt_ids)
 
-    def commit_staged(self, name: str, prompt0: int, n_prompts: int, n_tokens: int, files: Sequence[str], accum):
+    def commit_staged(
+        self, name: str, prompt0: int, n_prompts: int, n_tokens: int, files: Sequence[str], accum: dict | None
+    ) -> None:
         """Commit a shard whose files a helper wrote under ``.staging/`` (``write_shard_files``) as shard ``name``
-        starting at prompt ``prompt0``: they must be the next; the files are renamed into place."""
+        starting at prompt ``prompt0``: they must be the next; the files are renamed into place. ``accum`` is
+        folded into the run's accumulators with the shard's tokens counted from its first; None leaves them as they
+        are (a merge commits a source run's whole accumulators with its first shard)."""
         if (name, prompt0) != self.next_shard:
             raise RunError(
                 f"internal error: staged shard {name} (first prompt {prompt0}) is not the next of {self.path} "
@@ -480,17 +485,19 @@ class RunWriter:
         if self._ids is not None:
             self._ids = None  # read again from the index when next needed
 
-    def _commit_files(self, name: str, n_prompts: int, n_tokens: int, files: list[str], accum) -> None:
+    def _commit_files(self, name: str, n_prompts: int, n_tokens: int, files: list[str], accum: dict | None) -> None:
         doc = self.doc
-        if doc["meta"].get("d_ff") is None and "mlp.neuron_max" in accum:
-            doc["meta"]["d_ff"] = int(accum["mlp.neuron_max"].shape[1])
         p0, t0 = int(doc["n_prompts"]), int(doc["n_tokens"])
-        self.accum = combine_accum(self.accum, accum, t0)
-        gen = int(doc["accum"].split("/a")[1].split(".")[0]) + 1 if doc["accum"] else 0
-        accum_file = f"accum/a{gen:06d}.safetensors"
-        sha = save_arrays(self.accum, self.path / accum_file)
-        fsync_dir(self.path / "accum")
         old_accum = doc["accum"]
+        accum_file, sha = old_accum, doc.get("accum_sha256")
+        if accum is not None:  # a new generation of the accumulators
+            if doc["meta"].get("d_ff") is None and NEURON_MAX.key in accum:
+                doc["meta"]["d_ff"] = int(accum[NEURON_MAX.key].shape[1])
+            self.accum = combine_accum(self.accum, accum, t0)
+            gen = int(doc["accum"].split("/a")[1].split(".")[0]) + 1 if doc["accum"] else 0
+            accum_file = f"accum/a{gen:06d}.safetensors"
+            sha = save_arrays(self.accum, self.path / accum_file)
+            fsync_dir(self.path / "accum")
         doc["shards"].append(
             {"name": name, "n_prompts": n_prompts, "n_tokens": n_tokens, "prompt0": p0, "token0": t0}
             | {"files": files, "checksums": {rel: file_checksum(self.path / rel) for rel in files}}
@@ -498,7 +505,7 @@ class RunWriter:
         doc["n_prompts"], doc["n_tokens"] = p0 + n_prompts, t0 + n_tokens
         doc["accum"], doc["accum_sha256"] = accum_file, sha
         self._write_manifest()
-        if old_accum:
+        if old_accum and old_accum != accum_file:
             (self.path / old_accum).unlink(missing_ok=True)
 
     def _write_manifest(self) -> None:
