@@ -32,6 +32,10 @@ from dataclasses import dataclass, replace
 __all__ = [
     "ACCUMULATORS",
     "ACCUM_KEYS",
+    "PER_PROMPT_PREFIXES",
+    "full_key",
+    "renumber_key",
+    "thumb_key",
     "DIAG",
     "DIST",
     "DUP",
@@ -124,6 +128,28 @@ DIST = Stat("dist", "buckets", "pair", "sum", "accum", "mean attention distance 
 THUMB = Stat("thumb", "pooled", "pair", "sum", "vectors", "pooled attention", "weight",
              formula="mean p over the R x R cells of each prompt")  # fmt: skip
 LAYER_STATS = (HIST_ALL, HIST_LOG, MOMENTS, DIST, THUMB)
+
+
+FULL_PREFIX = "attn.full.p"  # attn.full.p<i>.l<layer>.h<head>: a kept full matrix of prompt i
+THUMB_PREFIX = THUMB.key + ".p"  # attn.thumb.p<i>: the thumbnails of prompt i
+PER_PROMPT_PREFIXES = (THUMB_PREFIX, FULL_PREFIX)  # the per-prompt arrays of a profile, numbered by prompt
+
+
+def thumb_key(prompt: int) -> str:
+    """The ``Profile`` array of prompt ``prompt``'s thumbnails, [Ly, H, r, r]."""
+    return f"{THUMB_PREFIX}{prompt}"
+
+
+def full_key(prompt: int, layer: int, head: int) -> str:
+    """The ``Profile`` array of a kept full attention matrix, [L, L]."""
+    return f"{FULL_PREFIX}{prompt}.l{layer}.h{head}"
+
+
+def renumber_key(key: str, offset: int) -> str:
+    """A per-prompt array's key with its prompt number moved by ``offset`` (joining profiles or shards)."""
+    head, rest = key.split(".p", 1)
+    idx, _, tail = rest.partition(".")
+    return f"{head}.p{int(idx) + offset}" + (f".{tail}" if tail else "")
 
 
 def vector(name: str) -> Stat:

@@ -7,8 +7,8 @@ list and a SHA-256 of the arrays file (a profile whose two files disagree is ref
 Ly layers, H heads, T tokens of all prompts concatenated (prompt p owns ``offsets[p]:offsets[p+1]``):
 
     attn.<vector>                   [Ly, H, T] float32    each per-row vector of ``stats.VECTORS`` (``Stat.key``)
-    attn.thumb.p<i>                 [Ly, H, R, R] float32 average-pooled p of prompt i (R = min(thumb, L_i))
-    attn.full.p<i>.l<l>.h<h>        [L_i, L_i] float32    full matrices of the heads the user chose to keep
+    stats.thumb_key(i)              [Ly, H, R, R] float32 average-pooled p of prompt i (R = min(thumb, L_i))
+    stats.full_key(i, l, h)         [L_i, L_i] float32    full matrices of the heads the user chose to keep
     mlp.in_norm, mlp.out_norm       [Ly, T] float32       L2 norm of the down_proj input and output per token
     mlp.topk_idx, mlp.topk_val      [Ly, T, k]            neurons of largest |x| per token
     tokens.ids                      [T] int64
@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from attnscope.kernels.stats import ACCUM_KEYS, LAMINAR, ROW_SUMS, VECTOR_NAMES, VECTORS
+from attnscope.kernels.stats import (
+    ACCUM_KEYS,
+    LAMINAR,
+    PER_PROMPT_PREFIXES,
+    ROW_SUMS,
+    VECTOR_NAMES,
+    VECTORS,
+    renumber_key,
+)
 
 from .accum import combine_accum, topk_fold
 
@@ -234,13 +242,11 @@ class Profile:
                 out[name] = np.concatenate([a[name], b[name]], axis=TOKEN_AXIS[name])
         out["prompts.offsets"] = np.concatenate([a["prompts.offsets"], b["prompts.offsets"][1:] + self.n_tokens])
         for name, arr in a.items():
-            if name.startswith(("attn.thumb.", "attn.full.")):
+            if name.startswith(PER_PROMPT_PREFIXES):
                 out[name] = arr
         for name, arr in b.items():
-            if name.startswith(("attn.thumb.", "attn.full.")):
-                head, rest = name.split(".p", 1)
-                idx, _, tail = rest.partition(".")
-                out[f"{head}.p{int(idx) + n_self}" + (f".{tail}" if tail else "")] = arr
+            if name.startswith(PER_PROMPT_PREFIXES):
+                out[renumber_key(name, n_self)] = arr
         meta = dict(self.meta)
         return Profile(meta=meta, prompts=list(self.prompts) + list(other.prompts), arrays=out)
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats, set_cpu_threads
+from attnscope.kernels.stats import full_key, thumb_key
 
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
@@ -191,9 +192,9 @@ def shards_to_profile(meta: dict, shards: Sequence[Shard]) -> Profile:
             for name, v in sh.vectors.items():
                 arrays.setdefault(name, []).append(v)
         for i, t in enumerate(sh.thumbs or []):
-            arrays[f"attn.thumb.p{p0 + i}"] = t
+            arrays[thumb_key(p0 + i)] = t
         for (i, layer, head), m in sh.full.items():
-            arrays[f"attn.full.p{p0 + i}.l{layer}.h{head}"] = m
+            arrays[full_key(p0 + i, layer, head)] = m
         offs = np.concatenate([[0], np.cumsum(sh.lengths)])
         for i in range(sh.n_prompts):
             prompts.append(

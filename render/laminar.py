@@ -13,18 +13,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from attnscope.kernels.stats import HIST_LOG, LAMINAR
 
-from .base import Renderer
+from .base import Renderer, floor_cmap
 from .scales import Scale, log_scale
 
 __all__ = ["LAMINAR_KINDS", "LAMINAR_SCALES", "LaminarRenderer", "laminar_data", "laminar_scale", "render_laminar"]
 
-LAMINAR_KINDS = {
-    "self": "self-attention p(i, i)",
-    "final": "final token's attention p(L-1, j)",
-    "all": "all causal pairs p(i, j)",
-    "log": "log10 p(i, j) of all causal pairs",
-}
+LAMINAR_KINDS = {kind: lam.label for kind, lam in LAMINAR.items()}  # kind -> what it draws
 LAMINAR_SCALES = ("log", "layer", "linear")
 LOG_ROWS = 240  # rows of the log10 view (the histogram's bins are summed into these)
 
@@ -35,7 +31,7 @@ def _one_sample(prof, kind: str, head: int | None) -> float:
     heads = slice(None) if head is None else slice(head, head + 1)
     w = None if kind == "all" else prof.weights(kind)
     if w is None:  # from the exact moments (a corpus run keeps them for every kind)
-        mom = prof.arrays["attn.moments" if kind == "all" else f"attn.{kind}_moments"][:, heads].sum(1)  # [Ly, 3]
+        mom = prof.arrays[LAMINAR[kind].moments][:, heads].sum(1)  # [Ly, 3]
         n, s1, s2 = mom[:, 0], mom[:, 1], mom[:, 2]
         var = np.maximum((s2 - s1 * s1 / np.maximum(n, 1)) / np.maximum(n - 1, 1), 0.0)
     else:
@@ -56,7 +52,7 @@ def _largest_weight(prof, kind: str) -> float:
     occupied bin's edge)."""
     w = None if kind == "all" else prof.weights(kind)
     if w is None:
-        hist = prof.arrays["attn.hist_all" if kind == "all" else f"attn.{kind}_hist"].sum((0, 1))  # [bins]
+        hist = prof.arrays[LAMINAR[kind].hist].sum((0, 1))  # [bins]
         nz = np.nonzero(hist)[0]
         return float((nz[-1] + 1) / hist.size) if nz.size else 1.0
     return float(w.max()) if w.size else 1.0
@@ -88,7 +84,7 @@ def laminar_data(prof, kind: str, points: int = 300, head: int | None = None, al
         raise ValueError(f"unknown laminar kind {kind!r}: choose from {', '.join(LAMINAR_KINDS)}")
     if head is not None and not 0 <= head < prof.n_heads:
         raise IndexError(f"head {head} out of range: the model has {prof.n_heads} heads")
-    full = prof.arrays["attn.hist_log"]  # [Ly, H, bins]
+    full = prof.arrays[HIST_LOG.key]  # [Ly, H, bins]
     hist = full.sum(1) if head is None else full[:, head]  # [Ly, bins]
     bins = hist.shape[-1]
     log_min = float((prof.meta.get("spec") or {}).get("log_min", -12.0))
@@ -100,7 +96,7 @@ def laminar_data(prof, kind: str, points: int = 300, head: int | None = None, al
     y = log_min + (edges[:-1] + edges[1:]) / 2 * (-log_min / bins)
     note = f"lowest row: p < {10**log_min:.0e} too" if coarse[:, 0].any() else ""
     # over every head, so per-head panels share the axis (and over the profiles in ``also``)
-    occupied = np.nonzero(sum(p.arrays["attn.hist_log"].sum((0, 1)) for p in (prof, *also)))[0]
+    occupied = np.nonzero(sum(p.arrays[HIST_LOG.key].sum((0, 1)) for p in (prof, *also)))[0]
     if occupied.size:
         lowest = log_min + occupied[0] * (-log_min / bins)  # lower edge of the lowest occupied bin
         cut = max(log_min, np.floor(lowest) - 1.0)
@@ -129,13 +125,6 @@ def laminar_scale(values: np.ndarray, scale: str = "log", floor: float | None = 
     raise ValueError(f"scale must be one of {', '.join(LAMINAR_SCALES)}, got {scale!r}")
 
 
-def _cmap(name: str):
-    import matplotlib
-
-    cm = matplotlib.colormaps[name]
-    return cm.with_extremes(bad=cm(0.0), under=cm(0.0))
-
-
 def _draw(ax, y: np.ndarray, img: np.ndarray, scale: Scale, cmap: str, title: str, ylabel: str):
     n_layers = img.shape[0]
     dy = (y[-1] - y[0]) / max(len(y) - 1, 1)
@@ -144,7 +133,7 @@ def _draw(ax, y: np.ndarray, img: np.ndarray, scale: Scale, cmap: str, title: st
         origin="lower",
         aspect="auto",
         extent=(-0.5, n_layers - 0.5, y[0] - dy / 2, y[-1] + dy / 2),
-        cmap=_cmap(cmap),
+        cmap=floor_cmap(cmap),
         norm=scale.norm(),
         interpolation="nearest",
     )
@@ -186,7 +175,7 @@ class LaminarRenderer(Renderer):
 
     def __init__(
         self,
-        kinds=("self", "final", "all", "log"),
+        kinds=tuple(LAMINAR),
         points: int = 300,
         per_head: bool = False,
         fmt: str = "png",

@@ -26,9 +26,9 @@ def plot_logit_lens(
 
     The text in a cell is what that layer would predict next; the column's last row is the model's own prediction.
     """
-    from .views import _plt
+    from .base import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     n_layers, n = final_prob.shape
     fig_w = min(2.5 + 0.62 * n, 34.0)
     fig_h = min(1.8 + 0.24 * n_layers, 14.0)

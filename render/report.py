@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from attnscope.kernels.stats import LAMINAR, thumb_key
 
 from .base import Renderer
 from .summary import HEAD_COLUMNS, head_summary, high_entropy_positions, token_labels
@@ -166,7 +167,7 @@ class ReportRenderer(Renderer):
             )
         )
         lam = []
-        for kind in ("self", "final", "all", "log"):
+        for kind in LAMINAR:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the KDE's bandwidth warning: the 'log' panel is its answer
                 fig = laminar_figure(prof, kind)
@@ -191,7 +192,7 @@ class ReportRenderer(Renderer):
             "column is an attention sink, a bright diagonal self/previous-token attention, parallel off-diagonals "
             "copying of a repeated passage."
         )
-        if f"attn.thumb.p{self.prompt}" in prof.arrays:
+        if thumb_key(self.prompt) in prof.arrays:
             how = f"Prompt {self.prompt}, layers {layers}, heads averaged: {reading} Yellow cross-hairs mark the "
             how += "tokens of highest next-token entropy."
             grid = plot_layer_grid(prof, layers, None, self.prompt)

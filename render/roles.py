@@ -23,23 +23,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from attnscope.kernels.stats import DIST, DUP, INDUCTION, MIXED_COLOUR, PREV, SINK
+from attnscope.kernels.stats import ROLES as DECLARED_ROLES
 
 from .summary import head_summary
 
 __all__ = ["ROLE_THRESHOLDS", "ROLES", "head_roles", "plot_head_roles", "role_summary"]
 
-# role -> (score, threshold)
-ROLE_THRESHOLDS: dict[str, tuple[str, float]] = {
-    "sink": ("sink", 0.5),
-    "previous-token": ("prev", 0.4),
-    "induction": ("induction", 0.3),
-    "duplicate": ("dup", 0.3),
-    "self": ("self", 0.4),
-    "local": ("local", 0.8),
-    "broad": ("broad", 0.7),
-}
+# role -> (score, threshold), in the order ``stats.ROLES`` declares them (a tie goes to the earlier role)
+ROLE_THRESHOLDS: dict[str, tuple[str, float]] = {r.name: (r.score, r.threshold) for r in DECLARED_ROLES}
 ROLES = (*ROLE_THRESHOLDS, "mixed")
-_ROLE_COLOURS = ("#4d4d4d", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#2ca02c", "#17becf", "#f0f0f0")
+_ROLE_COLOURS = (*(r.colour for r in DECLARED_ROLES), MIXED_COLOUR)
 
 
 def _mean_log_keys(prof) -> float:
@@ -54,7 +48,7 @@ def head_roles(prof) -> dict[str, np.ndarray]:
     Returns name -> [layers, heads] arrays (``role`` holds strings).
     """
     s = head_summary(prof)
-    dist = prof.arrays["attn.dist"]  # [Ly, H, 32], bucket k: i - j + 1 in [2^k, 2^(k+1))
+    dist = prof.arrays[DIST.key]  # [Ly, H, N_DIST_BUCKETS], bucket k: i - j + 1 in [2^k, 2^(k+1))
     total = dist.sum(-1)
     s["local"] = np.divide(dist[..., :3].sum(-1), total, out=np.zeros_like(total), where=total > 0)
     s["broad"] = s["entropy"] / max(_mean_log_keys(prof), 1e-12)
@@ -86,14 +80,14 @@ def role_summary(r: dict[str, np.ndarray], top: int = 3) -> list[str]:
     return lines
 
 
-def plot_head_roles(prof, scores=("induction", "dup", "prev", "sink")):
+def plot_head_roles(prof, scores=(INDUCTION.summary, DUP.summary, PREV.summary, SINK.summary)):
     """Figure: the role of every head as a layers x heads map, and the scores behind it, one panel each."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from .views import _plt
+    from .base import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     r = head_roles(prof)
     Ly, H = prof.n_layers, prof.n_heads
     fig, axes = plt.subplots(

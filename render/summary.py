@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from attnscope.kernels.stats import DIST, FINAL, HEAD_SUMMARY, RECV_MAX, RECV_SUM, full_key, thumb_key
 from attnscope.profiler.data import mean_distance
 
 __all__ = [
@@ -19,16 +20,8 @@ __all__ = [
     "token_table",
 ]
 
-HEAD_COLUMNS = {
-    "entropy": "mean row entropy (nats)",
-    "sink": "mean attention to the first token",
-    "prev": "mean attention to the previous token",
-    "self": "mean self-attention p(i, i)",
-    "induction": "mean induction mass (earlier keys that follow a copy of the query's token)",
-    "dup": "mean duplicate-token mass (earlier keys holding the query's token)",
-    "distance": "mean attention distance (tokens, bucket midpoints)",
-    "rowmax": "mean of the largest weight per row",
-}
+# column -> what it means: the per-head summary of ``stats.HEAD_SUMMARY``, in the order tables show it
+HEAD_COLUMNS = {col: label for col, (_, label) in HEAD_SUMMARY.items()}
 
 TOKEN_COLUMNS = ("prompt", "position", "token_id", "token", "logit_entropy")
 
@@ -45,15 +38,16 @@ def check_layer_head(prof, layer: int, head: int | None = None) -> None:
         raise ViewError(f"head {head} is out of range: the profile has heads 0..{prof.n_heads - 1}")
 
 
-_SUMMARY_VECTORS = ("entropy", "sink", "prev", "self", "induction", "dup", "rowmax")  # "self": the diag vector
-
-
 def head_summary(prof) -> dict[str, np.ndarray]:
     """Per (layer, head) summary statistics over every token of the profile, each [layers, heads] (from the additive
-    row sums: a corpus run without per-token vectors has them too)."""
+    row sums and distance buckets: a corpus run without per-token vectors has them too)."""
     m = prof.head_means()
-    out = {label: m["diag" if label == "self" else label] for label in _SUMMARY_VECTORS}
-    out["distance"] = mean_distance(prof.arrays["attn.dist"])  # [Ly, H] from the [Ly, H, 32] buckets
+    out = {}
+    for col, (stat, _) in HEAD_SUMMARY.items():
+        if stat is DIST:  # [Ly, H] from the [Ly, H, N_DIST_BUCKETS] buckets
+            out[col] = mean_distance(prof.arrays[DIST.key])
+        else:
+            out[col] = m[stat.name]
     return {name: np.asarray(v, dtype=np.float64) for name, v in out.items()}
 
 
@@ -81,10 +75,10 @@ def attention_matrix(prof, prompt: int, layer: int, head: int | None) -> tuple[n
     sl = prof.prompt_slice(prompt)
     L = sl.stop - sl.start
     heads = range(prof.n_heads) if head is None else [head]
-    names = [f"attn.full.p{prompt}.l{layer}.h{h}" for h in heads]
+    names = [full_key(prompt, layer, h) for h in heads]
     if all(n in prof.arrays for n in names):
         return np.mean([prof.arrays[n] for n in names], axis=0), True, L
-    thumb = prof.arrays[f"attn.thumb.p{prompt}"][layer]  # [H, R, R]
+    thumb = prof.arrays[thumb_key(prompt)][layer]  # [H, R, R]
     return (thumb.mean(0) if head is None else thumb[head]), False, L
 
 
@@ -100,16 +94,16 @@ def received(prof, prompt: int, layer: int, head: int, mode: str = "mean", token
     L = sl.stop - sl.start
     if mode == "mean":
         n_queries = L - np.arange(L)  # causal: queries j..L-1 see key j
-        return prof.arrays["attn.recv_sum"][layer, head, sl] / n_queries
+        return prof.arrays[RECV_SUM.key][layer, head, sl] / n_queries
     if mode == "max":
-        return prof.arrays["attn.recv_max"][layer, head, sl]
+        return prof.arrays[RECV_MAX.key][layer, head, sl]
     if mode == "token":
         t = L - 1 if token is None else (token + L if token < 0 else token)
         if not 0 <= t < L:
             raise ViewError(f"token {token} is out of range: prompt {prompt} has {L} tokens")
         if t == L - 1:
-            return prof.arrays["attn.final"][layer, head, sl]
-        name = f"attn.full.p{prompt}.l{layer}.h{head}"
+            return prof.arrays[FINAL.key][layer, head, sl]
+        name = full_key(prompt, layer, head)
         if name not in prof.arrays:
             raise ViewError(
                 f"the row of token {t} needs the full matrix of layer {layer} head {head}, which this profile did "

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from attnscope.kernels.stats import DIST, ENTROPY, LAMINAR, PREV, SINK, THUMB_REL, THUMB_REL_COUNT
 
+from .base import floor_cmap, pyplot
 from .scales import Scale, log_scale, symmetric_scale
 from .summary import (
     HEAD_COLUMNS,
@@ -35,20 +37,11 @@ MATRIX_CMAP = "viridis"
 MAX_TOKEN_ROWS = 1000  # the down_proj heatmap draws at most this many rows (max over blocks of tokens past it)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -147,7 +140,7 @@ def plot_heatmaps(prof, pairs, prompt: int = 0, mark_top: int = 5, cmap: str = M
     positions of highest next-token entropy get yellow cross-hairs. ``scale``: ``"log"`` colour (default; the
     first token often takes most of each row) or ``"linear"``; each panel has its own colourbar.
     """
-    plt = _plt()
+    plt = pyplot()
     _check_mark_top(mark_top)
     if not pairs:
         raise ViewError("no heads given: name them as LAYER:HEAD, e.g. 0:0,14:0")
@@ -195,7 +188,7 @@ def plot_patterns(prof, pairs, prompt: int = 0, mode: str = "mean", token: int |
 
     ``scale``: ``"log"`` y axis (default; the first token often takes most of the weight) or ``"linear"``.
     """
-    plt = _plt()
+    plt = pyplot()
     if scale not in ("log", "linear"):
         raise ValueError(f"scale must be log or linear, got {scale!r}")
     if not pairs:
@@ -242,7 +235,7 @@ def _sink_row(prof, prompt: int, layer: int, head: int | None, length: int) -> n
     without the per-token vectors. A pooled cell averages the first key with its neighbours, so a strong sink
     would otherwise look faint."""
     try:
-        sink = np.asarray(prof.arrays["attn.sink"][layer, :, prof.prompt_slice(prompt)])  # [H, L]
+        sink = np.asarray(prof.arrays[SINK.key][layer, :, prof.prompt_slice(prompt)])  # [H, L]
     except (KeyError, ValueError, TypeError, IndexError):
         return None
     if sink.ndim != 2 or sink.shape[1] != length:
@@ -258,7 +251,7 @@ def _sink_strip(ax, row: np.ndarray, cmap, norm) -> None:
         row[:, None], aspect="auto", cmap=_cmap(cmap), norm=norm, interpolation="nearest",
         extent=(-0.5, 0.5, n - 0.5, -0.5),
     )  # fmt: skip
-    cax.set_xticks([0], ["sink"], fontsize=5, rotation=90)
+    cax.set_xticks([0], [SINK.name], fontsize=5, rotation=90)
     cax.set_yticks([])
 
 
@@ -267,7 +260,7 @@ def plot_layer_grid(
 ):
     """Paper-style grid of the chosen layers (heads averaged, or one head) on ONE shared colour scale (log by
     default, or linear)."""
-    plt = _plt()
+    plt = pyplot()
     _check_mark_top(mark_top)
     if not layers:
         raise ViewError("no layers given")
@@ -322,13 +315,13 @@ def plot_layer_grid_relative(prof, layers, head: int | None = None, cmap: str = 
     """The layer grid of a whole run in relative position: each layer's thumbnail averaged over every prompt that
     has a cell there (``attn.thumb_rel`` / ``attn.thumb_rel_count``), for runs that keep no per-prompt thumbnail.
     One colour scale; grey where no prompt has a causal pair."""
-    plt = _plt()
+    plt = pyplot()
     if not layers:
         raise ViewError("no layers given")
     for layer in layers:
         check_layer_head(prof, layer, head)
-    count = np.asarray(prof.arrays["attn.thumb_rel_count"], dtype=np.float64)  # [R, R]
-    rel = np.asarray(prof.arrays["attn.thumb_rel"])  # [Ly, H, R, R] sums over prompts
+    count = np.asarray(prof.arrays[THUMB_REL_COUNT.key], dtype=np.float64)  # [R, R]
+    rel = np.asarray(prof.arrays[THUMB_REL.key])  # [Ly, H, R, R] sums over prompts
     mats = []
     for la in layers:
         s = rel[la].mean(0) if head is None else rel[la, head]
@@ -358,7 +351,7 @@ def plot_layer_grid_relative(prof, layers, head: int | None = None, cmap: str = 
 def plot_down_proj(prof, prompt: int = 0, mark_top: int = 5, scale: str = "log"):
     """Token x layer heatmaps of the down_proj input (neuron activations) and output L2 norms, log colour by
     default (the first tokens' norms are often 100x the rest), or linear."""
-    plt = _plt()
+    plt = pyplot()
     _check_mark_top(mark_top)
     sl = prof.prompt_slice(prompt)
     labels = token_labels(prof, prompt)
@@ -413,7 +406,6 @@ def _triple(
 
     With ``log``, B - A is the difference of log10 values (a log ratio), values under ``floor`` taken as ``floor``.
     """
-    from .laminar import _cmap as seq_cmap
 
     if log:
         sc = log_scale(
@@ -432,7 +424,7 @@ def _triple(
     if not shared:
         sa, sb = (Scale(*(lambda v: (v.min(), v.max() if v.max() > v.min() else v.min() + 1))(m[np.isfinite(m)]),
                         False, " (own scale)") for m in (ma, mb))  # fmt: skip
-    cm_ab = seq_cmap(cmap) if log else _cmap(cmap)  # log: zeros at the floor; otherwise NaN (no data) is grey
+    cm_ab = floor_cmap(cmap) if log else _cmap(cmap)  # log: zeros at the floor; otherwise NaN (no data) is grey
     panels = [(ma, names[0], cm_ab, sa, what), (mb, names[1], cm_ab, sb, what),
               (diff, f"{names[1]} - {names[0]}", _cmap("RdBu_r", bad="0.88"), dsc, diff_what)]  # fmt: skip
     for ax, (m, title, cm, s, label) in zip(row, panels):
@@ -452,10 +444,10 @@ def plot_compare(a, b, names=("A", "B"), points: int = 200):
     scale whose colourbar says what it clips."""
     from .laminar import LAMINAR_KINDS, laminar_data
 
-    plt = _plt()
+    plt = pyplot()
     a.check_compatible_model(b)
-    kinds = ("self", "final", "all", "log")
-    stats = ("entropy", "sink", "prev", "distance")
+    kinds = tuple(LAMINAR)
+    stats = (ENTROPY.summary, SINK.summary, PREV.summary, DIST.summary)
     n_rows = len(kinds) + 2 + len(stats)
     fig, axes = plt.subplots(n_rows, 3, figsize=(15, 3.1 * n_rows), squeeze=False, layout="constrained")
     for r, kind in enumerate(kinds):

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from attnscope.kernels.stats import ACCUMULATORS, ROW_SUMS
 
 from ..data import ProfileError
+
+# the accumulators of shape [Ly, H, ...]
+_PER_HEAD = tuple(a.key for a in ACCUMULATORS if a.shape[:2] == ("Ly", "H"))
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "attnscope-run"
@@ -441,12 +445,10 @@ def read_accum(path: Path, doc: dict) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError, ValueError) as e:
         raise damaged(path, rel, f"cannot be read ({e})") from None
     Ly, H = doc["meta"]["n_layers"], doc["meta"]["n_heads"]
-    sums = accum.get("attn.row_sums")
+    sums = accum.get(ROW_SUMS.key)
     if sums is None or sums.shape != (Ly, H, len(doc["meta"]["vectors"])):
         raise damaged(path, rel, f"does not hold the row sums of {Ly} layers x {H} heads x the run's vectors")
     for name, a in accum.items():
-        if name in ("attn.hist_all", "attn.hist_log", "attn.moments", "attn.dist", "attn.row_sums") and (
-            a.shape[:2] != (Ly, H)
-        ):
+        if name in _PER_HEAD and (a.shape[:2] != (Ly, H)):
             raise damaged(path, rel, f"holds {name} of shape {a.shape}, not [{Ly}, {H}, ...]")
     return accum

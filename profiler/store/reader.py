@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from attnscope.kernels.stats import DIST, PER_PROMPT_PREFIXES, ROW_SUMS, THUMB_PREFIX, renumber_key
 
 from ..data import LENS_ARRAYS, Profile, ProfileError, mean_distance
 from .layout import (
@@ -89,11 +90,8 @@ class _RunData:
                     continue
                 with open_arrays(self.path, self.doc, rel) as st:
                     for k in st.keys():
-                        if k.startswith(("attn.thumb.p", "attn.full.p")):
-                            head, rest = k.split(".p", 1)
-                            idx, _, tail = rest.partition(".")
-                            g = f"{head}.p{int(idx) + sh['prompt0']}" + (f".{tail}" if tail else "")
-                            self._vec_keys[g] = (s, k)
+                        if k.startswith(PER_PROMPT_PREFIXES):
+                            self._vec_keys[renumber_key(k, sh["prompt0"])] = (s, k)
         return self._vec_keys
 
     def tensor(self, s: int, key: str) -> np.ndarray:
@@ -249,9 +247,9 @@ class _RunArrays(Mapping):
         elif name.startswith("attn.") and name in d.vector_keys():
             s, key = d.vector_keys()[name]
             return d.tensor(s, key)  # per prompt: small, not cached
-        elif name.startswith("attn.") and name[5:] in d.meta["vectors"] and "attn.row_sums" in self.accum:
+        elif name.startswith("attn.") and name[5:] in d.meta["vectors"] and ROW_SUMS.key in self.accum:
             i = list(d.meta["vectors"]).index(name[5:])
-            means = self.accum["attn.row_sums"][..., i] / max(T, 1)  # [Ly, H]
+            means = self.accum[ROW_SUMS.key][..., i] / max(T, 1)  # [Ly, H]
             return TokenMeansOnly(
                 name,
                 means,
@@ -260,7 +258,7 @@ class _RunArrays(Mapping):
                 "corpora): only their mean over all tokens is kept (Profile.head_means), and each prompt's mean is "
                 "in prompts/*.parquet; profile again with --keep vectors for per-token views",
             )
-        elif name.startswith("attn.thumb.p"):
+        elif name.startswith(THUMB_PREFIX):
             raise ProfileError(
                 f"{name}: this run did not keep per-prompt thumbnails (the vectors tier); --keep vectors keeps them, "
                 "and attn.thumb_rel holds the mean thumbnail of the whole run in relative position"
@@ -345,7 +343,7 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
     if doc["shards"]:
         for v, m in prof.head_means().items():
             heads[v] = m.reshape(-1)
-        heads["distance"] = mean_distance(prof.arrays["attn.dist"]).reshape(-1)
+        heads[DIST.summary] = mean_distance(prof.arrays[DIST.key]).reshape(-1)
     out["heads"] = pa.table(heads)
     neurons: dict[str, np.ndarray] = {}
     if "mlp.neuron_max" in prof.arrays:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from attnscope.kernels.stats import NEURON_MAX
+from attnscope.kernels.stats import NEURON_MAX, full_key, thumb_key
 
 from ..accum import combine_accum
 from .layout import (
@@ -128,9 +128,9 @@ def write_shard_files(root: str | os.PathLike, name: str, shard: Shard, prompt0:
     if shard.vectors is not None:
         vec.update(shard.vectors)
     for i, t in enumerate(shard.thumbs or []):
-        vec[f"attn.thumb.p{i}"] = t
+        vec[thumb_key(i)] = t
     for (i, layer, head), m in shard.full.items():
-        vec[f"attn.full.p{i}.l{layer}.h{head}"] = m
+        vec[full_key(i, layer, head)] = m
     if vec:
         (root / "vectors").mkdir(exist_ok=True)
         save_arrays(vec, root / "vectors" / f"{name}.safetensors")
