@@ -21,16 +21,21 @@ from .contract import (
 )
 from .stats import (
     DIAG,
+    DIST,
     DUP,
     ENTROPY,
     FINAL,
+    HIST_ALL,
+    HIST_LOG,
     INDUCTION,
+    MOMENTS,
     N_DIST_BUCKETS,
     PREV,
     RECV_MAX,
     RECV_SUM,
     ROWMAX,
     SINK,
+    THUMB,
     VECTORS,
 )
 
@@ -98,11 +103,11 @@ def attn_stats_from_probs_ref(
     out: dict[str, torch.Tensor] = {}
 
     vals = [p[:, h][allowed[:, h]] for h in range(H)]  # per head: the p of every allowed pair
-    out["hist_all"] = torch.stack([torch.bincount(linear_bin(v, spec.bins), minlength=spec.bins) for v in vals])
-    out["hist_log"] = torch.stack(
+    out[HIST_ALL.name] = torch.stack([torch.bincount(linear_bin(v, spec.bins), minlength=spec.bins) for v in vals])
+    out[HIST_LOG.name] = torch.stack(
         [torch.bincount(log_bin(torch.log10(v), spec.bins, spec.log_min), minlength=spec.bins) for v in vals]
     )
-    out["moments"] = torch.stack(
+    out[MOMENTS.name] = torch.stack(
         [
             torch.stack(
                 [torch.tensor(float(v.numel()), dtype=torch.float64), v.double().sum(), (v.double() ** 2).sum()]
@@ -119,7 +124,7 @@ def attn_stats_from_probs_ref(
         for b in range(B):
             sel = allowed[b, h]
             dist[b, h].index_add_(0, bucket[sel], p[b, h][sel].double())
-    out["dist"] = dist
+    out[DIST.name] = dist
 
     vec = {s: torch.zeros(B, H, L, dtype=p.dtype) for s in VECTORS}
     logp = torch.where(p > 0, torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))
@@ -158,7 +163,7 @@ def attn_stats_from_probs_ref(
             for c in range(len(e) - 1):
                 cell = p[b, :, lo + e[a] : lo + e[a + 1], lo + e[c] : lo + e[c + 1]]  # [H, rows, cols]
                 thumb[b, :, a, c] = cell.mean(dim=(-1, -2))
-    out["thumb"] = thumb[:, :, : min(R, L), : min(R, L)].contiguous()
+    out[THUMB.name] = thumb[:, :, : min(R, L), : min(R, L)].contiguous()
     return out
 
 

@@ -32,16 +32,21 @@ from .contract import (
 )
 from .stats import (
     DIAG,
+    DIST,
     DUP,
     ENTROPY,
     FINAL,
+    HIST_ALL,
+    HIST_LOG,
     INDUCTION,
+    MOMENTS,
     N_DIST_BUCKETS,
     PREV,
     RECV_MAX,
     RECV_SUM,
     ROWMAX,
     SINK,
+    THUMB,
     VECTORS,
 )
 
@@ -195,9 +200,9 @@ def attn_stats_torch(
             if bool(ok.any()):
                 thumb[b].index_add_(1, rc[b][ok], colpool[b][:, ok])
 
-    out = {"hist_all": hist_all, "hist_log": hist_log, "moments": moments, "dist": dist.cpu()}
+    out = {HIST_ALL.name: hist_all, HIST_LOG.name: hist_log, MOMENTS.name: moments, DIST.name: dist.cpu()}
     r = min(R, L)  # no prompt has more cells a side
-    out["thumb"] = (thumb[:, :, :r, :r].cpu() / cell_count[:, None, :r, :r]).float()
+    out[THUMB.name] = (thumb[:, :, :r, :r].cpu() / cell_count[:, None, :r, :r]).float()
     out.update({s.name: v for s, v in vec.items()})
     return out
 
@@ -305,11 +310,11 @@ def _attn_stats_fused(
     state.close(row_cell)
     hist = torch.from_numpy(state.hist)  # [H, 2, bins]
     out = {
-        "hist_all": hist[:, 0].contiguous(),
-        "hist_log": hist[:, 1].contiguous(),
-        "moments": torch.from_numpy(state.mom).sum(0),
-        "dist": torch.from_numpy(state.dist),
-        "thumb": (torch.from_numpy(state.thumb) / cell_count[:, None]).float(),
+        HIST_ALL.name: hist[:, 0].contiguous(),
+        HIST_LOG.name: hist[:, 1].contiguous(),
+        MOMENTS.name: torch.from_numpy(state.mom).sum(0),
+        DIST.name: torch.from_numpy(state.dist),
+        THUMB.name: (torch.from_numpy(state.thumb) / cell_count[:, None]).float(),
     }
     out.update({s.name: torch.from_numpy(state.vec[s.slot]) for s in VECTORS})
     return out

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats, set_cpu_threads
-from attnscope.kernels.stats import full_key, thumb_key
+from attnscope.kernels.stats import NEURON_MAX, full_key, thumb_key
 
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
@@ -212,8 +212,8 @@ def shards_to_profile(meta: dict, shards: Sequence[Shard]) -> Profile:
     meta = dict(meta)
     if shards and shards[0].lens_vocab is not None:  # decoded lens top-1 tokens (saved in profile.json)
         meta["lens_vocab"] = {str(i): t for sh in shards for i, t in sh.lens_vocab.items()}
-    if meta.get("d_ff") is None and "mlp.neuron_max" in arrays:
-        meta["d_ff"] = int(arrays["mlp.neuron_max"].shape[1])
+    if meta.get("d_ff") is None and NEURON_MAX.key in arrays:
+        meta["d_ff"] = int(arrays[NEURON_MAX.key].shape[1])
     return Profile(meta=meta, prompts=prompts, arrays=arrays)
 
 

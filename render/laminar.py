@@ -69,7 +69,7 @@ def laminar_data(prof, kind: str, points: int = 300, head: int | None = None, al
     the histogram's range (and exact zeros). ``y_note`` says where the axis was cut. The axis covers the
     profiles in ``also`` too (to draw several on one axis).
     """
-    if kind in ("self", "final", "all"):
+    if LAMINAR[kind].kde:
         top = max(_largest_weight(p, kind) for p in (prof, *also))
         hi = next((c for c in _CUTS if c >= 1.1 * top), 1.0)
         with warnings.catch_warnings(record=True) as caught:

@@ -4,6 +4,7 @@ running top-k contexts per neuron and the tokens each neuron's output vector pro
 from __future__ import annotations
 
 import numpy as np
+from attnscope.kernels.stats import CTX_TOKEN, CTX_VALUE
 
 __all__ = ["RULE_COLUMNS", "neuron_rules", "rules_table"]
 
@@ -60,11 +61,11 @@ def neuron_rules(
     ``adds_logit_bias`` is the logit each promoted token gains when the neuron fires as strongly as at its first
     trigger: activation x (W_U g W_out[:, n]), before the final norm rescales the residual stream.
     """
-    if "mlp.ctx_value" not in prof.arrays:
+    if CTX_VALUE.key not in prof.arrays:
         raise ValueError(
             "this profile kept no neuron contexts: profile again with --neuron-contexts K (K > 0, the default 8)"
         )
-    value, token = prof.arrays["mlp.ctx_value"], prof.arrays["mlp.ctx_token"]  # [Ly, k, F]
+    value, token = prof.arrays[CTX_VALUE.key], prof.arrays[CTX_TOKEN.key]  # [Ly, k, F]
     layers = range(value.shape[0]) if layers is None else layers
     cache: dict[int, list[str]] = {}
     rules = []

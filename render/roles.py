@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from attnscope.kernels.stats import DIST, DUP, INDUCTION, MIXED_COLOUR, PREV, SINK
+from attnscope.kernels.stats import DIST, DUP, ENTROPY, INDUCTION, MIXED_COLOUR, PREV, SINK
 from attnscope.kernels.stats import ROLES as DECLARED_ROLES
 
 from .summary import head_summary
@@ -51,7 +51,7 @@ def head_roles(prof) -> dict[str, np.ndarray]:
     dist = prof.arrays[DIST.key]  # [Ly, H, N_DIST_BUCKETS], bucket k: i - j + 1 in [2^k, 2^(k+1))
     total = dist.sum(-1)
     s["local"] = np.divide(dist[..., :3].sum(-1), total, out=np.zeros_like(total), where=total > 0)
-    s["broad"] = s["entropy"] / max(_mean_log_keys(prof), 1e-12)
+    s["broad"] = s[ENTROPY.summary] / max(_mean_log_keys(prof), 1e-12)
     ratio = np.stack([s[col] / thr for col, thr in ROLE_THRESHOLDS.values()])  # [roles, Ly, H]
     best = ratio.argmax(0)
     names = np.array(list(ROLE_THRESHOLDS), dtype=object)

@@ -7,7 +7,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from attnscope.kernels.stats import DIST, PER_PROMPT_PREFIXES, ROW_SUMS, THUMB_PREFIX, renumber_key
+from attnscope.kernels.stats import (
+    DIST,
+    NEURON_ARGMAX,
+    NEURON_MAX,
+    NEURON_SUM,
+    NEURON_SUMSQ,
+    PER_PROMPT_PREFIXES,
+    ROW_SUMS,
+    THUMB_PREFIX,
+    renumber_key,
+)
 
 from ..data import LENS_ARRAYS, Profile, ProfileError, mean_distance
 from .layout import (
@@ -346,17 +356,17 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
         heads[DIST.summary] = mean_distance(prof.arrays[DIST.key]).reshape(-1)
     out["heads"] = pa.table(heads)
     neurons: dict[str, np.ndarray] = {}
-    if "mlp.neuron_max" in prof.arrays:
-        mx = prof.arrays["mlp.neuron_max"]
+    if NEURON_MAX.key in prof.arrays:
+        mx = prof.arrays[NEURON_MAX.key]
         n = max(prof.n_tokens, 1)
-        mean = prof.arrays["mlp.neuron_sum"] / n
+        mean = prof.arrays[NEURON_SUM.key] / n
         neurons = {
             "layer": np.repeat(np.arange(mx.shape[0]), mx.shape[1]),
             "neuron": np.tile(np.arange(mx.shape[1]), mx.shape[0]),
             "max": mx.reshape(-1),
-            "argmax_token": prof.arrays["mlp.neuron_argmax"].reshape(-1),
+            "argmax_token": prof.arrays[NEURON_ARGMAX.key].reshape(-1),
             "mean": mean.reshape(-1),
-            "std": np.sqrt(np.maximum(prof.arrays["mlp.neuron_sumsq"] / n - mean**2, 0)).reshape(-1),
+            "std": np.sqrt(np.maximum(prof.arrays[NEURON_SUMSQ.key] / n - mean**2, 0)).reshape(-1),
         }
     out["neurons"] = pa.table(neurons) if neurons else None
     return out
