@@ -47,6 +47,8 @@ from attnscope.kernels.stats import (
 )
 
 from .accum import combine_accum, topk_fold
+from .columns import LENS_ARRAYS
+from .columns import TOKEN_AXIS as COLUMN_AXIS
 
 __all__ = [
     "ACCUM_NAMES",
@@ -69,28 +71,8 @@ META_FILE = "profile.json"
 
 ATTN_VECTORS = VECTOR_NAMES
 ACCUM_NAMES = ACCUM_KEYS
-# logit lens per layer and token (``--logit-lens``), [Ly, T]
-LENS_ARRAYS = (
-    "lens.top_id",
-    "lens.top_prob",
-    "lens.entropy",
-    "lens.target_prob",
-    "lens.target_rank",
-    "lens.final_prob",
-)
 # per-token arrays: name -> the axis that runs over the tokens of all prompts
-TOKEN_AXIS = (
-    {s.key: 2 for s in VECTORS}
-    | {
-        "mlp.in_norm": 1,
-        "mlp.out_norm": 1,
-        "mlp.topk_idx": 1,
-        "mlp.topk_val": 1,
-        "tokens.ids": 0,
-        "tokens.logit_entropy": 0,
-    }
-    | {name: 1 for name in LENS_ARRAYS}
-)
+TOKEN_AXIS = {s.key: 2 for s in VECTORS} | COLUMN_AXIS
 # metadata that must agree for two profiles to be merged
 _IDENTITY_KEYS = ("model_id", "config_digest", "weights_digest", "spec", "top_k")
 

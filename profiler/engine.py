@@ -41,9 +41,10 @@ from attnscope.kernels.stats import (
 )
 
 from .accum import ACCUM, Accumulator
+from .columns import LENS_TOP_ID, LOGIT_ENTROPY, MLP_TOKEN_ARRAYS, TOKEN_IDS, token_columns
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
-from .data import ATTN_VECTORS, LENS_ARRAYS, SCHEMA_VERSION, mean_distance
+from .data import ATTN_VECTORS, SCHEMA_VERSION, mean_distance
 from .hooks import capture, model_geometry
 from .lens import LensCollector, next_token_entropy, residual_hooks
 from .memories import top_contexts
@@ -51,7 +52,6 @@ from .store import Shard
 
 __all__ = ["BatchStats", "Engine", "config_digest", "release_freed_memory", "weights_digest"]
 
-_LENS_DTYPE = {"lens.top_id": np.int32, "lens.target_rank": np.int32}
 # the accumulators one forward pass fills directly (the others are folded from its vectors and down_proj statistics)
 _BATCH_SUMS = (HIST_ALL_ACC, HIST_LOG_ACC, MOMENTS_ACC, THUMB_REL, THUMB_REL_COUNT)
 # the attention accumulators of a shard, allocated up front (the down_proj ones once d_ff is known)
@@ -273,6 +273,7 @@ class Engine:
     ) -> Shard:
         """The ``Shard`` of ``items`` (in their order), computed in length-bucketed batches; ``token_text`` is the
         decoded text of every token (decoded here when None)."""
+        cfg = self.cfg
         lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
         out = _ShardBuffers(self, len(items), lengths)
         for sel in self.batches(lengths):
@@ -290,18 +291,15 @@ class Engine:
             sha256=[hashlib.sha256(it.text.encode()).hexdigest() for it in items],
             previews=[it.text[:80] for it in items],
             lengths=lengths,
-            token_ids=token_ids,
             token_text=self.decode(token_ids) if token_text is None else token_text,
-            logit_entropy=out.entropy,
-            mlp=out.mlp,
+            per_token={TOKEN_IDS: token_ids, **out.per_token},
             row_means=out.row_means,
             distance=out.distance,
             accum=dict(out.acc),
             vectors=out.vectors,
             thumbs=out.thumbs,
             full=out.full,
-            lens=out.lens,
-            lens_vocab=self._vocab(out.lens["lens.top_id"]) if out.lens is not None else None,
+            lens_vocab=self._vocab(out.per_token[LENS_TOP_ID]) if cfg.logit_lens else None,
         )
 
     def _vocab(self, ids: np.ndarray) -> dict[int, str]:
@@ -349,16 +347,13 @@ class _ShardBuffers:
         keep = cfg.keep_vectors
         self.vectors = {s.key: np.zeros((Ly, H, T), np.float32) for s in VECTORS} if keep else None
         self.thumbs: list | None = [None] * P if keep else None
-        self.mlp = {
-            "in_norm": np.zeros((Ly, T), np.float32),
-            "out_norm": np.zeros((Ly, T), np.float32),
-            "topk_idx": np.zeros((Ly, T, cfg.top_k), np.int32),
-            "topk_val": np.zeros((Ly, T, cfg.top_k), np.float32),
+        # every per-token array but the token ids (the caller's) and the derived lens text, as the run stores it
+        shape = {False: (T,), True: (Ly, T)}
+        self.per_token = {
+            c.key: np.zeros(shape[c.per_layer] + ((cfg.top_k,) if c.width else ()), c.dtype)
+            for c in token_columns(cfg.logit_lens)
+            if c.key not in (None, TOKEN_IDS) and not c.derived
         }
-        self.entropy = np.zeros(T, np.float32)
-        self.lens = (
-            {n: np.zeros((Ly, T), _LENS_DTYPE.get(n, np.float32)) for n in LENS_ARRAYS} if cfg.logit_lens else None
-        )
         self.row_means = np.zeros((P, Ly, H, len(VECTORS)), np.float32)
         self.distance = np.full((P, Ly, H), np.nan)
         self.acc = Accumulator().allocate(self.dims, *_ATTN_ACCUMS)
@@ -399,16 +394,15 @@ class _ShardBuffers:
     def add_mlp(self, sel: np.ndarray, r: BatchStats) -> None:
         """Fold one batch's down_proj statistics, next-token entropy and logit lens (row-major real tokens ->
         shard token positions)."""
-        acc, off = self.acc, self.offsets
+        acc, off, out = self.acc, self.offsets, self.per_token
         where = np.concatenate([np.arange(off[i], off[i + 1]) for i in sel.tolist()])
-        self.entropy[where] = r.entropy
-        if self.lens is not None:
-            for f, a in r.lens.items():
-                self.lens[f"lens.{f}"][:, where] = a
+        out[LOGIT_ENTROPY][where] = r.entropy
+        for f, a in (r.lens or {}).items():
+            out[f"lens.{f}"][:, where] = a
         for layer in sorted(r.mlp):
             st = r.mlp[layer]
-            for name, a in self.mlp.items():
-                a[layer, where] = st[name]
+            for key in MLP_TOKEN_ARRAYS:
+                out[key][layer, where] = st[key.removeprefix("mlp.")]
             mx = st["neuron_max"].astype(np.float32)
             dims = self.dims | {"F": mx.shape[0], "k": self.cfg.neuron_contexts}
             acc.allocate(dims, NEURON_MAX, NEURON_SUM, NEURON_SUMSQ)

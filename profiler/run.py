@@ -13,7 +13,7 @@ from attnscope.kernels.stats import NEURON_MAX, full_key, thumb_key
 
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
-from .data import LENS_ARRAYS, Profile, combine_accum
+from .data import TOKEN_AXIS, Profile, combine_accum
 from .engine import Engine
 from .hooks import capture
 from .store import Shard
@@ -173,17 +173,9 @@ def shards_to_profile(meta: dict, shards: Sequence[Shard]) -> Profile:
         acc = combine_accum(acc, sh.accum, t0)
         t0 += sh.n_tokens
     arrays.update(acc or {})
-    cat = lambda xs, axis: np.concatenate(xs, axis=axis)  # noqa: E731
-    arrays["mlp.in_norm"] = cat([s.mlp["in_norm"] for s in shards], 1)
-    arrays["mlp.out_norm"] = cat([s.mlp["out_norm"] for s in shards], 1)
-    arrays["mlp.topk_idx"] = cat([s.mlp["topk_idx"] for s in shards], 1)
-    arrays["mlp.topk_val"] = cat([s.mlp["topk_val"] for s in shards], 1)
-    arrays["tokens.ids"] = cat([s.token_ids for s in shards], 0).astype(np.int64)
-    arrays["tokens.logit_entropy"] = cat([s.logit_entropy for s in shards], 0).astype(np.float32)
-    if shards and shards[0].lens is not None:
-        for name in LENS_ARRAYS:
-            arrays[name] = cat([s.lens[name] for s in shards], 1)
-    lengths = cat([s.lengths for s in shards], 0)
+    for key in shards[0].per_token if shards else ():  # every per-token column (columns.TOKEN_COLUMNS)
+        arrays[key] = np.concatenate([s.per_token[key] for s in shards], axis=TOKEN_AXIS[key])
+    lengths = np.concatenate([s.lengths for s in shards], 0)
     arrays["prompts.offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     p0 = 0
     prompts = []

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from attnscope.kernels.stats import ACCUMULATORS, ROW_SUMS
 
+from ..columns import TOKEN_IDS
 from ..data import ProfileError
 
 # the accumulators of shape [Ly, H, ...]
@@ -65,17 +66,16 @@ class Shard:
     sha256: list[str]
     previews: list[str]
     lengths: np.ndarray  # [P] int64
-    token_ids: np.ndarray  # [T] int64
     token_text: list[str]  # [T]
-    logit_entropy: np.ndarray  # [T] float32
-    mlp: dict[str, np.ndarray]  # in_norm/out_norm [Ly, T] float32, topk_idx/topk_val [Ly, T, k]
+    per_token: dict[
+        str, np.ndarray
+    ]  # columns.TOKEN_COLUMNS key -> [T] or [Ly, T(, k)] (the lens ones with --logit-lens)
     row_means: np.ndarray  # [P, Ly, H, V] float32: mean of each vector over the prompt's tokens
     distance: np.ndarray  # [P, Ly, H] float64: mean attention distance
     accum: dict[str, np.ndarray]  # data.ACCUM_NAMES; neuron_argmax counts the shard's own tokens from 0
     vectors: dict[str, np.ndarray] | None = None  # attn.<v> [Ly, H, T]
     thumbs: list[np.ndarray] | None = None  # per prompt [Ly, H, r, r]
     full: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)  # (prompt, layer, head) -> [L, L]
-    lens: dict[str, np.ndarray] | None = None  # data.LENS_ARRAYS, each [Ly, T] (--logit-lens)
     lens_vocab: dict[int, str] | None = None  # decoded text of every lens top-1 id of the shard
 
     @property
@@ -85,6 +85,10 @@ class Shard:
     @property
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        return self.per_token[TOKEN_IDS]
 
 
 # -- small file helpers --

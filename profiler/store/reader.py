@@ -19,7 +19,8 @@ from attnscope.kernels.stats import (
     renumber_key,
 )
 
-from ..data import LENS_ARRAYS, Profile, ProfileError, mean_distance
+from ..columns import token_columns
+from ..data import Profile, ProfileError, mean_distance
 from .layout import (
     RUN_FILE,
     TABLES,
@@ -34,8 +35,6 @@ from .layout import (
     read_tensor,
     table_rows,
 )
-
-_LENS_INT = ("lens.top_id", "lens.target_rank")  # the lens arrays that hold integers
 
 
 class _RunData:
@@ -196,10 +195,8 @@ class _RunArrays(Mapping):
         self.cache: dict[str, np.ndarray] = {}
         meta = data.meta
         self.vec_names = [f"attn.{v}" for v in meta["vectors"]] if data.doc.get("keep_vectors") else []
-        self.token_names = ["tokens.ids", "tokens.logit_entropy", "mlp.in_norm", "mlp.out_norm", "mlp.topk_idx"]
-        self.token_names += ["mlp.topk_val", "prompts.offsets"]
-        if meta.get("logit_lens"):
-            self.token_names += [*LENS_ARRAYS, "lens.top_token"]
+        self.columns = {c.key: c for c in token_columns(bool(meta.get("logit_lens"))) if c.key is not None}
+        self.token_names = [*self.columns, "prompts.offsets"]
 
     def _names(self) -> list[str]:
         return list(self.accum) + self.token_names + self.vec_names + list(self.data.vector_keys())
@@ -230,28 +227,19 @@ class _RunArrays(Mapping):
 
         if name == "prompts.offsets":
             out = d.offsets()
-        elif name == "tokens.ids":
-            out = lazy(lambda s: d.token_part(s, "token_id").astype(np.int64), 0, (T,), np.int64)
-        elif name == "tokens.logit_entropy":
-            out = lazy(lambda s: d.token_part(s, "logit_entropy").astype(np.float32), 0, (T,), np.float32)
-        elif name in ("mlp.in_norm", "mlp.out_norm"):
-            col = name[4:]
-            out = lazy(lambda s: np.ascontiguousarray(d.token_part(s, col).T), 1, (Ly, T), np.float32)  # [Ly, T]
-        elif name in ("mlp.topk_idx", "mlp.topk_val"):
-            col, dt = name[4:], (np.int32 if name.endswith("idx") else np.float32)
+        elif name in self.columns:
+            c = self.columns[name]
+            shape = (Ly, T, k) if c.width else (Ly, T) if c.per_layer else (T,)
 
-            def load(s, col=col):  # [Ly, T_s, k]
-                return np.ascontiguousarray(d.token_part(s, col).reshape(-1, Ly, k).transpose(1, 0, 2))
+            def load(s, c=c):  # one shard's [T_s] or [Ly, T_s(, k)] from its column
+                a = d.token_part(s, c.column)  # [T_s], or [T_s, Ly (* k)] for a list column
+                if c.per_layer:
+                    a = np.ascontiguousarray(
+                        a.reshape(-1, Ly, k).transpose(1, 0, 2) if c.width else a.reshape(-1, Ly).T
+                    )
+                return a.astype(c.dtype, copy=False)
 
-            out = lazy(load, 1, (Ly, T, k), dt)
-        elif name in LENS_ARRAYS or name == "lens.top_token":
-            col = name.replace(".", "_")
-            dt = object if name == "lens.top_token" else np.int32 if name in _LENS_INT else np.float32
-
-            def load(s, col=col, dt=dt):  # [Ly, T_s]
-                return np.ascontiguousarray(d.token_part(s, col).reshape(-1, Ly).T).astype(dt)
-
-            out = lazy(load, 1, (Ly, T), dt)
+            out = lazy(load, c.token_axis, shape, c.dtype)
         elif name in self.vec_names:
             out = lazy(lambda s: d.tensor(s, name), 2, (Ly, H, T), np.float32)
         elif name.startswith("attn.") and name in d.vector_keys():

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from attnscope.kernels.stats import NEURON_MAX, full_key, thumb_key
+from attnscope.kernels.stats import DIST, NEURON_MAX, full_key, thumb_key
 
 from ..accum import combine_accum
+from ..columns import LENS_TOP_ID, token_columns
 from .layout import (
     IDENTITY,
     LOCK_FILE,
@@ -43,7 +44,7 @@ from .layout import (
 )
 
 
-def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence[str]):
+def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence[str], logit_lens: bool):
     """The three Parquet tables of a shard whose first prompt is number ``prompt0`` in the run: index, prompts,
     tokens. Nothing in them depends on the tokens before the shard, so a shard can be written before the shards
     ahead of it are done (a Ray actor writes its own)."""
@@ -71,37 +72,30 @@ def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence
     means = shard.row_means.reshape(n, len(vectors))
     for i, v in enumerate(vectors):
         cols[v] = np.ascontiguousarray(means[:, i])
-    cols["distance"] = shard.distance.reshape(n)
+    cols[DIST.summary] = shard.distance.reshape(n)
     prompts = pa.table(cols)
-    pos = np.arange(T) - np.repeat(offsets[:-1], shard.lengths)
-    k = shard.mlp["topk_idx"].shape[-1]
+    tokens = {"prompt": np.repeat(prompt, shard.lengths)}
+    tokens["position"] = (np.arange(T) - np.repeat(offsets[:-1], shard.lengths)).astype(np.int32)
+    for c in token_columns(logit_lens):
+        if c.key is None:  # the token text
+            tokens[c.column] = pa.array(shard.token_text, pa.string())
+            continue
+        a = _lens_top_token(shard) if c.derived else shard.per_token[c.key]  # [T] or [Ly, T(, k)]
+        if not c.per_layer:
+            tokens[c.column] = a.astype(c.dtype)
+            continue
+        # [Ly, T, ...] -> a fixed-size list column of Ly * ... values per token
+        width = Ly * (a.shape[2] if a.ndim == 3 else 1)
+        flat = np.ascontiguousarray(np.moveaxis(a.astype(c.dtype), 1, 0).reshape(T, width))
+        tokens[c.column] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
+    return index, prompts, pa.table(tokens)
 
-    def per_token(a: np.ndarray, width: int):  # [Ly, T, ...] -> fixed-size list column of Ly * ... per token
-        flat = np.ascontiguousarray(np.moveaxis(a, 1, 0).reshape(T, width))
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
 
-    tokens = pa.table(
-        {
-            "prompt": np.repeat(prompt, shard.lengths),
-            "position": pos.astype(np.int32),
-            "token_id": shard.token_ids.astype(np.int64),
-            "token": pa.array(shard.token_text, pa.string()),
-            "logit_entropy": shard.logit_entropy.astype(np.float32),
-            "in_norm": per_token(shard.mlp["in_norm"], Ly),
-            "out_norm": per_token(shard.mlp["out_norm"], Ly),
-            "topk_idx": per_token(shard.mlp["topk_idx"].astype(np.int32), Ly * k),
-            "topk_val": per_token(shard.mlp["topk_val"].astype(np.float32), Ly * k),
-        }
-    )
-    if shard.lens is not None:  # the logit lens: one value per layer and token, and the top-1 tokens' text
-        for name, a in shard.lens.items():
-            tokens = tokens.append_column(name.replace(".", "_"), per_token(a, Ly))
-        top = shard.lens["lens.top_id"]
-        text = np.array([shard.lens_vocab[int(t)] for t in np.unique(top)], dtype=object)[
-            np.searchsorted(np.unique(top), top)
-        ]  # [Ly, T]
-        tokens = tokens.append_column("lens_top_token", per_token(text, Ly))
-    return index, prompts, tokens
+def _lens_top_token(shard: Shard) -> np.ndarray:
+    """[Ly, T] the text of each layer's top-1 lens token."""
+    top = shard.per_token[LENS_TOP_ID]
+    u = np.unique(top)
+    return np.array([shard.lens_vocab[int(t)] for t in u], dtype=object)[np.searchsorted(u, top)]
 
 
 def shard_name(seq: int) -> str:
@@ -118,7 +112,7 @@ def write_shard_files(root: str | os.PathLike, name: str, shard: Shard, prompt0:
     ``commit_staged`` for files written under ``.staging/`` by a helper)."""
     root = Path(root)
     Ly, H = int(meta["n_layers"]), int(meta["n_heads"])
-    index, prompts, tokens = _shard_tables(shard, prompt0, Ly, H, meta["vectors"])
+    index, prompts, tokens = _shard_tables(shard, prompt0, Ly, H, meta["vectors"], bool(meta.get("logit_lens")))
     files = []
     for part, table in (("index", index), ("prompts", prompts), ("tokens", tokens)):
         (root / part).mkdir(parents=True, exist_ok=True)
