@@ -5,8 +5,9 @@ A transformers attention implementation named ``"attnscope"`` is registered with
 flash, ...) for the real output, then hands ``query``/``key`` (GQA keys un-repeated), the module's ``scaling``,
 its sliding window and the attention's log-sum-exp (when the backend gives one, else None) to a callback.
 
-The log-sum-exp comes from the attention the model runs anyway. With the ``sdpa`` backend, for the duration of one
-layer's call, ``torch.nn.functional.scaled_dot_product_attention`` is stood in for by a function that asks torch
+The log-sum-exp comes from the attention the model runs anyway. With the ``sdpa`` backend, while a capture context
+is open, ``torch.nn.functional.scaled_dot_product_attention`` is stood in for by a function (installed once by the
+first open context, restored by the last; a pass-through outside a captured layer) that, during a layer, asks torch
 which kernel it would pick for exactly those arguments (``torch._fused_sdp_choice``, ``sdpa_backend``) and, where
 that kernel has an lse-returning entry point (``lse_op``), calls it instead, as ``scaled_dot_product_attention``
 itself calls it, and keeps the lse (``normalise_lse`` makes every op's lse [B, H, L] float32):
@@ -34,6 +35,7 @@ import contextlib
 import contextvars
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -221,7 +223,7 @@ def _sdpa_collecting(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     if out is not None:
         return out
     kw = {"enable_gqa": True} if enable_gqa else {}
-    return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+    return _INNER(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
 
 
 @contextlib.contextmanager
@@ -242,14 +244,11 @@ def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):
         raise RuntimeError("the 'attnscope' attention implementation is only usable inside attnscope.capture()")
     fn = _original_attention(module, session.original)
     slot: list = []
-    if session.original == "sdpa":
+    if session.original == "sdpa":  # this layer's sdpa calls (through the stand-in ``capture`` installed) keep the lse
         token = _LSE_SLOT.set(slot)
-        before = torch.nn.functional.scaled_dot_product_attention
-        torch.nn.functional.scaled_dot_product_attention = _sdpa_collecting
         try:
             out = fn(module, query, key, value, attention_mask, **kwargs)
         finally:
-            torch.nn.functional.scaled_dot_product_attention = before
             _LSE_SLOT.reset(token)
     else:
         out = fn(module, query, key, value, attention_mask, **kwargs)
@@ -269,6 +268,32 @@ def _attnscope_mask(*args, **kwargs):
     original = session.original if session is not None else "sdpa"
     fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return fn(*args, **kwargs)
+
+
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = 0  # open capture contexts that need the stand-in
+_INNER = _SDPA  # what the stand-in calls outside a collecting layer (what it replaced)
+
+
+@contextlib.contextmanager
+def _sdpa_stand_in() -> Iterator[None]:
+    """``torch.nn.functional.scaled_dot_product_attention`` is ``_sdpa_collecting`` while any capture context is
+    open (installed by the first, restored by the last, under a lock: contexts in several threads never restore
+    each other's). Outside a collecting layer it calls torch's own function with the same arguments, so any other
+    caller, in any thread, gets exactly what torch gives."""
+    global _PATCH_USERS, _INNER
+    with _PATCH_LOCK:
+        if _PATCH_USERS == 0:
+            _INNER = torch.nn.functional.scaled_dot_product_attention  # torch's, or whatever stood there before
+            torch.nn.functional.scaled_dot_product_attention = _sdpa_collecting
+        _PATCH_USERS += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            _PATCH_USERS -= 1
+            if _PATCH_USERS == 0:
+                torch.nn.functional.scaled_dot_product_attention = _INNER
 
 
 def _register() -> None:
@@ -310,13 +335,15 @@ def capture(
         on_attention(int(layer), q, k, scaling, window, lse)
 
     handles = []
+    stand_in = _sdpa_stand_in() if original == "sdpa" else contextlib.nullcontext()
     token = _ACTIVE.set(_Session(original=original, on_attention=attention_cb))
     try:
-        if on_down_proj is not None:
-            for layer, module in down_proj_modules(model).items():
-                handles.append(module.register_forward_hook(_down_proj_hook(layer, on_down_proj)))
-        config._attn_implementation = IMPL_NAME
-        yield
+        with stand_in:
+            if on_down_proj is not None:
+                for layer, module in down_proj_modules(model).items():
+                    handles.append(module.register_forward_hook(_down_proj_hook(layer, on_down_proj)))
+            config._attn_implementation = IMPL_NAME
+            yield
     finally:
         config._attn_implementation = original
         for h in handles:

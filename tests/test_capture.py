@@ -131,6 +131,28 @@ def test_hooks_removed_and_implementation_restored_on_error():
         model(torch.randint(0, 100, (1, 5)))  # still runs normally
 
 
+def test_sdpa_stand_in_installed_once_and_restored_by_the_last_context():
+    # two capture contexts that overlap without nesting, each in its own context (as two threads' are): the first
+    # to close must not take the stand-in away from the other, and the last restores exactly what was there before
+    import contextvars
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    a, b = tiny_model("llama"), tiny_model("llama")
+    got = []
+    ctx_a = capture(a, lambda layer, q, k, s, w, lse: got.append(("a", lse is not None)))
+    ctx_b = capture(b, lambda layer, q, k, s, w, lse: got.append(("b", lse is not None)))
+    in_a, in_b = contextvars.Context(), contextvars.Context()
+    in_a.run(ctx_a.__enter__)
+    in_b.run(ctx_b.__enter__)
+    in_a.run(ctx_a.__exit__, None, None, None)
+    assert torch.nn.functional.scaled_dot_product_attention is not sdpa  # b still collects
+    with torch.no_grad():
+        in_b.run(b, torch.randint(0, 100, (1, 5)))
+    in_b.run(ctx_b.__exit__, None, None, None)
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
+    assert got and all(name == "b" and has_lse for name, has_lse in got), got
+
+
 def test_unsupported_architecture_is_named():
     import transformers as tf
 
