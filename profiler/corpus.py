@@ -174,10 +174,8 @@ class Corpus:
         elif p.suffix.lower() in _DELIMITERS:
             yield from _table_rows(p, tc, ic)
         elif p.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise CorpusError("reading .parquet prompts needs pyarrow (pip install pyarrow)") from None
+            import pyarrow.parquet as pq
+
             try:
                 f = pq.ParquetFile(p)
             except Exception as e:  # pyarrow raises its own error types for a file that is not Parquet

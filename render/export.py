@@ -32,11 +32,9 @@ def write_table(table: dict[str, np.ndarray], path: Path, fmt: str) -> Path:
             for row in zip(*(table[c].tolist() for c in cols)):
                 w.writerow(row)
         return path
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("--parquet needs pyarrow: pip install pyarrow (or export --csv)") from None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = path.with_suffix(".parquet")
     pq.write_table(pa.table({c: v.tolist() if v.dtype == object else v for c, v in table.items()}), path)
     return path

@@ -50,11 +50,10 @@ class RunError(ProfileError):
 
 
 def pyarrow_modules():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise RunError("run directories need pyarrow: pip install pyarrow") from None
+    """pyarrow and pyarrow.parquet, imported on first use (a dependency, but a slow import)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     return pa, pq
 
 
