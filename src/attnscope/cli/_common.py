@@ -1,9 +1,12 @@
-"""Helpers shared by the command modules: the one-line error type and small argument parsers."""
+"""Helpers shared by the command modules: the one-line error type, the view runner and small argument parsers."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import sys
+import warnings
 from pathlib import Path
 
 __all__ = [
@@ -15,6 +18,7 @@ __all__ = [
     "os_error",
     "parse_heads",
     "slug",
+    "view_command",
     "writable",
 ]
 
@@ -55,6 +59,38 @@ class _Arrays(dict):
             f"{self.source} has no array {name!r}: the profile is incomplete or was written by another version of "
             "attnscope; profile again"
         )
+
+
+def view_command(func):
+    """Run a command that loads a profile and renders a view: each distinct warning printed once as one line (no
+    source line); a missing array, or a file that cannot be written past the checks up front, one error."""
+
+    @functools.wraps(func)
+    def run(args) -> int:
+        seen: set[str] = set()
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = " ".join(str(message).split())
+            if text not in seen:
+                seen.add(text)
+                print(f"attnscope: warning: {text}", file=sys.stderr)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            try:
+                return func(args)
+            except MissingArray as e:
+                raise CLIError(str(e)) from None
+            except KeyError as e:  # a profile object whose arrays are not the plain mapping load_profile wraps
+                raise CLIError(
+                    f"the profile has no array {e.args[0]!r}: it is incomplete or was written by another version "
+                    "of attnscope; profile again"
+                ) from None
+            except OSError as e:  # past the checks up front (e.g. the disk filled while writing): name the file
+                raise CLIError(os_error(e)) from None
+
+    return run
 
 
 def _neither(path: Path) -> str | None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import CLIError, figdir, load_profile, writable
-from .views import _view_command
+from ._common import CLIError, figdir, load_profile, view_command, writable
 
 __all__ = ["register"]
 
 
-@_view_command
+@view_command
 def cmd_heads(args) -> int:
     import numpy as np
 
@@ -34,7 +33,7 @@ def cmd_heads(args) -> int:
     return 0
 
 
-@_view_command
+@view_command
 def cmd_lens(args) -> int:
     from attnscope.render.lens import has_lens, plot_logit_lens_of
     from attnscope.render.views import save
@@ -60,9 +59,10 @@ def cmd_rules(args) -> int:
 
     import numpy as np
 
+    from attnscope.kernels.stats import CTX_VALUE
+    from attnscope.profiler.engine import config_digest, weights_digest
     from attnscope.profiler.memories import promoted_tokens
     from attnscope.profiler.models import DEFAULT_MODEL, cache_dir, load_model
-    from attnscope.profiler.engine import config_digest, weights_digest
     from attnscope.render.export import write_table
     from attnscope.render.memories import neuron_rules, rules_table
 
@@ -70,7 +70,7 @@ def cmd_rules(args) -> int:
         if v < 1:
             raise CLIError(f"{name} must be >= 1, got {v}")
     prof = load_profile(args.profile)
-    if "mlp.ctx_value" not in prof.arrays:
+    if CTX_VALUE.key not in prof.arrays:
         raise CLIError(f"{args.profile} kept no neuron contexts: profile again with --neuron-contexts K (K > 0)")
     out = writable(Path(args.out) if args.out else Path(args.profile), "rules.json and rules.parquet", bool(args.out))
     model_id = args.model or prof.meta.get("model_id")

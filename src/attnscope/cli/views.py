@@ -5,45 +5,11 @@ Every view reads a saved profile alone (no model, no GPU).
 
 from __future__ import annotations
 
-import functools
-import sys
-import warnings
 from pathlib import Path
 
-from ._common import CLIError, MissingArray, figdir, int_list, load_profile, os_error, parse_heads, slug, writable
+from ._common import CLIError, figdir, int_list, load_profile, parse_heads, slug, view_command, writable
 
 __all__ = ["register"]
-
-
-def _view_command(func):
-    """Run a view: each distinct warning printed once as one line (no source line); a missing array, one error."""
-
-    @functools.wraps(func)
-    def run(args) -> int:
-        seen: set[str] = set()
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            text = " ".join(str(message).split())
-            if text not in seen:
-                seen.add(text)
-                print(f"attnscope: warning: {text}", file=sys.stderr)
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            try:
-                return func(args)
-            except MissingArray as e:
-                raise CLIError(str(e)) from None
-            except KeyError as e:  # a profile object whose arrays are not the plain mapping load_profile wraps
-                raise CLIError(
-                    f"the profile has no array {e.args[0]!r}: it is incomplete or was written by another version "
-                    "of attnscope; profile again"
-                ) from None
-            except OSError as e:  # past the checks up front (e.g. the disk filled while writing): name the file
-                raise CLIError(os_error(e)) from None
-
-    return run
 
 
 def _mark_top(args) -> int:
@@ -52,7 +18,7 @@ def _mark_top(args) -> int:
     return args.mark_top
 
 
-@_view_command
+@view_command
 def cmd_render(args) -> int:
     from attnscope.render.laminar import LaminarRenderer
 
@@ -73,7 +39,7 @@ def cmd_render(args) -> int:
     return 0
 
 
-@_view_command
+@view_command
 def cmd_heatmap(args) -> int:
     from attnscope.render.views import plot_heatmaps, save
 
@@ -85,7 +51,7 @@ def cmd_heatmap(args) -> int:
     return 0
 
 
-@_view_command
+@view_command
 def cmd_patterns(args) -> int:
     from attnscope.render.views import plot_patterns, save
 
@@ -97,7 +63,7 @@ def cmd_patterns(args) -> int:
     return 0
 
 
-@_view_command
+@view_command
 def cmd_grid(args) -> int:
     from attnscope.render.views import plot_layer_grid, save
 
@@ -114,7 +80,7 @@ def cmd_grid(args) -> int:
     return 0
 
 
-@_view_command
+@view_command
 def cmd_downproj(args) -> int:
     from attnscope.render.views import plot_down_proj, save
 
@@ -132,7 +98,7 @@ def cmd_downproj(args) -> int:
     return 0
 
 
-@_view_command
+@view_command
 def cmd_compare(args) -> int:
     from attnscope.render.views import plot_compare, save
 
@@ -146,7 +112,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-@_view_command
+@view_command
 def cmd_export(args) -> int:
     from attnscope.render.export import export_tables
 
@@ -157,7 +123,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-@_view_command
+@view_command
 def cmd_report(args) -> int:
     from attnscope.render.report import write_report
 
