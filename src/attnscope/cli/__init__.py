@@ -1,4 +1,8 @@
-"""The ``attnscope`` command line, one module per command group; errors in the input print one line, exit code 2."""
+"""The ``attnscope`` command line, one module per command group; errors in the input print one line, exit code 2.
+
+Each command declares its user errors, the exceptions it reports as that one line besides ``CLIError``
+(``set_defaults(func=..., user_errors=...)``, from ``_common``); any other exception is a bug and shows its traceback.
+"""
 
 from __future__ import annotations
 
@@ -18,31 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
         "without materialising attention matrices.",
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    profile.register(sub)
-    views.register(sub)
-    run.register(sub)
-    verify.register(sub)
-    interpret.register(sub)
-    bench.register(sub)
+    for group in (profile, views, run, verify, interpret, bench):
+        group.register(sub)
+    undeclared = [name for name, p in sub.choices.items() if p.get_default("user_errors") is None]
+    if undeclared:
+        raise RuntimeError(f"commands that declare no user_errors: {', '.join(undeclared)}")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from attnscope.profiler.data import ProfileError
-
-    expected: tuple[type[BaseException], ...] = (CLIError, ProfileError)
-    if args.command in ("profile", "rules"):
-        from attnscope.profiler.corpus import CorpusError
-        from attnscope.profiler.hooks import UnsupportedModelError
-        from attnscope.profiler.models import ModelLoadError
-        from attnscope.profiler.run import PromptError
-
-        expected += (UnsupportedModelError, ModelLoadError, PromptError, CorpusError, ValueError, OSError)
-    elif args.command in ("merge", "sql"):
-        expected += (ValueError, OSError)
-    else:
-        expected += (ValueError, IndexError, ImportError, OSError)
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader of our output went away (``attnscope sql ... | head``): not an error
@@ -50,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
-    except expected as e:
+    except (CLIError, *args.user_errors) as e:
         print(f"attnscope: error: {os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Helpers shared by the command modules: the one-line error type, the view runner and small argument parsers."""
+"""Helpers shared by the command modules: the one-line error type and the user errors of each kind of command,
+the view runner, and small argument parsers."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import warnings
 from pathlib import Path
 
 __all__ = [
+    "USER_ERRORS",
+    "VIEW_ERRORS",
     "CLIError",
     "MissingArray",
     "figdir",
     "int_list",
     "load_profile",
+    "model_command",
     "os_error",
     "parse_heads",
     "slug",
@@ -25,6 +29,28 @@ __all__ = [
 
 class CLIError(Exception):
     """An error in the user's input: printed as one line, exit code 2."""
+
+
+# The user errors a command declares (``set_defaults(func=..., user_errors=...)``) besides CLIError: printed as one
+# line, exit code 2; any other exception is a bug and shows its traceback. ValueError covers the library's own
+# errors (ProfileError, RunError, CorpusError, PromptError, UnsupportedModelError), OSError the filesystem's.
+USER_ERRORS = (ValueError, OSError)
+VIEW_ERRORS = (*USER_ERRORS, IndexError, ImportError)  # a view's: also a prompt or head out of range, a missing extra
+
+
+def model_command(func):
+    """Run a command that loads a model: a model that cannot be loaded (``ModelLoadError``) is the user's error."""
+
+    @functools.wraps(func)
+    def run(args) -> int:
+        from attnscope.profiler.models import ModelLoadError
+
+        try:
+            return func(args)
+        except ModelLoadError as e:
+            raise CLIError(str(e)) from None
+
+    return run
 
 
 def parse_heads(items: list[str] | None, what: str = "--keep-head") -> tuple[tuple[int, int], ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import CLIError, int_list, slug
+from ._common import VIEW_ERRORS, CLIError, int_list, slug
 
 
 def cmd_bench(args) -> int:
@@ -63,4 +63,4 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: torch's)")
     p.add_argument("--no-eager", action="store_true", help="skip eager output_attentions")
     p.add_argument("--out", metavar="DIR", help="output directory (default: bench/<model>)")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, user_errors=VIEW_ERRORS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import CLIError, figdir, load_profile, view_command, writable
+from ._common import USER_ERRORS, VIEW_ERRORS, CLIError, figdir, load_profile, model_command, view_command, writable
 
 __all__ = ["register"]
 
@@ -54,6 +54,7 @@ def cmd_lens(args) -> int:
     return 0
 
 
+@model_command
 def cmd_rules(args) -> int:
     import json
 
@@ -115,7 +116,7 @@ def register(sub) -> None:
     v.add_argument("--top", type=int, default=3, help="heads listed per role (default: 3)")
     v.add_argument("--parquet", action="store_true", help="write the table as Parquet (needs pyarrow) instead of CSV")
     v.add_argument("--format", default="png", choices=["png", "pdf"], help="image format (default: png)")
-    v.set_defaults(func=cmd_heads)
+    v.set_defaults(func=cmd_heads, user_errors=VIEW_ERRORS)
     v = sub.add_parser(
         "lens",
         help="the logit-lens figure of one prompt (needs a profile made with --logit-lens)",
@@ -127,7 +128,7 @@ def register(sub) -> None:
     v.add_argument("--tokens", metavar="START:END", help="token positions to show (default: the last 48)")
     v.add_argument("--out", metavar="DIR", help="figure directory (default: PROFILE/figures)")
     v.add_argument("--format", default="png", choices=["png", "pdf"], help="image format (default: png)")
-    v.set_defaults(func=cmd_lens)
+    v.set_defaults(func=cmd_lens, user_errors=VIEW_ERRORS)
     v = sub.add_parser(
         "rules",
         help="FFN key-value memories: each neuron's trigger contexts and the tokens it promotes, as rules.json",
@@ -142,4 +143,4 @@ def register(sub) -> None:
     v.add_argument("--window", type=int, default=8, help="tokens of context shown up to the trigger (default: 8)")
     v.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     v.add_argument("--out", metavar="DIR", help="where to write rules.json and rules.parquet (default: PROFILE)")
-    v.set_defaults(func=cmd_rules)
+    v.set_defaults(func=cmd_rules, user_errors=USER_ERRORS)  # and a model that cannot be loaded

@@ -6,7 +6,7 @@ import errno
 import sys
 from pathlib import Path
 
-from ._common import CLIError, parse_heads, slug
+from ._common import USER_ERRORS, CLIError, model_command, parse_heads, slug
 
 __all__ = ["cmd_profile", "register"]
 
@@ -61,6 +61,7 @@ def _disk_full(e: OSError, out: Path, mode: str, before: int, committed: int) ->
     return f"{where}: {committed} prompt(s) are committed; free space, then the same command with --resume continues"
 
 
+@model_command
 def cmd_profile(args) -> int:
     import dataclasses
 
@@ -291,4 +292,4 @@ def register(sub) -> None:
         "without GPUs); no ADDRESS starts a local cluster",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_profile)
+    p.set_defaults(func=cmd_profile, user_errors=USER_ERRORS)  # and a model that cannot be loaded (model_command)

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._common import CLIError
+from ._common import USER_ERRORS, CLIError
 
 __all__ = ["cmd_merge", "cmd_sql", "read_only_statement", "register", "sql_connection"]
 
@@ -319,7 +319,7 @@ def register(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, in order")
     p.add_argument("--out", required=True, metavar="DIR", help="the new run directory")
     p.add_argument("--force", action="store_true", help="replace the run in --out (never a directory that is not one)")
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=cmd_merge, user_errors=USER_ERRORS)
 
     s = sub.add_parser(
         "sql",
@@ -342,4 +342,4 @@ def register(sub) -> None:
         metavar="FILE",
         help="write the result to FILE (.csv, .parquet or .json, by its extension; atomically; not inside the run)",
     )
-    s.set_defaults(func=cmd_sql)
+    s.set_defaults(func=cmd_sql, user_errors=USER_ERRORS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import CLIError
+from ._common import VIEW_ERRORS, CLIError
 
 __all__ = ["cmd_repair", "cmd_verify", "register"]
 
@@ -62,7 +62,7 @@ def register(sub) -> None:
         "code 0 when the run is intact, 2 when anything is damaged.",
     )
     v.add_argument("run", metavar="RUN", help="a run directory")
-    v.set_defaults(func=cmd_verify)
+    v.set_defaults(func=cmd_verify, user_errors=VIEW_ERRORS)
     r = sub.add_parser(
         "repair",
         help="delete a killed writer's leftovers; with --drop-bad-shards, drop damaged vectors files",
@@ -74,4 +74,4 @@ def register(sub) -> None:
     )
     r.add_argument("run", metavar="RUN", help="a run directory")
     r.add_argument("--drop-bad-shards", action="store_true", help="drop damaged vectors files (the vectors tier)")
-    r.set_defaults(func=cmd_repair)
+    r.set_defaults(func=cmd_repair, user_errors=VIEW_ERRORS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import CLIError, figdir, int_list, load_profile, parse_heads, slug, view_command, writable
+from ._common import VIEW_ERRORS, CLIError, figdir, int_list, load_profile, parse_heads, slug, view_command, writable
 
 __all__ = ["register"]
 
@@ -165,13 +165,13 @@ def register(sub) -> None:
     r.add_argument("--points", type=int, default=300, help="KDE grid points on [0, 1] (default: 300)")
     r.add_argument("--format", default="png", choices=["png", "pdf"], help="image format (default: png)")
     r.add_argument("--plotly", action="store_true", help="also write interactive laminar_<kind>.html (needs plotly)")
-    r.set_defaults(func=cmd_render)
+    r.set_defaults(func=cmd_render, user_errors=VIEW_ERRORS)
 
     def view(name, help_, func, out_help="figure directory (default: PROFILE/figures)"):
         v = sub.add_parser(name, help=help_, description=help_ + ". Draws from a saved profile alone.")
         v.add_argument("profile", help="a profile directory written by `attnscope profile`")
         v.add_argument("--out", metavar="PATH", help=out_help)
-        v.set_defaults(func=func)
+        v.set_defaults(func=func, user_errors=VIEW_ERRORS)
         return v
 
     def per_prompt(v, fmt=True, marks=True, scale="colour"):
@@ -231,7 +231,7 @@ def register(sub) -> None:
     v.add_argument("--names", help="two names for the panels, e.g. critical,neutral (default: the directory names)")
     v.add_argument("--out", metavar="FILE", help="output image (default: A/figures/compare_<B>.png)")
     v.add_argument("--format", default="png", choices=["png", "pdf"], help="image format (default: png)")
-    v.set_defaults(func=cmd_compare)
+    v.set_defaults(func=cmd_compare, user_errors=VIEW_ERRORS)
     v = view(
         "export",
         "write the per-token and per-head tables as CSV or Parquet",
