@@ -30,18 +30,26 @@ _WORDS = (
 ).split()
 
 
+def _option(default, help: str):
+    """A field with its default and its help: ``attnscope bench --help`` shows both (see cli/bench.py)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class BenchConfig:
-    """What to measure."""
+    """What to measure. Each field's ``metadata["help"]`` is its one description, worded for
+    ``attnscope bench --help`` (which appends the default)."""
 
-    model: str | None = None  # as ``attnscope profile`` takes it; None: the default model
-    lengths: list[int] = field(default_factory=lambda: [2048, 8192])  # prompt lengths in tokens
-    device: str = "auto"  # auto, cpu or cuda[:N]
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16, float16
-    repeats: int = 3  # timed runs after one burn-in; the median is reported
-    eager: bool = True  # also run eager output_attentions where it is predicted to fit
-    threads: int | None = None  # CPU threads (torch and the Numba statistics); None: torch's default
-    timeout_s: float = 3600.0  # per measurement subprocess
+    model: str | None = _option(None, "as ``attnscope profile`` takes it; None: the default model")
+    lengths: list[int] = field(
+        default_factory=lambda: [2048, 8192], metadata={"help": "comma-separated prompt lengths in tokens"}
+    )
+    device: str = _option("auto", "auto, cpu or cuda[:N]")
+    dtype: str = _option("auto", "model dtype; auto: bfloat16 on CUDA, float32 on the CPU")
+    repeats: int = _option(3, "timed runs after one burn-in; the median is reported")
+    eager: bool = _option(True, "also run eager output_attentions where it is predicted to fit")
+    threads: int | None = _option(None, "CPU threads for torch and the Numba statistics (default: torch's)")
+    timeout_s: float = _option(3600.0, "seconds each measurement subprocess may run")
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 2:

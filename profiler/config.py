@@ -14,26 +14,55 @@ class PromptError(ValueError):
     """A prompt is empty, or longer than the model's positions."""
 
 
+def _option(default, help: str):
+    """A field with its default and its help: ``attnscope profile --help`` shows both (see cli/profile.py)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
-    """How to profile. Every field has a default that suits a single long prompt."""
+    """How to profile. Every field has a default that suits a single long prompt.
 
-    spec: AttnStatsSpec = field(default_factory=AttnStatsSpec)  # histogram bins, log range, thumbnail size
-    batch_size: int = 1  # prompts per forward pass (length-bucketed, padded to the longest); 0 = auto (_auto_batches)
-    token_budget: int = 8192  # batch_size 0: padded tokens per forward pass
-    shard_size: int = 256  # prompts per shard (the unit of commit, resume, and length bucketing)
-    keep_vectors: bool = True  # the per-token per-head vectors and per-prompt thumbnails (the vectors tier)
-    allow_long: bool = False  # allow prompts longer than the model's max_position_embeddings
-    keep_full: tuple[tuple[int, int], ...] = ()  # (layer, head) pairs whose full L x L matrices are kept
-    full_max_tokens: int = 4096  # refuse to keep a full matrix of a longer prompt (L^2 * 4 bytes each)
-    top_k: int = 8  # down_proj neurons kept per token
-    neuron_contexts: int = 8  # running top-k activating tokens kept per neuron (FFN memories); 0: none
-    logit_lens: bool = False  # per layer and token: top-1 token, entropy, p and rank of the next token
-    impl: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "torch" or "triton"
-    block_q: int = 128  # query block of the torch path: memory O(heads * block_q * L) per layer
-    threads: int | None = None  # CPU threads of torch and of the Numba statistics (None: torch's default)
-    progress: bool = True  # one tqdm bar: prompts, tokens/s, ETA
-    model_id: str | None = None  # recorded in the profile; default: the model's name_or_path
+    Each field's ``metadata["help"]`` is its one description, worded for ``attnscope profile --help`` (which
+    appends the default); fields whose option takes another form there (``--batch-size auto``, ``--keep``,
+    ``--keep-head``, ``--no-progress``) or that have no option are described for the Python API.
+    """
+
+    spec: AttnStatsSpec = field(
+        default_factory=AttnStatsSpec, metadata={"help": "histogram bins, log range, thumbnail size"}
+    )
+    batch_size: int = _option(
+        1,
+        "prompts per forward pass, length-bucketed within a shard and padded to the longest; 0: auto, batches of "
+        "similar length, cut where padding would cost more than another forward pass, of at most token_budget "
+        "padded tokens",
+    )
+    token_budget: int = _option(8192, "padded tokens per forward pass with --batch-size auto")
+    shard_size: int = _option(256, "prompts per shard: the unit of commit and resume; a kill loses at most one shard")
+    keep_vectors: bool = _option(
+        True, "keep the per-token per-head vectors and per-prompt thumbnails (the vectors tier)"
+    )
+    allow_long: bool = _option(False, "allow prompts longer than the model's positions")
+    keep_full: tuple[tuple[int, int], ...] = _option(
+        (), "(layer, head) pairs whose full L x L matrices are kept (up to full_max_tokens)"
+    )
+    full_max_tokens: int = _option(
+        4096, "longest prompt whose full matrices may be kept; each is L x L float32, 64 MB at 4096 tokens"
+    )
+    top_k: int = _option(8, "down_proj neurons kept per token")
+    neuron_contexts: int = _option(
+        8, "most-activating tokens kept per MLP neuron over the whole run, for `attnscope rules`; 0: none"
+    )
+    logit_lens: bool = _option(
+        False,
+        "also the logit lens: per layer and token the top-1 next token, its probability, the entropy, and the "
+        "probability and rank of the true next token (Ly x 6 numbers a token)",
+    )
+    impl: str = _option("auto", "statistics implementation; auto: Triton on CUDA, torch on the CPU")
+    block_q: int = _option(128, "query block of the torch path: memory O(heads * block_q * L) per layer")
+    threads: int | None = _option(None, "CPU threads for torch and the statistics (default: torch's)")
+    progress: bool = _option(True, "one tqdm bar: prompts, tokens/s, ETA")
+    model_id: str | None = _option(None, "recorded in the profile (default: the model's name_or_path)")
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:

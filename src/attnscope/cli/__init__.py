@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import bench, interpret, profile, run, verify, views
-from ._common import CLIError, os_error
+from ._common import CLIError, CommandParser, os_error
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention profiler for Hugging Face causal LMs: per-layer, per-head statistics "
         "without materialising attention matrices.",
     )
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for group in (profile, views, run, verify, interpret, bench):
         group.register(sub)
     undeclared = [name for name, p in sub.choices.items() if p.get_default("user_errors") is None]

@@ -1,20 +1,27 @@
 """Helpers shared by the command modules: the one-line error type and the user errors of each kind of command,
-the view runner, and small argument parsers."""
+the parser that builds options from a dataclass's fields, the view runner, and small argument parsers."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import os
 import re
 import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 
 __all__ = [
+    "DTYPES",
     "USER_ERRORS",
     "VIEW_ERRORS",
     "CLIError",
+    "CommandParser",
     "MissingArray",
+    "config_option",
     "figdir",
     "int_list",
     "load_profile",
@@ -25,6 +32,8 @@ __all__ = [
     "view_command",
     "writable",
 ]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype of the commands that load a model
 
 
 class CLIError(Exception):
@@ -51,6 +60,59 @@ def model_command(func):
             raise CLIError(str(e)) from None
 
     return run
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser. ``options``: a function that adds the arguments on first use (a parse, a usage or a
+    help), for a command whose options are read from a dataclass in a module that imports torch, so that the
+    commands that never load torch (the views, sql) do not pay for it."""
+
+    def __init__(self, *args, options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._options = options
+
+    def _add_options(self) -> None:
+        if self._options is not None:
+            add, self._options = self._options, None
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_options()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._add_options()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._add_options()
+        return super().format_help()
+
+
+def config_option(p: argparse.ArgumentParser, cls, name: str, **kw) -> argparse.Action:
+    """Add ``--<name>`` (underscores as dashes) for field ``name`` of dataclass ``cls``: the default, the type (a
+    bool of default False is a flag) and the help (``metadata["help"]``) come from the field, and the help gets
+    "(default: X)" unless the field's default is None (its help says what None means) or it is a flag.
+
+    ``kw``: what the option's form adds (``metavar``, ``choices``) or changes from the field's: ``help`` for a
+    field that has none, ``type`` with ``default`` for a value given in another form (``--lengths 2048,8192``).
+    """
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = kw.pop("default", f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+    kind = typing.get_type_hints(cls)[name]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:  # X | None
+        (kind,) = (a for a in typing.get_args(kind) if a is not type(None))
+    text = kw.pop("help", None) or f.metadata["help"]
+    text = text.replace("%", "%%")  # argparse formats the help with %
+    if kind is bool and "type" not in kw:
+        if default is not False:
+            raise ValueError(f"{cls.__name__}.{name} defaults to {default!r}: give its option its own form")
+        kw["action"] = "store_true"
+    else:
+        kw.setdefault("type", kind)
+        if default is not None:
+            text += " (default: %(default)s)"
+    return p.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=text, **kw)
 
 
 def parse_heads(items: list[str] | None, what: str = "--keep-head") -> tuple[tuple[int, int], ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import VIEW_ERRORS, CLIError, int_list, slug
+from ._common import DTYPES, VIEW_ERRORS, CLIError, config_option, int_list, slug
 
 
 def cmd_bench(args) -> int:
@@ -40,6 +40,8 @@ def cmd_bench(args) -> int:
 
 
 def register(sub) -> None:
+    from attnscope.profiler.bench import BenchConfig  # imports no torch
+
     p = sub.add_parser(
         "bench",
         help="time and peak memory of a plain forward, a profile and eager output_attentions",
@@ -49,18 +51,12 @@ def register(sub) -> None:
         "torch.cuda.max_memory_allocated (CUDA). Writes bench.json (with the machine) and bench.png.",
     )
     p.add_argument("model", nargs="?", default=None, help="as for 'attnscope profile' (default: SmolLM2-135M-Instruct)")
-    p.add_argument(
-        "--lengths", default="2048,8192", help="comma-separated prompt lengths in tokens (default: 2048,8192)"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype (default: auto = bfloat16 on CUDA, float32 on the CPU)",
-    )
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one burn-in (default: 3)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: torch's)")
-    p.add_argument("--no-eager", action="store_true", help="skip eager output_attentions")
+    lengths = ",".join(map(str, BenchConfig().lengths))  # given as one string, parsed by int_list
+    config_option(p, BenchConfig, "lengths", type=str, default=lengths)
+    config_option(p, BenchConfig, "device")
+    config_option(p, BenchConfig, "dtype", choices=DTYPES)
+    config_option(p, BenchConfig, "repeats")
+    config_option(p, BenchConfig, "threads", metavar="N")
+    p.add_argument("--no-eager", action="store_true", help="skip eager output_attentions")  # BenchConfig.eager
     p.add_argument("--out", metavar="DIR", help="output directory (default: bench/<model>)")
     p.set_defaults(func=cmd_bench, user_errors=VIEW_ERRORS)

@@ -6,9 +6,9 @@ import errno
 import sys
 from pathlib import Path
 
-from ._common import USER_ERRORS, CLIError, model_command, parse_heads, slug
+from ._common import DTYPES, USER_ERRORS, CLIError, config_option, model_command, parse_heads, slug
 
-__all__ = ["cmd_profile", "register"]
+__all__ = ["CONFIG_OPTIONS", "cmd_profile", "register"]
 
 SAMPLE_PROMPT = (
     "The quick brown fox jumps over the lazy dog. Attention heads in a transformer decide, for every token, "
@@ -93,23 +93,14 @@ def cmd_profile(args) -> int:
         keep_vectors = args.keep == "vectors" or (args.keep == "auto" and n <= KEEP_AUTO_MAX_PROMPTS)
     if args.append and existing is not None:
         corpus.first_index = int(existing["n_prompts"])
-    spec = AttnStatsSpec(bins=args.bins, thumb_size=args.thumb_size)
     cfg = ProfileConfig(
-        spec=spec,
+        spec=AttnStatsSpec(bins=args.bins, thumb_size=args.thumb_size),
         batch_size=_batch_size(args.batch_size),
-        token_budget=args.token_budget,
-        shard_size=args.shard_size,
         keep_vectors=keep_vectors,
-        allow_long=args.allow_long,
         keep_full=parse_heads(args.keep_head),
-        full_max_tokens=args.full_max_tokens,
-        top_k=args.top_k,
-        neuron_contexts=args.neuron_contexts,
-        logit_lens=args.logit_lens,
-        impl=args.impl,
-        threads=args.threads,
         progress=not args.no_progress,
         model_id=args.model or DEFAULT_MODEL,
+        **{name: getattr(args, name) for name in CONFIG_OPTIONS},
     )
     mode = "resume" if args.resume else "append" if args.append else "force" if args.force else "new"
     w = RunWriter(out, None, mode)
@@ -159,6 +150,15 @@ def cmd_profile(args) -> int:
     return 0
 
 
+# The ProfileConfig fields that are options of their own, ``--<field>`` with the field's default, type and help
+# (_common.config_option), in the order of --help; the others take another form here (--batch-size auto, --keep,
+# --bins and --thumb-size for spec, --keep-head, --no-progress) or have no option.
+_BATCHING = ("token_budget", "shard_size")
+_DETAIL = ("full_max_tokens", "top_k", "neuron_contexts", "logit_lens", "allow_long", "impl", "threads")
+CONFIG_OPTIONS = _BATCHING + _DETAIL
+_SPEC_HELP = {"bins": "histogram bins, a power of two", "thumb_size": "pooled thumbnail size R, R x R"}
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "profile",
@@ -166,7 +166,20 @@ def register(sub) -> None:
         description="Profile MODEL on prompts and stream the statistics into a run directory (run.json, "
         "accum/, index/, prompts/, tokens/ and, for few prompts or --keep vectors, vectors/), committed shard by "
         "shard: a killed run continues with --resume.",
+        options=_add_options,  # read from ProfileConfig and AttnStatsSpec (torch) only for this command
     )
+    p.set_defaults(func=cmd_profile, user_errors=USER_ERRORS)  # and a model that cannot be loaded (model_command)
+
+
+def _add_options(p) -> None:
+    from typing import get_args
+
+    from attnscope.kernels import AttnStatsSpec
+    from attnscope.kernels.dispatch import Impl
+    from attnscope.profiler import ProfileConfig
+
+    form = {"neuron_contexts": {"metavar": "K"}, "impl": {"choices": get_args(Impl)}, "threads": {"metavar": "N"}}
+
     p.add_argument(
         "model",
         nargs="?",
@@ -184,42 +197,37 @@ def register(sub) -> None:
         "(--text-column, --id-column), or a Hugging Face dataset directory saved with save_to_disk (repeatable)",
     )
     p.add_argument(
-        "--text-column", default="text", help="text field of .jsonl/.csv/.tsv/.parquet/dataset rows (default: text)"
+        "--text-column",
+        default="text",
+        help="text field of .jsonl/.csv/.tsv/.parquet/dataset rows (default: %(default)s)",
     )
     p.add_argument(
         "--id-column",
         default="id",
-        help="id field: a stable prompt id for --resume where present (default: id; else index and text hash)",
+        help="id field: a stable prompt id for --resume where present (default: %(default)s; else index and text hash)",
     )
     p.add_argument(
         "--out",
         metavar="DIR",
         help="run directory (default: runs/<model>, e.g. runs/SmolLM2-135M-Instruct under the current directory)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype (default: auto = bfloat16 on CUDA, float32 on the CPU)",
+        choices=DTYPES,
+        help="model dtype; auto: bfloat16 on CUDA, float32 on the CPU (default: %(default)s)",
     )
-    p.add_argument(
+    p.add_argument(  # the CLI's default differs from the field's (1): a corpus, not one long prompt
         "--batch-size",
         default="auto",
         metavar="N|auto",
         help="prompts per forward pass, length-bucketed within a shard; auto: batches of similar length, cut "
         "where padding would cost more than another forward pass, at most --token-budget padded tokens each "
-        "(default: auto)",
+        "(default: %(default)s)",
     )
-    p.add_argument(
-        "--token-budget", type=int, default=8192, help="padded tokens per forward pass with --batch-size auto"
-    )
-    p.add_argument(
-        "--shard-size",
-        type=int,
-        default=256,
-        help="prompts per shard: the unit of commit and resume; a kill loses at most one shard (default: 256)",
-    )
+    for name in _BATCHING:
+        config_option(p, ProfileConfig, name, **form.get(name, {}))
     p.add_argument(
         "--keep",
         default="auto",
@@ -228,49 +236,16 @@ def register(sub) -> None:
         f"tier); tables = accumulators and per-prompt/per-token tables only; auto = vectors for runs of at most "
         f"{KEEP_AUTO_MAX_PROMPTS} prompts (default)",
     )
-    p.add_argument("--bins", type=int, default=4096, help="histogram bins, a power of two (default: 4096)")
-    p.add_argument("--thumb-size", type=int, default=64, help="pooled thumbnail size R, R x R (default: 64)")
+    for name, text in _SPEC_HELP.items():
+        config_option(p, AttnStatsSpec, name, help=text)
     p.add_argument(
         "--keep-head",
         action="append",
         metavar="LAYER:HEAD",
         help="keep the full attention matrix of this head (repeatable; limited by --full-max-tokens)",
     )
-    p.add_argument(
-        "--full-max-tokens",
-        type=int,
-        default=4096,
-        help="longest prompt whose full matrices may be kept (default: 4096 = 64 MB per head)",
-    )
-    p.add_argument("--top-k", type=int, default=8, help="down_proj neurons kept per token (default: 8)")
-    p.add_argument(
-        "--neuron-contexts",
-        type=int,
-        default=8,
-        metavar="K",
-        help="most-activating tokens kept per MLP neuron over the whole run, for `attnscope rules` "
-        "(default: 8; 0: none)",
-    )
-    p.add_argument(
-        "--logit-lens",
-        action="store_true",
-        help="also the logit lens: per layer and token the top-1 next token, its probability, the entropy, and the "
-        "probability and rank of the true next token (Ly x 6 numbers a token)",
-    )
-    p.add_argument("--allow-long", action="store_true", help="allow prompts longer than the model's positions")
-    p.add_argument(
-        "--impl",
-        default="auto",
-        choices=["auto", "torch", "triton"],
-        help="statistics implementation (default: auto = Triton on CUDA, torch on the CPU)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="CPU threads for torch and the statistics (default: torch's)",
-    )
+    for name in _DETAIL:
+        config_option(p, ProfileConfig, name, **form.get(name, {}))
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out, skipping its prompts")
     p.add_argument("--append", action="store_true", help="add the prompts to the run in --out (same model, settings)")
     p.add_argument(
@@ -292,4 +267,3 @@ def register(sub) -> None:
         "without GPUs); no ADDRESS starts a local cluster",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_profile, user_errors=USER_ERRORS)  # and a model that cannot be loaded (model_command)
