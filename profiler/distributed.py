@@ -43,9 +43,9 @@ class ShardActor:
     ):
         from attnscope.kernels import set_cpu_threads
 
-        from .models import load_model
         from .config import ProfileConfig
         from .engine import Engine
+        from .models import load_model
         from .store import STAGING
 
         if threads:
