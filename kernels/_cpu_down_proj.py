@@ -9,7 +9,7 @@
 
 Ties keep the earlier neuron / token (an insertion needs a strictly larger value), so the results do not depend on
 the thread count, and, with a batch's tokens passed in run order, a tie goes to the lower token index in the run,
-the rule of every maximum and top-k over tokens (``profiler.data.combine_accum`` and ``topk_fold`` too).
+the rule of every maximum and top-k over tokens (``profiler.accum.combine_accum`` and ``topk_fold`` too).
 torch.topk over the token axis of a [T, d_ff] array and max with argmax cost ~16 ms per layer of SmolLM2
 at 2,048 tokens; these passes a few.
 """

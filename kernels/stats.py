@@ -21,8 +21,8 @@ Fields of a ``Stat``:
 - ``tier``: ``vectors`` (per token or per prompt: kept in memory, and in a run with ``--keep vectors``) or
   ``accum`` (per layer and head: always kept, additive over prompts);
 - ``label`` and ``unit``: how a figure, a table header or ``--help`` names it;
-- ``summary``: its column in the per-head summary, the ``heads`` and ``prompts`` SQL views (the mean over rows),
-  or None.
+- ``summary``: its column in the per-head summary (``HEAD_SUMMARY``: the tables, the report, the head roles), or
+  None; the ``heads`` and ``prompts`` SQL views hold the mean over rows of every vector under its ``name``.
 """
 
 from __future__ import annotations

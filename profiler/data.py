@@ -74,7 +74,7 @@ ACCUM_NAMES = ACCUM_KEYS
 # per-token arrays: name -> the axis that runs over the tokens of all prompts
 TOKEN_AXIS = {s.key: 2 for s in VECTORS} | COLUMN_AXIS
 # metadata that must agree for two profiles to be merged
-_IDENTITY_KEYS = ("model_id", "config_digest", "weights_digest", "spec", "top_k")
+_IDENTITY_KEYS = ("model_id", "config_digest", "weights_digest", "spec", "top_k", "vectors")
 
 
 class ProfileError(ValueError):

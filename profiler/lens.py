@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .columns import LENS_ARRAYS
 from .hooks import model_geometry
 
 __all__ = [
@@ -27,7 +28,8 @@ __all__ = [
     "vocab_stats",
 ]
 
-LENS_FIELDS = ("top_id", "top_prob", "entropy", "target_prob", "target_rank", "final_prob")
+# what the lens computes per layer and token, as the run stores it (``columns.LENS_COLUMNS``)
+LENS_FIELDS = tuple(key.removeprefix("lens.") for key in LENS_ARRAYS)
 
 # model_type -> (decoder layer list, final norm), as attributes of the base model
 _MODULES = {

@@ -31,7 +31,7 @@ class ViewError(ValueError):
 
 
 def check_layer_head(prof, layer: int, head: int | None = None) -> None:
-    """``IndexError`` naming the valid range when a layer or head index is out of range."""
+    """``ViewError`` naming the valid range when a layer or head index is out of range."""
     if not 0 <= layer < prof.n_layers:
         raise ViewError(f"layer {layer} is out of range: the profile has layers 0..{prof.n_layers - 1}")
     if head is not None and not 0 <= head < prof.n_heads:
