@@ -63,10 +63,9 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
     ``rules.parquet``): external access is off (no COPY, ATTACH, read_csv/read_text/read_blob/glob of other files),
     extensions are neither installed nor loaded, Python variables are not scanned, and the configuration is locked.
     ``spill_dir``: where DuckDB may spill a large sort or join (outside the run; default: no spilling)."""
-    try:
-        import duckdb
-    except ImportError:
-        raise CLIError("attnscope sql needs duckdb: pip install duckdb") from None
+    import duckdb
+
+    from attnscope.profiler.columns import LENS_COLUMNS, lens_fields
     from attnscope.profiler.store import is_run, run_tables
 
     if not is_run(run):
@@ -104,12 +103,12 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
             "join prompt_index i using (prompt)"
         )
         con.execute(f"create view tokens as select * from read_parquet({files('tokens')})")
-        if "lens_top_prob" in [d[0] for d in con.execute("select * from tokens limit 0").description]:
-            fields = ("top_id", "top_token", "top_prob", "entropy", "target_prob", "target_rank", "final_prob")
-            lists = ", ".join(f"unnest(lens_{f}) as {f}" for f in fields)
+        first = LENS_COLUMNS[0].column  # a --logit-lens run's tables have the lens columns
+        if first in [d[0] for d in con.execute("select * from tokens limit 0").description]:
+            lists = ", ".join(f"unnest({c.column}) as {f}" for c, f in zip(LENS_COLUMNS, lens_fields()))
             con.execute(
                 "create view logit_lens as select prompt, position, token_id, token, "
-                f"unnest(range(len(lens_top_prob))) as layer, {lists} from tokens"
+                f"unnest(range(len({first}))) as layer, {lists} from tokens"
             )
     if has_rules:
         con.execute(f"create view rules as select * from read_parquet('{_quote(rules)}')")
