@@ -1,9 +1,15 @@
-"""Test helpers: verbose allclose, histogram comparison with a bin-edge allowance, tiny HF models."""
+"""Test helpers: verbose allclose, FlashAttention's low-precision rule, histogram comparison with a bin-edge
+allowance, random attention inputs and the check of every attention statistic, tiny HF models.
+
+Test modules import shared helpers from here, never from each other.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from attnscope.kernels import ATTN_VECTOR_STATS, KeyRanges
+from attnscope.kernels.reference import attention_probs_ref
 
 
 def assert_verbose_allclose(actual, expected, atol=1e-5, rtol=1e-5, name=""):
@@ -22,6 +28,31 @@ def assert_verbose_allclose(actual, expected, atol=1e-5, rtol=1e-5, name=""):
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}), max abs diff "
             f"{worst:.3g}; first (index, actual, expected): {pairs}"
+        )
+
+
+def assert_close_fa(out, ref64, ref_low, atol: float, name=""):
+    """FlashAttention's rule for a low-precision implementation: its error against the float64 reference is at most
+    twice the error of the same reference computed in the low precision, plus ``atol``.
+
+    ``max|out - ref64| <= 2 * max|ref_low - ref64| + atol``, from Dao-AILab/flash-attention tests/test_flash_attn.py
+    ("Check that FlashAttention's numerical error is at most twice the numerical error of a Pytorch
+    implementation": ``output_ref`` upcast, ``output_pt`` = the same ``attention_ref`` with ``upcast=False``). The
+    allowance follows the reference's own rounding, so it scales with the inputs instead of a fixed atol/rtol.
+    """
+    o, e, lo = (torch.as_tensor(x).double().cpu() for x in (out, ref64, ref_low))
+    assert o.shape == e.shape == lo.shape, f"{name}: shapes {tuple(o.shape)}, {tuple(e.shape)}, {tuple(lo.shape)}"
+    # a NaN would make the comparison below False and pass: every value must be finite
+    assert all(torch.isfinite(x).all() for x in (o, e, lo)), f"{name}: NaN or inf"
+    if o.numel() == 0:
+        return
+    diff = (o - e).abs()
+    err, err_low = diff.max().item(), (lo - e).abs().max().item()
+    if err > 2 * err_low + atol:
+        i = tuple(torch.nonzero(diff == err)[0].tolist())
+        raise AssertionError(
+            f"{name}: max abs error {err:.3g} > 2 x {err_low:.3g} (the reference in low precision) + {atol:.3g}; "
+            f"at {list(i)}: {o[i].item()!r} vs {e[i].item()!r}"
         )
 
 
@@ -46,6 +77,70 @@ def assert_hist_close(actual, expected, slack: int, name=""):
     assert torch.equal(a.sum(-1), e.sum(-1)), f"{name}: totals differ {a.sum(-1).tolist()} vs {e.sum(-1).tolist()}"
     drift = (a.cumsum(-1) - e.cumsum(-1)).abs().max().item()
     assert drift <= slack, f"{name}: prefix sums differ by {drift} > {slack} values near bin edges"
+
+
+def attn_inputs(B, H, Hkv, L, D, window, padded, dtype=torch.float32, scale=1.0):
+    """Random q [B, H, L, D], k [B, Hkv, L, D] in ``dtype`` and their KeyRanges (left and right padding when
+    ``padded`` and B > 1; batch row 0 is never padded)."""
+    q = (torch.randn(B, H, L, D) * scale).to(dtype)
+    k = (torch.randn(B, Hkv, L, D) * scale).to(dtype)
+    if padded and B > 1:
+        start = torch.tensor([0] + [int(torch.randint(1, max(2, L // 3), ())) for _ in range(B - 1)])
+        end = torch.tensor([L - int(torch.randint(0, max(1, L // 4), ())) for _ in range(B)])
+        end[0] = L
+        end = torch.maximum(end, start + 1)
+        ranges = KeyRanges(start, end, window)
+    else:
+        ranges = KeyRanges.full(B, L, window)
+    return q, k, ranges
+
+
+def random_tokens(B, L):
+    """Random token ids from a vocabulary small enough that tokens repeat often (for the head-role masses)."""
+    return torch.randint(0, max(2, L // 4), (B, L))
+
+
+def masked_lse(q, k, scaling, ranges):
+    """[B, H, L] float32 natural log-sum-exp of the allowed scores (as the forward's attention returns it)."""
+    B, H, L, _ = q.shape
+    kk = k.double().repeat_interleave(H // k.shape[1], dim=1)  # [B, H, L, D]
+    s = torch.matmul(q.double(), kk.transpose(-1, -2)) * scaling  # [B, H, L, L]
+    s = s.masked_fill(~ranges.allowed(L), float("-inf"))
+    return torch.logsumexp(s, dim=-1).float()  # -inf on rows without keys: the statistics ignore them
+
+
+def check_attn_stats(out, ref, spec, q, k, scaling, ranges, name="", mom_rtol=1e-6, ref_low=None, fa_atol=1e-6):
+    """Every attention statistic of ``out`` against the float64 reference ``ref`` (``attn_stats_ref``).
+
+    Float32 inputs: atol = rtol = 1e-5 (moments: rtol ``mom_rtol``). Low-precision inputs pass ``ref_low``, the
+    reference on the same rounded inputs computed in float32 (``upcast=False``), and each statistic follows
+    ``assert_close_fa`` with atol ``fa_atol`` times the statistic's largest value (at least 1): the sums (received
+    attention up to L, distance buckets, moments over every pair of a head) carry an error that grows with their
+    size, the probabilities (<= 1) get ``fa_atol`` itself. The moments are checked a column at a time, so the sums
+    get the scale of their own size, not that of the pair count. Histograms: the same bin-edge allowance for both.
+    """
+    if ref_low is None:
+        for v in ATTN_VECTOR_STATS:
+            assert_verbose_allclose(out[v], ref[v], atol=1e-5, rtol=1e-5, name=f"{name}{v}")
+        assert_verbose_allclose(out["thumb"], ref["thumb"], atol=1e-5, rtol=1e-5, name=f"{name}thumb")
+        assert_verbose_allclose(out["dist"], ref["dist"], atol=1e-5, rtol=1e-5, name=f"{name}dist")
+        assert_verbose_allclose(out["moments"], ref["moments"], atol=1e-5, rtol=mom_rtol, name=f"{name}moments")
+    else:
+        cols = {
+            f"{name}moments[{c}]": (out["moments"][:, i], ref["moments"][:, i], ref_low["moments"][:, i])
+            for i, c in enumerate(("n", "sum p", "sum p^2"))
+        }
+        cols.update({f"{name}{v}": (out[v], ref[v], ref_low[v]) for v in (*ATTN_VECTOR_STATS, "thumb", "dist")})
+        for n, (a, e, lo) in cols.items():
+            assert_close_fa(a, e, lo, atol=fa_atol * max(1.0, e.abs().max().item()), name=n)
+    # bin edges: fp32 p differs from fp64 p by ~1e-7; a value within 1e-2 of a bin of an edge may cross it
+    p = attention_probs_ref(q, k, scaling, ranges)
+    vals = p[ranges.allowed(q.shape[2]).expand_as(p)]
+    nb = spec.bins
+    slack_lin = near_edge_count(vals, nb, lambda x: x * nb, 1e-2)
+    slack_log = near_edge_count(vals, nb, lambda x: (torch.log10(x) - spec.log_min) * nb / -spec.log_min, 1e-2)
+    assert_hist_close(out["hist_all"], ref["hist_all"], slack_lin, name=f"{name}hist_all")
+    assert_hist_close(out["hist_log"], ref["hist_log"], slack_log, name=f"{name}hist_log")
 
 
 def tiny_model(kind: str, seed: int = 0, vocab: int = 128):
