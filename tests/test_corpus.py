@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from attnscope.profiler.corpus import Corpus, CorpusError
 from attnscope.profiler.config import ProfileConfig
+from attnscope.profiler.corpus import Corpus, CorpusError
 from attnscope.profiler.engine import Engine as _Engine
 from helpers import random_text, tiny_model, word_tokenizer
 

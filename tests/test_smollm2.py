@@ -79,8 +79,9 @@ def test_python_api(smollm2, tmp_path):
 def test_gguf_file_loads_to_the_same_weights(smollm2, tmp_path):
     # the default model's cache keeps the GGUF it was converted from: loading it directly (as
     # `attnscope profile path/to/model.gguf` does) must give the very weights of the cached conversion
+    from attnscope.profiler.engine import config_digest as _config_digest
+    from attnscope.profiler.engine import weights_digest as _weights_digest
     from attnscope.profiler.models import cache_dir, load_model
-    from attnscope.profiler.engine import config_digest as _config_digest, weights_digest as _weights_digest
 
     gguf = next((cache_dir() / "smollm2").glob("*.gguf"))
     model, tok, model_id = load_model(str(gguf), device="cpu", dtype="float32")
