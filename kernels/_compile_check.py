@@ -66,10 +66,10 @@ def _qk_stats(head_dim: int, dtype: str, seq_len: int, lse: bool = False, **over
     qk = importlib.import_module(pkg.__name__ + ".qk_stats")
     st = importlib.import_module(pkg.__name__ + "._settings")
     dt = _DT[dtype]
-    cfg = st.qk_stats_settings(head_dim, seq_len, 4096, 64, dtype=dtype, lse=lse)
+    cfg = st.qk_stats_settings(head_dim, seq_len, 4096, 64, dtype=dtype)
     cfg.update(override)
-    pointers = {n: "fp32" for n in qk.OUT_F32}
-    pointers.update(HIST_ALL="i32", HIST_LOG="i32", RECV_MAX="i32", MOM="fp64", DIST="fp64", Q=dt, K=dt, LSE="fp32")
+    pointers = dict(HIST_ALL="i32", HIST_LOG="i32", MOM="fp64", DIST="fp64", THUMB="fp32", VEC="fp32")
+    pointers.update(Q=dt, K=dt, LSE="fp32")
     pointers.update(START="i64", END="i64", CELL="i32", TOK="i64", TOKB="i64")
     constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
     constexprs.update(HEAD_DIM=head_dim, NB=4096, IEEE=dt == "fp32", UPCAST=False, HAS_LSE=lse)

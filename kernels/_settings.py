@@ -61,9 +61,7 @@ def check_interpreter() -> None:
             raise RuntimeError(problem)
 
 
-def qk_stats_settings(
-    head_dim: int, seq_len: int, bins: int, thumb_size: int, dtype: str = "bfloat16", lse: bool = False
-) -> dict:
+def qk_stats_settings(head_dim: int, seq_len: int, bins: int, thumb_size: int, dtype: str = "bfloat16") -> dict:
     """Tiles, warps and padded sizes of the attention-statistics kernel; ``RuntimeError`` names the limit.
 
     One fixed configuration (no autotuning: a new length never compiles anything new).

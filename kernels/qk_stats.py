@@ -8,16 +8,17 @@ max m (log2 units), l = sum 2^(t - m) and a = sum 2^(t - m) (t - m), so that
 When the caller has the log-sum-exp from the forward attention (``lse``), pass 1 is skipped: lse2 = lse * log2 e,
 and pass 2 also sums H = lse - sum_j p s = -ln 2 * sum_j p (t - lse2) (written around lse, no cancellation) and max p.
 
-Pass 2 streams the key tiles again, forms p = 2^(t - lse2) and reduces each tile into every statistic of
-``contract.py``. Both passes split the key tiles of a query tile into off-band tiles, where every (row, key) pair
-is allowed (no mask; no diagonal, previous-token, sink or final-row term can fall there), and on-band tiles (the
-diagonal band, the sink column, window edges, padding), which carry the masks and those terms.
+Pass 2 streams the key tiles again, forms p = 2^(t - lse2) and reduces each tile into every statistic declared in
+``stats.py``; the per-row vectors go to one [V, B, H, L] float32 output, each at its declared slot. Both passes
+split the key tiles of a query tile into off-band tiles, where every (row, key) pair is allowed (no mask; no
+diagonal, previous-token, sink or final-row term can fall there), and on-band tiles (the diagonal band, the sink
+column, window edges, padding), which carry the masks and those terms.
 
 Histograms: relaxed global atomic adds of 1 per pair, no ``tl.histogram`` (triton 3.6 lowers a 4096-bin
 ``tl.histogram`` to ~40,000 ballot/popcount instructions a tile, and its register accumulators spill). The log10
 histogram adds every allowed pair; the linear one only pairs with p >= 1/NB, and only in tiles whose max p reaches
 that (long-range tiles usually do not): bin 0 is the allowed-pair count minus the pairs added elsewhere, added once
-per program. Both are exact, so the KDE's error bound (``render/kde.py``: half a bin of 1/NB) is unchanged.
+per program. Both are exact, so the KDE's error bound (``kernels/kde.py``: half a bin of 1/NB) is unchanged.
 Attention received: relaxed atomic add per key, and an int32 atomic max on the bit pattern of p (p >= 0, so the
 integer order is the float order). Distance buckets and the thumbnail loop over the few buckets and key cells a
 tile spans. GQA reads key head h // group; keys are never repeated. References: Triton tutorial 06-fused-attention
@@ -30,27 +31,36 @@ import torch
 import triton
 import triton.language as tl
 
+from . import stats
 from ._settings import check_interpreter, is_interpreter, qk_stats_settings
 from .contract import (
-    ATTN_VECTOR_STATS,
-    N_DIST_BUCKETS,
     AttnStatsSpec,
     KeyRanges,
     previous_tokens,
     resolve_tokens,
     thumb_layout,
+    validate_lse,
     validate_qk,
 )
 
 __all__ = ["qk_stats"]
 
-# float32 outputs of the kernel (pointer arguments); RECV_MAX holds float32 bits as int32
-OUT_F32 = ("THUMB", "DIAG", "ENT", "ROWMAX", "SINK", "PREV", "DUP", "IND", "FINAL", "RECV_SUM")
-
 _LOG2E = 1.4426950408889634  # used by the launcher only
 # constants read inside @triton.jit code must be constexpr globals (a plain float compiles to a NameError)
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG10_2 = tl.constexpr(0.30102999566398120)
+_N_DIST = tl.constexpr(stats.N_DIST_BUCKETS)
+# the slots of the [V, B, H, L] vector output, from the declaration
+_DIAG = tl.constexpr(stats.DIAG.slot)
+_FINAL = tl.constexpr(stats.FINAL.slot)
+_ENTROPY = tl.constexpr(stats.ENTROPY.slot)
+_ROWMAX = tl.constexpr(stats.ROWMAX.slot)
+_RECV_SUM = tl.constexpr(stats.RECV_SUM.slot)
+_RECV_MAX = tl.constexpr(stats.RECV_MAX.slot)
+_SINK = tl.constexpr(stats.SINK.slot)
+_PREV = tl.constexpr(stats.PREV.slot)
+_DUP = tl.constexpr(stats.DUP.slot)
+_INDUCTION = tl.constexpr(stats.INDUCTION.slot)
 
 
 @triton.jit
@@ -58,6 +68,12 @@ def _floor_log2(x):
     """floor(log2(x)) of positive integers below 2^24, exactly, from the float32 exponent."""
     bits = x.to(tl.float32).to(tl.int32, bitcast=True)
     return (bits >> 23) - 127
+
+
+@triton.jit
+def _vec_row(VEC, SLOT: tl.constexpr, slot_stride, vec_row):
+    """The (b, h) row of statistic ``SLOT`` in the [V, B, H, L] vector output."""
+    return VEC + SLOT * slot_stride + vec_row
 
 
 @triton.jit
@@ -126,9 +142,8 @@ def _pass2_tile(
     is_final,
     HIST_ALL,
     HIST_LOG,
-    FINAL,
-    RECV_SUM,
-    RECV_MAX,
+    VEC,
+    slot_stride,
     THUMB,
     CELL,
     TOK,
@@ -174,13 +189,17 @@ def _pass2_tile(
         lin = tl.minimum((p * NB).to(tl.int32), NB - 1)  # masked pairs: p = 0, bin 0
         tl.atomic_add(HIST_ALL + hist_row + lin, 1, mask=lin > 0, sem="relaxed")
         n_hi += tl.sum(tl.sum((lin > 0).to(tl.int32), 1), 0)
-    # -- attention received --
+    # -- attention received: the max is an int32 atomic max on the bits of p (p >= 0, so the integer order is the
+    # float order), through the recv_max row cast to an int32 pointer here: one pointer covers the whole output, and
+    # no int32 alias of it has to travel through the signature next to the float32 one --
+    recv_sum = _vec_row(VEC, _RECV_SUM, slot_stride, vec_row) + offs_n
+    recv_max = _vec_row(VEC, _RECV_MAX, slot_stride, vec_row).to(tl.pointer_type(tl.int32)) + offs_n
     if MASKED:
-        tl.atomic_add(RECV_SUM + vec_row + offs_n, tl.sum(p, 0), mask=key_ok, sem="relaxed")
-        tl.atomic_max(RECV_MAX + vec_row + offs_n, col_max.to(tl.int32, bitcast=True), mask=key_ok, sem="relaxed")
+        tl.atomic_add(recv_sum, tl.sum(p, 0), mask=key_ok, sem="relaxed")
+        tl.atomic_max(recv_max, col_max.to(tl.int32, bitcast=True), mask=key_ok, sem="relaxed")
     else:
-        tl.atomic_add(RECV_SUM + vec_row + offs_n, tl.sum(p, 0), sem="relaxed")
-        tl.atomic_max(RECV_MAX + vec_row + offs_n, col_max.to(tl.int32, bitcast=True), sem="relaxed")
+        tl.atomic_add(recv_sum, tl.sum(p, 0), sem="relaxed")
+        tl.atomic_max(recv_max, col_max.to(tl.int32, bitcast=True), sem="relaxed")
     # -- head-role masses: earlier keys holding the query's token, or following it --
     if MASKED:
         tk = tl.load(TOK + tok_row + offs_n, mask=key_ok, other=-3)  # [BN]
@@ -199,7 +218,8 @@ def _pass2_tile(
         ind += tl.sum(tl.where(earlier & (tq[:, None] == tkb[None, :]), p, 0.0), 1)
         fin = tl.sum(tl.where(is_final[:, None], p, 0.0), 0)  # [BN] the final row, if in this tile
         n_final = tl.sum(is_final.to(tl.int32), 0)  # 1 when the final row is in this tile
-        tl.store(FINAL + vec_row + offs_n, fin, mask=key_ok & (tl.zeros([BLOCK_N], tl.int32) + n_final > 0))
+        final = _vec_row(VEC, _FINAL, slot_stride, vec_row) + offs_n
+        tl.store(final, fin, mask=key_ok & (tl.zeros([BLOCK_N], tl.int32) + n_final > 0))
         k_lo = _floor_log2(tl.min(tl.min(tl.where(allowed, dj, 1 << 24), 1), 0) + 1)
         k_hi = _floor_log2(tl.max(tl.max(tl.where(allowed, dj, -1), 1), 0) + 1)  # -127 with no allowed pair
     else:
@@ -235,18 +255,10 @@ def _qk_stats_fused_kernel(
     HIST_ALL,
     HIST_LOG,  # [B, H, NB] int32 (atomic add)
     MOM,  # [B, H, 2] float64: sum p, sum p^2 (atomic add)
-    DIST,  # [B, H, 32] float64 (atomic add)
+    DIST,  # [B, H, N_DIST_BUCKETS] float64 (atomic add)
     THUMB,  # [B, H, R, R] float32 sums of p per cell (atomic add)
-    DIAG,
-    ENT,
-    ROWMAX,
-    SINK,
-    PREV,
-    DUP,
-    IND,  # [B, H, L] float32, every element stored
-    FINAL,
-    RECV_SUM,  # [B, H, L] float32, zero-initialised
-    RECV_MAX,  # [B, H, L] int32 bits of float32 p, zero-initialised (atomic max)
+    VEC,  # [V, B, H, L] float32 vectors by slot: query-axis ones stored, key-axis ones zeroed (atomics, final row)
+    stride_vs,  # B * H * L, between slots
     Q,
     stride_qb,
     stride_qh,
@@ -287,7 +299,8 @@ def _qk_stats_fused_kernel(
     start = tl.load(START + b).to(tl.int32)
     end = tl.load(END + b).to(tl.int32)
     bh = pid_bh.to(tl.int64)
-    vec_row = bh * L  # offset of this (b, h) in the [B, H, L] vectors
+    vec_row = bh * L  # offset of this (b, h) in the [B, H, L] vectors (and in each slot of VEC)
+    slot_stride = stride_vs.to(tl.int64)
     tok_row = b.to(tl.int64) * L  # offset of this b in the [B, L] inputs
     hist_row = bh * NB
 
@@ -357,11 +370,11 @@ def _qk_stats_fused_kernel(
 
     # -- pass 2: p tile by tile, reduced into every statistic --
     zm = tl.zeros([BLOCK_M], tl.float32)
-    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([32], tl.float32), 0, 0, zm, zm)
+    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([_N_DIST], tl.float32), 0, 0, zm, zm)
     tq = tl.load(TOK + tok_row + offs_m, mask=offs_m < L, other=-2)  # [BM] query tokens
     rc = tl.load(CELL + tok_row + offs_m, mask=offs_m < L, other=-1)  # [BM] thumbnail row cells
     thumb_row = bh * R * R
-    bucket_ids = tl.arange(0, 32)
+    bucket_ids = tl.arange(0, _N_DIST)
     is_final = offs_m == end - 1
     for it in range(0, n_masked):
         n0 = k_begin + it * BLOCK_N + (it >= n_first).to(tl.int32) * (u_hi - u_lo)
@@ -370,7 +383,7 @@ def _qk_stats_fused_kernel(
         allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
         acc = _pass2_tile(
             acc, qk * qk_scale, allowed, offs_m, offs_n, lse2, tq, rc, bucket_ids, start, m_lo, is_final,
-            HIST_ALL, HIST_LOG, FINAL, RECV_SUM, RECV_MAX, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
+            HIST_ALL, HIST_LOG, VEC, slot_stride, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, True,
         )  # fmt: skip
     for n0 in range(u_lo, u_hi, BLOCK_N):
@@ -378,7 +391,7 @@ def _qk_stats_fused_kernel(
         qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, False)
         acc = _pass2_tile(
             acc, qk * qk_scale, row_ok[:, None], offs_m, offs_n, lse2, tq, rc, bucket_ids, start, m_lo, is_final,
-            HIST_ALL, HIST_LOG, FINAL, RECV_SUM, RECV_MAX, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
+            HIST_ALL, HIST_LOG, VEC, slot_stride, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, False,
         )  # fmt: skip
     s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax = acc
@@ -388,17 +401,17 @@ def _qk_stats_fused_kernel(
 
     # -- write the per-row vectors (every element of the tile), then the accumulators --
     rmask = offs_m < L
-    tl.store(DIAG + vec_row + offs_m, diag, mask=rmask)
-    tl.store(PREV + vec_row + offs_m, prev, mask=rmask)
-    tl.store(DUP + vec_row + offs_m, dup, mask=rmask)
-    tl.store(IND + vec_row + offs_m, ind, mask=rmask)
-    tl.store(SINK + vec_row + offs_m, sink, mask=rmask)
-    tl.store(ENT + vec_row + offs_m, ent, mask=rmask)
-    tl.store(ROWMAX + vec_row + offs_m, rowmax, mask=rmask)
+    tl.store(_vec_row(VEC, _DIAG, slot_stride, vec_row) + offs_m, diag, mask=rmask)
+    tl.store(_vec_row(VEC, _PREV, slot_stride, vec_row) + offs_m, prev, mask=rmask)
+    tl.store(_vec_row(VEC, _DUP, slot_stride, vec_row) + offs_m, dup, mask=rmask)
+    tl.store(_vec_row(VEC, _INDUCTION, slot_stride, vec_row) + offs_m, ind, mask=rmask)
+    tl.store(_vec_row(VEC, _SINK, slot_stride, vec_row) + offs_m, sink, mask=rmask)
+    tl.store(_vec_row(VEC, _ENTROPY, slot_stride, vec_row) + offs_m, ent, mask=rmask)
+    tl.store(_vec_row(VEC, _ROWMAX, slot_stride, vec_row) + offs_m, rowmax, mask=rmask)
     tl.atomic_add(HIST_ALL + hist_row, n_ok - n_hi, sem="relaxed")  # linear bin 0: every pair not added above
     tl.atomic_add(MOM + bh * 2, tl.sum(s1, 0).to(tl.float64), sem="relaxed")
     tl.atomic_add(MOM + bh * 2 + 1, tl.sum(s2, 0).to(tl.float64), sem="relaxed")
-    tl.atomic_add(DIST + bh * 32 + bucket_ids, dist.to(tl.float64), sem="relaxed")
+    tl.atomic_add(DIST + bh * _N_DIST + bucket_ids, dist.to(tl.float64), sem="relaxed")
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
@@ -437,7 +450,8 @@ def qk_stats(
     the keys and takes the entropy and row max from the second; rows outside the key ranges are ignored.
 
     Tiles come from ``_settings.qk_stats_settings`` unless ``block_m``/``block_n`` pin them (tests do).
-    ``poison=True`` fills the stored outputs with NaN first, so a test sees any element the kernel skipped.
+    ``poison=True`` fills the stored outputs (the query-axis vectors) with NaN first, so a test sees any element the
+    kernel skipped.
     """
     check_interpreter()
     _check(q, k, ranges)
@@ -445,30 +459,28 @@ def qk_stats(
     k = k if k.stride(-1) == 1 else k.contiguous()
     B, H, L, D = q.shape
     R = spec.thumb_size
-    st = qk_stats_settings(D, L, spec.bins, R, dtype=str(q.dtype).removeprefix("torch."), lse=lse is not None)
+    st = qk_stats_settings(D, L, spec.bins, R, dtype=str(q.dtype).removeprefix("torch."))
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    fill = float("nan") if poison else 0.0
-    stored = {
-        v: torch.full((B, H, L), fill, **f32) for v in ("diag", "entropy", "rowmax", "sink", "prev", "dup", "induction")
-    }
-    final = torch.zeros(B, H, L, **f32)
-    recv_sum = torch.zeros(B, H, L, **f32)
-    recv_max = torch.zeros(B, H, L, **f32)
+    vec = torch.zeros(len(stats.VECTORS), B, H, L, **f32)  # [V, B, H, L] by slot
+    if poison:
+        # a query-axis vector is stored whole by the programs of its rows; a key-axis one (final, recv_sum,
+        # recv_max) is accumulated or written in part, so it starts at zero
+        for s in stats.VECTORS:
+            if s.axis == "query":
+                vec[s.slot].fill_(float("nan"))
     hist_all = torch.zeros(B, H, spec.bins, device=dev, dtype=torch.int32)
     hist_log = torch.zeros_like(hist_all)
     mom = torch.zeros(B, H, 2, device=dev, dtype=torch.float64)
-    dist = torch.zeros(B, H, N_DIST_BUCKETS, device=dev, dtype=torch.float64)
+    dist = torch.zeros(B, H, stats.N_DIST_BUCKETS, device=dev, dtype=torch.float64)
     thumb = torch.zeros(B, H, R, R, **f32)
 
     _, cell, count = thumb_layout(ranges, L, R)  # [B, L] cell of each position, [B, R, R] pairs per cell
     cell = cell.to(torch.int32)
     tok = resolve_tokens(tokens, B, L, dev).contiguous()  # [B, L]
     tok_before = previous_tokens(tok, ranges).contiguous()  # [B, L]
-    if lse is not None:
-        if lse.shape != (B, H, L):
-            raise ValueError(f"lse must be [B, H, L] = {[B, H, L]}, got {list(lse.shape)}")
-        lse = lse.to(device=dev, dtype=torch.float32).contiguous()
+    lse = validate_lse(lse, q)  # [B, H, L] float32 or None
+    lse = lse.contiguous() if lse is not None else None
     start = ranges.start.to(dev, torch.int64)
     end = ranges.end.to(dev, torch.int64)
 
@@ -478,16 +490,8 @@ def qk_stats(
         mom,
         dist,
         thumb,
-        stored["diag"],
-        stored["entropy"],
-        stored["rowmax"],
-        stored["sink"],
-        stored["prev"],
-        stored["dup"],
-        stored["induction"],
-        final,
-        recv_sum,
-        recv_max.view(torch.int32),  # float32 bits: for p >= 0 the integer max is the float max
+        vec,
+        vec.stride(0),
         q,
         q.stride(0),
         q.stride(1),
@@ -496,7 +500,7 @@ def qk_stats(
         k.stride(0),
         k.stride(1),
         k.stride(2),
-        lse if lse is not None else recv_sum,  # not read without lse
+        lse if lse is not None else vec,  # not read without lse
         start,
         end,
         cell.to(dev),
@@ -528,15 +532,11 @@ def qk_stats(
     r = min(R, L)  # no prompt has more thumbnail cells a side
     moments = torch.stack([n[:, None].expand(B, H).to(dev), mom[..., 0], mom[..., 1]], dim=-1)  # [B, H, 3]
     out = {
-        "hist_all": hist_all.long().sum(0).cpu(),
-        "hist_log": hist_log.long().sum(0).cpu(),
-        "moments": moments.sum(0).cpu(),
-        "dist": dist.cpu(),
-        "thumb": (thumb[:, :, :r, :r].double().cpu() / count[:, None, :r, :r]).float(),
-        "final": final,
-        "recv_sum": recv_sum,
-        "recv_max": recv_max,
-        **stored,
+        stats.HIST_ALL.name: hist_all.long().sum(0).cpu(),
+        stats.HIST_LOG.name: hist_log.long().sum(0).cpu(),
+        stats.MOMENTS.name: moments.sum(0).cpu(),
+        stats.DIST.name: dist.cpu(),
+        stats.THUMB.name: (thumb[:, :, :r, :r].double().cpu() / count[:, None, :r, :r]).float(),
     }
-    assert set(ATTN_VECTOR_STATS) <= set(out)
+    out.update({s.name: vec[s.slot] for s in stats.VECTORS})  # [B, H, L] each
     return out
