@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import torch
 
 from ._cpu_fused import HAS_NUMBA
-from .torch_path import attn_stats_torch
 from .contract import AttnStatsSpec, KeyRanges, validate_lse
 from .reference import down_proj_stats_ref
+from .torch_path import attn_stats_torch
 
 __all__ = ["Impl", "attn_stats", "down_proj_stats"]
 
@@ -55,9 +54,7 @@ def attn_stats(
     if _resolve(impl, q.device) == "triton":
         from .qk_stats import qk_stats
 
-        # a qk_stats without an ``lse`` parameter computes its own (both give the same statistics)
-        extra = {"lse": lse} if lse is not None and "lse" in inspect.signature(qk_stats).parameters else {}
-        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens, **extra)
+        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens, lse=lse)
     return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens, lse=lse)
 
 
