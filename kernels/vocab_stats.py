@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._settings import check_interpreter, is_interpreter
-from .vocab_stats_torch import _validate, finish, target_logits
+from .vocab_stats_torch import finish, target_logits, validate_vocab_inputs
 
 __all__ = ["vocab_stats_triton"]
 
@@ -121,7 +121,7 @@ def vocab_stats_triton(
     if not (h.is_cuda or is_interpreter()):
         raise ValueError("vocab_stats_triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
     check_interpreter()
-    _validate(h, weight, target, bias)
+    validate_vocab_inputs(h, weight, target, bias)
     if h.dtype != weight.dtype or h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
             f"h and weight must share a dtype among float16, bfloat16, float32; got {h.dtype}, {weight.dtype}"

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["vocab_stats_torch"]
+__all__ = ["finish", "target_logits", "validate_vocab_inputs", "vocab_stats_torch"]
 
 
-def _validate(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None) -> None:
+def validate_vocab_inputs(
+    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """``ValueError`` unless h [T, d], weight [V, d], target [T] integer ids and bias [V] (or None) match."""
     if h.ndim != 2 or weight.ndim != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"h [T, d] and weight [V, d] do not match: {tuple(h.shape)}, {tuple(weight.shape)}")
     if target.shape != h.shape[:1] or target.dtype.is_floating_point:
@@ -47,7 +50,7 @@ def vocab_stats_torch(
     Per chunk of the vocabulary: one matmul, then the logits are reduced in place (max, shift, exp into a reused
     buffer, two row sums); the rank of the target is counted only for rows that have one.
     """
-    _validate(h, weight, target, bias)
+    validate_vocab_inputs(h, weight, target, bias)
     T, V = h.shape[0], weight.shape[0]
     dev = h.device
     hf = h.float()
