@@ -19,7 +19,7 @@ __all__ = [
 
 MAX_HEAD_DIM = 256
 MAX_SEQ = 1 << 24  # distance buckets use the float32 exponent of (i - j + 1): exact below 2^24
-MAX_BINS = 8192  # the two histograms live in registers for a whole query tile
+MAX_BINS = 8192  # a compile-time constant of the kernel (its [B, H, bins] int32 histograms grow with it)
 
 
 def is_interpreter() -> bool:
