@@ -60,8 +60,18 @@ def _spec(fn, pointers: dict, floats: tuple, constexprs: dict, options: dict):
     return fn, sig, constexprs, attrs, options
 
 
-def _qk_stats(head_dim: int, dtype: str, seq_len: int, lse: bool = False, **override):
-    """The attention-statistics kernel as its launcher configures it for this shape (``override``: other tiles)."""
+def _qk_stats(
+    head_dim: int,
+    dtype: str,
+    seq_len: int,
+    lse: bool = False,
+    kind: int = 0,
+    softcap: bool = False,
+    sinks: bool = False,
+    **override,
+):
+    """The attention-statistics kernel as its launcher configures it for this shape (``override``: other tiles;
+    ``kind``: 0 causal, 1 sliding window, 2 chunked)."""
     pkg = _kernels_pkg()
     qk = importlib.import_module(pkg.__name__ + ".qk_stats")
     st = importlib.import_module(pkg.__name__ + "._settings")
@@ -70,11 +80,13 @@ def _qk_stats(head_dim: int, dtype: str, seq_len: int, lse: bool = False, **over
     cfg.update(override)
     pointers = dict(HIST_ALL="i32", HIST_LOG="i32", MOM="fp64", DIST="fp64", THUMB="fp32", VEC="fp32")
     pointers.update(Q=dt, K=dt, LSE="fp32")
-    pointers.update(START="i64", END="i64", CELL="i32", TOK="i64", TOKB="i64")
+    pointers.update(START="i64", END="i64", CELL="i32", TOK="i64", TOKB="i64", SINKS="fp32")
     constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
     constexprs.update(HEAD_DIM=head_dim, NB=4096, IEEE=dt == "fp32", UPCAST=False, HAS_LSE=lse)
+    constexprs.update(KIND=kind, SOFTCAP=softcap, HAS_SINKS=sinks)
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    return _spec(qk._qk_stats_fused_kernel, pointers, ("qk_scale", "log_min"), constexprs, options)
+    floats = ("qk_scale", "cap_in", "cap_out", "log_min")
+    return _spec(qk._qk_stats_fused_kernel, pointers, floats, constexprs, options)
 
 
 def _down_proj(d_ff: int, d_model: int, dtype: str, top_k: int = 8):
@@ -102,6 +114,19 @@ CONFIGS = {
     "qk_stats_d128_fp32": (_qk_stats, dict(head_dim=128, dtype="float32", seq_len=2048)),
     "qk_stats_lse_d80_bf16": (_qk_stats, dict(head_dim=80, dtype="bfloat16", seq_len=2048, lse=True)),
     "qk_stats_lse_d128_bf16": (_qk_stats, dict(head_dim=128, dtype="bfloat16", seq_len=2048, lse=True)),
+    # the attention other architectures define: Gemma-2 (d_head 256, softcapping, sliding layers), Gemma-3 (256),
+    # DeepSeek-V3's MLA (q/k head size 192), gpt-oss (learned sinks, sliding layers), Llama-4 (chunked layers)
+    "qk_stats_softcap_sliding_d256_bf16": (
+        _qk_stats,
+        dict(head_dim=256, dtype="bfloat16", seq_len=2048, kind=1, softcap=True),
+    ),
+    "qk_stats_d256_bf16": (_qk_stats, dict(head_dim=256, dtype="bfloat16", seq_len=2048)),
+    "qk_stats_d192_bf16": (_qk_stats, dict(head_dim=192, dtype="bfloat16", seq_len=2048)),
+    "qk_stats_sinks_sliding_d64_bf16": (
+        _qk_stats,
+        dict(head_dim=64, dtype="bfloat16", seq_len=2048, kind=1, sinks=True),
+    ),
+    "qk_stats_chunked_d128_bf16": (_qk_stats, dict(head_dim=128, dtype="bfloat16", seq_len=2048, kind=2)),
     "down_proj_pythia_bf16": (_down_proj, dict(d_ff=10240, d_model=2560, dtype="bfloat16")),
     "down_proj_smollm2_fp32": (_down_proj, dict(d_ff=1536, d_model=576, dtype="float32")),
 }
@@ -169,7 +194,7 @@ def compile_config(name: str, arch: int) -> dict:
     seconds = time.perf_counter() - t0
     res = {"name": name, "arch": arch, "triton": triton.__version__, "compile_s": round(seconds, 2)}
     res.update({k: v for k, v in options.items()})
-    res.update({k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("NB", "HAS_LSE")})
+    res.update({k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("NB", "HAS_LSE", "KIND")})
     res.update(_ptxas_info(buf.getvalue()))
     res["shared"] = compiled.metadata.shared
     res.update(sass_counts(compiled.asm["cubin"]))

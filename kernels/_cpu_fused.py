@@ -32,7 +32,21 @@ import math
 import numpy as np
 import torch
 
-from .stats import DIAG, DUP, ENTROPY, FINAL, INDUCTION, N_DIST_BUCKETS, PREV, RECV_MAX, RECV_SUM, ROWMAX, SINK, VECTORS
+from .stats import (
+    DIAG,
+    DUP,
+    ENTROPY,
+    FINAL,
+    INDUCTION,
+    LEARNED_SINK,
+    N_DIST_BUCKETS,
+    PREV,
+    RECV_MAX,
+    RECV_SUM,
+    ROWMAX,
+    SINK,
+    VECTORS,
+)
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
@@ -49,8 +63,8 @@ _F0, _F1, _F2, _F3, _F4, _F5, _F6, _F7 = (np.float32(1.0 / math.factorial(k)) fo
 prange = range  # numba.prange once the loop is compiled (Numba reads module globals when it compiles)
 # the slots of the [V, B, H, L] vector output (module globals: Numba freezes them as constants)
 _DIAG, _FINAL, _ENTROPY, _ROWMAX = DIAG.slot, FINAL.slot, ENTROPY.slot, ROWMAX.slot
-_RECV_SUM, _RECV_MAX, _SINK, _PREV, _DUP, _INDUCTION = (
-    RECV_SUM.slot, RECV_MAX.slot, SINK.slot, PREV.slot, DUP.slot, INDUCTION.slot
+_RECV_SUM, _RECV_MAX, _SINK, _PREV, _DUP, _INDUCTION, _LEARNED_SINK = (
+    RECV_SUM.slot, RECV_MAX.slot, SINK.slot, PREV.slot, DUP.slot, INDUCTION.slot, LEARNED_SINK.slot
 )  # fmt: skip
 _compiled = None
 _close_cells = None
@@ -163,6 +177,7 @@ def _fused_block_py(
     dd,  # [B, H, R_blk, Lk] float32 log p = s - lse of the block (garbage outside the allowed keys)
     lo,  # [B, R_blk] int64 first allowed key (absolute)
     hi,  # [B, R_blk] int64 one past the last allowed key (absolute; hi <= lo: no key)
+    sink_share,  # [B, H, R_blk] float32 exp(sink - lse) of each row (0: no learned sink)
     i0,  # absolute position of row 0 of the block
     kstart,  # absolute position of column 0 of the block
     start,  # [B] int64 first real token
@@ -333,11 +348,15 @@ def _fused_block_py(
                 n += m
                 m1 += pz
                 m2 += sq
-                # row statistics of p / sum p: exact whatever the rounding of a given lse (the per-key sums above keep
-                # it, a relative error of |lse - lse(these scores)|, ~1e-7 |s|)
-                inv = 1.0 / pz
+                # row statistics of p / (sum p + the sink's share): exact whatever the rounding of a given lse (the
+                # per-key sums above keep it, a relative error of |lse - lse(these scores)|, ~1e-7 |s|)
+                sk = np.float64(sink_share[b, h, r])
+                z = pz + sk
+                inv = 1.0 / z
                 bits[0] = mx
-                vec[_ENTROPY, b, h, i] = np.float32(np.log(pz) - pdl * inv)  # -sum p log p of the normalised row
+                # -sum p' log p' of the normalised row p' = p / z, log p' = log p - log z
+                vec[_ENTROPY, b, h, i] = np.float32((np.log(z) * pz - pdl) * inv)
+                vec[_LEARNED_SINK, b, h, i] = np.float32(sk * inv)
                 vec[_ROWMAX, b, h, i] = np.float32(bits.view(np.float32)[0] * inv)
                 vec[_DUP, b, h, i] = np.float32(dup * inv)
                 vec[_INDUCTION, b, h, i] = np.float32(ind * inv)
@@ -387,6 +406,7 @@ def fused_block(
     d: torch.Tensor,  # [B, H, R_blk, Lk] float32 log p (s - lse)
     lo: torch.Tensor,  # [B, R_blk] int64
     hi: torch.Tensor,  # [B, R_blk] int64
+    sink_share: torch.Tensor | None,  # [B, H, R_blk] float32 exp(sink - lse) of each row, or None (no sinks)
     i0: int,
     kstart: int,
     start: np.ndarray,  # [B] int64
@@ -406,6 +426,8 @@ def fused_block(
         state.fold()
     state.pending += pairs
     fn = _kernel()
+    if sink_share is None:
+        sink_share = torch.zeros(d.shape[:3], dtype=torch.float32)
     chunk = numba.get_parallel_chunksize()
     numba.set_parallel_chunksize(1)  # head tasks taken one at a time: a thread descheduled by other load stalls less
     try:
@@ -414,6 +436,7 @@ def fused_block(
                 d.numpy(),
                 lo.contiguous().numpy(),
                 hi.contiguous().numpy(),
+                sink_share.contiguous().numpy(),
                 i0,
                 kstart,
                 start,

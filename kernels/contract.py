@@ -5,10 +5,14 @@ implementations in ``reference.py``, ``torch_path.py`` (with ``_cpu_fused.py``) 
 
 For one (batch row b, head h), query i and key j of a padded batch of length L:
 
-    allowed(b, i, j)  <=>  start[b] <= j <= i < end[b]  and  (window is None or i - j < window)
-    s_ij  = scaling * q_i . k_j
-    p_ij  = exp(s_ij - lse_i),  lse_i = log sum_{allowed j} exp(s_ij)
-            (an implementation may take lse_i [B, H, L] float32 from the forward attention instead of computing it;
+    allowed(b, i, j)  <=>  start[b] <= j <= i < end[b]
+                           and (window is None or i - j < window)
+                           and (chunk is None or (i - start[b]) // chunk == (j - start[b]) // chunk)
+    s_ij  = scaling * q_i . k_j,   then s_ij = softcap * tanh(s_ij / softcap) when the model caps its logits
+    p_ij  = exp(s_ij - lse_i),  lse_i = log (sum_{allowed j} exp(s_ij) + exp(sink_h))
+            (the sink term only for a model with learned sinks: sink_h is head h's extra logit in the softmax's
+            denominator, so a row's weights sum to 1 - exp(sink_h - lse_i), its ``learned_sink`` share;
+            an implementation may take lse_i [B, H, L] float32 from the forward attention instead of computing it;
             rows with no allowed key ignore it)
     H_i   = -sum_j p_ij log p_ij
     dup_i = sum_{j < i, tok_j = tok_i} p_ij            (duplicate-token mass)
@@ -18,7 +22,9 @@ The head-role masses follow TransformerLens ``detect_head`` ("mul" scoring: a he
 row masses over its rows), except that induction excludes j = i (attending to oneself is not induction).
 
 ``start[b]`` is the number of left-padding tokens and ``end[b]`` the end of the real tokens, so right and left
-padding are both described by two integers per row: the mask is never materialised as an L x L tensor.
+padding are both described by two integers per row; a sliding window or a chunk size is one more integer for the
+layer (each row's keys are then [lo_i, i] with lo_i = max(start, i - window + 1, start + (i - start) // chunk *
+chunk)): the mask is never materialised as an L x L tensor.
 A query with no allowed key (padding) has every statistic equal to zero, never NaN.
 """
 
@@ -35,6 +41,8 @@ __all__ = [
     "N_DIST_BUCKETS",
     "AttnStatsSpec",
     "KeyRanges",
+    "PLAIN",
+    "ScoreMod",
     "linear_bin",
     "log_bin",
     "thumb_edges",
@@ -76,17 +84,20 @@ class AttnStatsSpec:
 
 @dataclass(frozen=True)
 class KeyRanges:
-    """Which keys each query may see, as two integers per batch row plus an optional sliding window.
+    """Which keys each query may see, as two integers per batch row plus the layer's window or chunk size.
 
     Attributes:
         start: [batch] int64, first real token (number of left-padding tokens).
         end: [batch] int64, one past the last real token.
         window: sliding-window size (a query sees itself and the window - 1 keys before it), or None.
+        chunk: chunked attention (Llama-4): a query sees the keys of its own chunk of ``chunk`` tokens, counted
+            from the first real token, or None.
     """
 
     start: torch.Tensor
     end: torch.Tensor
     window: int | None = None
+    chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.start.shape != self.end.shape or self.start.ndim != 1:
@@ -95,6 +106,27 @@ class KeyRanges:
             )
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 or None, got {self.window}")
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1 or None, got {self.chunk}")
+        if self.window is not None and self.chunk is not None:
+            raise ValueError("a layer has a sliding window or chunks, not both")
+
+    @property
+    def span(self) -> int | None:
+        """The most keys any row sees (None: unbounded): a query block of rows [i0, i1) needs keys from
+        max(0, i0 - span + 1) only."""
+        return self.window if self.window is not None else self.chunk
+
+    def lo(self, rows: torch.Tensor) -> torch.Tensor:
+        """[B, len(rows)] int64 first allowed key of each row (``rows`` absolute positions on any device)."""
+        st = self.start.to(rows.device)[:, None]  # [B, 1]
+        lo = st.expand(-1, rows.numel())
+        if self.window is not None:
+            lo = torch.maximum(lo, rows[None, :] - self.window + 1)
+        if self.chunk is not None:
+            rel = (rows[None, :] - st).clamp_min(0)
+            lo = torch.maximum(lo, st + rel // self.chunk * self.chunk)
+        return lo
 
     @classmethod
     def full(cls, batch: int, length: int, window: int | None = None) -> KeyRanges:
@@ -118,8 +150,9 @@ class KeyRanges:
             )
         return cls(first.long(), (first + lengths).long(), window)
 
-    def with_window(self, window: int | None) -> KeyRanges:
-        return KeyRanges(self.start, self.end, window)
+    def with_window(self, window: int | None, chunk: int | None = None) -> KeyRanges:
+        """The same rows with a layer's sliding window and chunk size (each None for none)."""
+        return KeyRanges(self.start, self.end, window, chunk)
 
     def allowed(self, length: int) -> torch.Tensor:
         """The dense [batch, 1, L, L] bool mask (for references and tests only: O(L^2))."""
@@ -130,7 +163,52 @@ class KeyRanges:
         ok = (j <= i) & (j >= st) & (i < en)  # [batch, 1, L, L]
         if self.window is not None:
             ok = ok & (i - j < self.window)
+        if self.chunk is not None:
+            ok = ok & (
+                (i - st).div(self.chunk, rounding_mode="floor") == (j - st).div(self.chunk, rounding_mode="floor")
+            )
         return ok
+
+
+@dataclass(frozen=True)
+class ScoreMod:
+    """What a model does to ``scaling * q . k`` beyond the scaling: logit softcapping and learned sinks.
+
+    Attributes:
+        softcap: s -> softcap * tanh(s / softcap) before the mask and the softmax (Gemma-2), or None.
+        sinks: [H] float, each head's learned sink logit, one more term in the softmax's denominator that no key
+            holds (gpt-oss ``sinks``, transformers' ``s_aux``), or None.
+    """
+
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
+        if self.sinks is not None and (self.sinks.ndim != 1 or not self.sinks.dtype.is_floating_point):
+            raise ValueError(f"sinks must be a 1-D float tensor [H], got {tuple(self.sinks.shape)} {self.sinks.dtype}")
+
+    @property
+    def is_plain(self) -> bool:
+        return self.softcap is None and self.sinks is None
+
+    def cap(self, s: torch.Tensor) -> torch.Tensor:
+        """The scores as the model's softmax sees them (in place when softcapping)."""
+        if self.softcap is None:
+            return s
+        return s.div_(self.softcap).tanh_().mul_(self.softcap)
+
+    def sink_logits(self, H: int, device, dtype=torch.float32) -> torch.Tensor | None:
+        """[H] sink logits on ``device``, or None; ``ValueError`` unless there is one per head."""
+        if self.sinks is None:
+            return None
+        if self.sinks.numel() != H:
+            raise ValueError(f"sinks hold {self.sinks.numel()} logits, the attention has {H} heads")
+        return self.sinks.detach().to(device=device, dtype=dtype)
+
+
+PLAIN = ScoreMod()
 
 
 def linear_bin(p: torch.Tensor, bins: int) -> torch.Tensor:

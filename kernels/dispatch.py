@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from ._cpu_fused import HAS_NUMBA
-from .contract import AttnStatsSpec, KeyRanges, validate_lse
+from .contract import AttnStatsSpec, KeyRanges, ScoreMod, validate_lse
 from .reference import down_proj_stats_ref
 from .torch_path import attn_stats_torch
 
@@ -42,20 +42,24 @@ def attn_stats(
     block_q: int = 128,
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the duplicate/induction masses
     lse: torch.Tensor | None = None,  # [B, H, L] float32 log-sum-exp of each row, from the forward attention
+    softcap: float | None = None,  # the model's attention-logit softcapping: s -> softcap * tanh(s / softcap)
+    sinks: torch.Tensor | None = None,  # [H] the model's learned sink logits (in the softmax's denominator)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract for one layer (outputs as ``reference.attn_stats_ref``).
 
     ``block_q`` is the query block of the torch path (its memory is O(B * H * block_q * L)); the Triton
     kernels choose their own tiles. Without ``tokens`` no token repeats, so ``dup`` and ``induction`` are zero.
     ``lse`` (natural log, over each row's allowed keys; rows with none ignore it) lets the statistics skip their
-    own log-sum-exp pass; without it they compute it.
+    own log-sum-exp pass; without it they compute it. With ``softcap`` or ``sinks`` an ``lse`` must be that of the
+    capped logits with the sink's term (a fused SDPA kernel's is not).
     """
     lse = validate_lse(lse, q)
+    mod = ScoreMod(softcap, sinks)
     if _resolve(impl, q.device) == "triton":
         from .qk_stats import qk_stats
 
-        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens, lse=lse)
-    return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens, lse=lse)
+        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens, lse=lse, mod=mod)
+    return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens, lse=lse, mod=mod)
 
 
 def down_proj_stats(

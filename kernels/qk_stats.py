@@ -6,7 +6,13 @@ max m (log2 units), l = sum 2^(t - m) and a = sum 2^(t - m) (t - m), so that
     lse2 = m + log2 l,   max p = 1 / l,   H = ln 2 * (log2 l - a / l)     (t = s * log2 e)
 
 When the caller has the log-sum-exp from the forward attention (``lse``), pass 1 is skipped: lse2 = lse * log2 e,
-and pass 2 also sums H = lse - sum_j p s = -ln 2 * sum_j p (t - lse2) (written around lse, no cancellation) and max p.
+and pass 2 also sums -sum_j p log2 p = -sum_j p (t - lse2) (written around lse, no cancellation) and max p; the row
+statistics are then those of p / z, z = sum_j p (+ the sink's share), which is 1 up to the rounding of the given lse.
+
+The attention each model defines: logits t = softcap * tanh(s / softcap) * log2 e when it caps them (``SOFTCAP``);
+a learned sink logit per head is one more term of the denominator (``HAS_SINKS``: pass 1 rebases its running sums on
+it, and its share 2^(sink - lse2) is the ``learned_sink`` vector); the key range of row i is [lo_i, i] with lo_i
+from the padding start and, by the constexpr ``KIND``, a sliding window or a chunk of ``SPAN`` keys.
 
 Pass 2 streams the key tiles again, forms p = 2^(t - lse2) and reduces each tile into every statistic declared in
 ``stats.py``; the per-row vectors go to one [V, B, H, L] float32 output, each at its declared slot. Both passes
@@ -34,220 +40,34 @@ import triton.language as tl
 from . import stats
 from ._settings import check_interpreter, is_interpreter, qk_stats_settings
 from .contract import (
+    PLAIN,
     AttnStatsSpec,
     KeyRanges,
+    ScoreMod,
     previous_tokens,
     resolve_tokens,
     thumb_layout,
     validate_lse,
     validate_qk,
 )
+from .qk_tiles import (
+    CAUSAL,
+    CHUNKED,
+    N_DIST,
+    SLIDING,
+    key_tiles,
+    logits,
+    pass1_rows,
+    pass1_tile,
+    pass2_tile,
+    row_lo,
+    scores,
+    store_rows,
+)
 
 __all__ = ["qk_stats"]
 
 _LOG2E = 1.4426950408889634  # used by the launcher only
-# constants read inside @triton.jit code must be constexpr globals (a plain float compiles to a NameError)
-_LN2 = tl.constexpr(0.6931471805599453)
-_LOG10_2 = tl.constexpr(0.30102999566398120)
-_N_DIST = tl.constexpr(stats.N_DIST_BUCKETS)
-# the slots of the [V, B, H, L] vector output, from the declaration
-_DIAG = tl.constexpr(stats.DIAG.slot)
-_FINAL = tl.constexpr(stats.FINAL.slot)
-_ENTROPY = tl.constexpr(stats.ENTROPY.slot)
-_ROWMAX = tl.constexpr(stats.ROWMAX.slot)
-_RECV_SUM = tl.constexpr(stats.RECV_SUM.slot)
-_RECV_MAX = tl.constexpr(stats.RECV_MAX.slot)
-_SINK = tl.constexpr(stats.SINK.slot)
-_PREV = tl.constexpr(stats.PREV.slot)
-_DUP = tl.constexpr(stats.DUP.slot)
-_INDUCTION = tl.constexpr(stats.INDUCTION.slot)
-
-
-@triton.jit
-def _floor_log2(x):
-    """floor(log2(x)) of positive integers below 2^24, exactly, from the float32 exponent."""
-    bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-    return (bits >> 23) - 127
-
-
-@triton.jit
-def _vec_row(VEC, SLOT: tl.constexpr, slot_stride, vec_row):
-    """The (b, h) row of statistic ``SLOT`` in the [V, B, H, L] vector output."""
-    return VEC + SLOT * slot_stride + vec_row
-
-
-@triton.jit
-def _scores(
-    q,
-    k_base,
-    stride_kn,
-    offs_n,
-    offs_d,
-    L,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """q . k for every (row, key) pair of one key tile; keys past L read as zero on masked tiles only."""
-    ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-    if MASKED:
-        k = tl.load(ptrs, mask=(offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    elif HEAD_DIM == HEAD_DIM_PAD:
-        k = tl.load(ptrs)
-    else:
-        k = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    if IEEE:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        qk = tl.dot(q, tl.trans(k))
-    return qk
-
-
-@triton.jit
-def _pass1_tile(m_i, l_i, a_i, t, allowed, MASKED: tl.constexpr):
-    """Online update of the running max m, l = sum 2^(t - m) and a = sum 2^(t - m) (t - m) by one tile."""
-    if MASKED:
-        t = tl.where(allowed, t, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    m_old = tl.where(m_i == float("-inf"), m_safe, m_i)
-    alpha = tl.exp2(m_old - m_safe)
-    e = tl.exp2(t - m_safe[:, None])  # masked -> 0
-    d = t - m_safe[:, None]
-    if MASKED:
-        d = tl.where(allowed, d, 0.0)
-    # -- update m_i, l_i, a_i --
-    a_i = alpha * (a_i + (m_old - m_safe) * l_i) + tl.sum(e * d, 1)
-    l_i = alpha * l_i + tl.sum(e, 1)
-    return m_new, l_i, a_i
-
-
-@triton.jit
-def _pass2_tile(
-    acc,
-    t,
-    allowed,
-    offs_m,
-    offs_n,
-    lse2,
-    tq,
-    rc,
-    bucket_ids,
-    start,
-    m_lo,
-    is_final,
-    HIST_ALL,
-    HIST_LOG,
-    VEC,
-    slot_stride,
-    THUMB,
-    CELL,
-    TOK,
-    TOKB,
-    tok_row,
-    vec_row,
-    hist_row,
-    thumb_row,
-    R,
-    L,
-    NB: tl.constexpr,
-    log_min,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """Reduce one tile of p into every statistic; ``acc`` is the tuple of per-program accumulators."""
-    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax = acc
-    lp2 = t - lse2[:, None]  # log2 p
-    if MASKED:
-        p = tl.where(allowed, tl.exp2(lp2), 0.0)
-        key_ok = offs_n < L
-    else:
-        p = tl.exp2(lp2)
-    # -- moments, and the entropy and row max when pass 1 was skipped --
-    s1 += tl.sum(p, 1)
-    s2 += tl.sum(p * p, 1)
-    if HAS_LSE:
-        pt += tl.sum(p * lp2, 1)
-        pmax = tl.maximum(pmax, tl.max(p, 1))
-    # -- histograms: relaxed atomics; linear bin 0 is filled in from the counts at the end --
-    col_max = tl.max(p, 0)  # [BN]
-    lg = ((lp2 * _LOG10_2 - log_min) * (NB / -log_min)).to(tl.int32)  # truncation = floor for x >= 0
-    lg = tl.minimum(tl.maximum(lg, 0), NB - 1)
-    if MASKED:
-        tl.atomic_add(HIST_LOG + hist_row + lg, 1, mask=allowed, sem="relaxed")
-        n_ok += tl.sum(tl.sum(allowed.to(tl.int32), 1), 0)
-    else:
-        tl.atomic_add(HIST_LOG + hist_row + lg, 1, sem="relaxed")
-        n_ok += BLOCK_M * BLOCK_N
-    if tl.max(col_max, 0) * NB >= 1.0:  # a tile all under one linear bin adds only to bin 0
-        lin = tl.minimum((p * NB).to(tl.int32), NB - 1)  # masked pairs: p = 0, bin 0
-        tl.atomic_add(HIST_ALL + hist_row + lin, 1, mask=lin > 0, sem="relaxed")
-        n_hi += tl.sum(tl.sum((lin > 0).to(tl.int32), 1), 0)
-    # -- attention received: the max is an int32 atomic max on the bits of p (p >= 0, so the integer order is the
-    # float order), through the recv_max row cast to an int32 pointer here: one pointer covers the whole output, and
-    # no int32 alias of it has to travel through the signature next to the float32 one --
-    recv_sum = _vec_row(VEC, _RECV_SUM, slot_stride, vec_row) + offs_n
-    recv_max = _vec_row(VEC, _RECV_MAX, slot_stride, vec_row).to(tl.pointer_type(tl.int32)) + offs_n
-    if MASKED:
-        tl.atomic_add(recv_sum, tl.sum(p, 0), mask=key_ok, sem="relaxed")
-        tl.atomic_max(recv_max, col_max.to(tl.int32, bitcast=True), mask=key_ok, sem="relaxed")
-    else:
-        tl.atomic_add(recv_sum, tl.sum(p, 0), sem="relaxed")
-        tl.atomic_max(recv_max, col_max.to(tl.int32, bitcast=True), sem="relaxed")
-    # -- head-role masses: earlier keys holding the query's token, or following it --
-    if MASKED:
-        tk = tl.load(TOK + tok_row + offs_n, mask=key_ok, other=-3)  # [BN]
-        tkb = tl.load(TOKB + tok_row + offs_n, mask=key_ok, other=-3)  # [BN]
-    else:
-        tk = tl.load(TOK + tok_row + offs_n)
-        tkb = tl.load(TOKB + tok_row + offs_n)
-    dj = offs_m[:, None] - offs_n[None, :]  # [BM, BN] distance i - j
-    if MASKED:
-        # -- values on fixed diagonals and columns: only on-band tiles hold them --
-        diag += tl.sum(tl.where(dj == 0, p, 0.0), 1)
-        prev += tl.sum(tl.where(dj == 1, p, 0.0), 1)
-        sink += tl.sum(tl.where(offs_n[None, :] == start, p, 0.0), 1)
-        earlier = dj > 0
-        dup += tl.sum(tl.where(earlier & (tq[:, None] == tk[None, :]), p, 0.0), 1)
-        ind += tl.sum(tl.where(earlier & (tq[:, None] == tkb[None, :]), p, 0.0), 1)
-        fin = tl.sum(tl.where(is_final[:, None], p, 0.0), 0)  # [BN] the final row, if in this tile
-        n_final = tl.sum(is_final.to(tl.int32), 0)  # 1 when the final row is in this tile
-        final = _vec_row(VEC, _FINAL, slot_stride, vec_row) + offs_n
-        tl.store(final, fin, mask=key_ok & (tl.zeros([BLOCK_N], tl.int32) + n_final > 0))
-        k_lo = _floor_log2(tl.min(tl.min(tl.where(allowed, dj, 1 << 24), 1), 0) + 1)
-        k_hi = _floor_log2(tl.max(tl.max(tl.where(allowed, dj, -1), 1), 0) + 1)  # -127 with no allowed pair
-    else:
-        dup += tl.sum(tl.where(tq[:, None] == tk[None, :], p, 0.0), 1)
-        ind += tl.sum(tl.where(tq[:, None] == tkb[None, :], p, 0.0), 1)
-        n0 = tl.min(offs_n, 0)
-        k_lo = _floor_log2(m_lo - (n0 + BLOCK_N - 1) + 1)
-        k_hi = _floor_log2(m_lo + BLOCK_M - 1 - n0 + 1)
-    # -- distance buckets floor(log2(i - j + 1)): a tile spans few of them --
-    for kb in range(k_lo, k_hi + 1):
-        in_kb = (dj + 1 >= (1 << kb)) & (dj + 1 < (2 << kb))  # floor(log2(i - j + 1)) == kb
-        mass = tl.sum(tl.sum(tl.where(in_kb, p, 0.0), 1), 0)
-        dist = tl.where(bucket_ids == kb, dist + mass, dist)
-    # -- thumbnail: sum p over each key cell the tile spans (cells are contiguous runs of keys), per row --
-    if MASKED:
-        cc = tl.load(CELL + tok_row + offs_n, mask=key_ok, other=-1)
-        c_lo = tl.min(tl.where(cc >= 0, cc, 1 << 30), 0)
-    else:
-        cc = tl.load(CELL + tok_row + offs_n)
-        c_lo = tl.min(cc, 0)
-    c_hi = tl.max(cc, 0)
-    for c in range(c_lo, c_hi + 1):
-        cell_sum = tl.sum(tl.where(cc[None, :] == c, p, 0.0), 1)  # [BM]
-        if MASKED:
-            tl.atomic_add(THUMB + thumb_row + rc * R + c, cell_sum, mask=rc >= 0, sem="relaxed")
-        else:
-            tl.atomic_add(THUMB + thumb_row + rc * R + c, cell_sum, sem="relaxed")
-    return s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax
 
 
 @triton.jit
@@ -273,12 +93,15 @@ def _qk_stats_fused_kernel(
     CELL,  # [B, L] int32 thumbnail cell of each position (-1: padding)
     TOK,  # [B, L] int64 token ids
     TOKB,  # [B, L] int64 token j - 1 at key j (-1 where j - 1 is not a real token)
+    SINKS,  # [H] float32 learned sink logits (read when HAS_SINKS)
     L,
     H,
     GROUP,
-    WINDOW,
+    SPAN,  # the window or chunk size (KIND)
     R,
-    qk_scale,
+    qk_scale,  # scaling * log2 e
+    cap_in,  # scaling / softcap (SOFTCAP)
+    cap_out,  # softcap * log2 e (SOFTCAP)
     log_min,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -288,6 +111,9 @@ def _qk_stats_fused_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     HAS_LSE: tl.constexpr,
+    KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """Every attention statistic of one (query tile, batch row, head); see the module docstring."""
     tl.static_assert(BLOCK_N >= 16 and BLOCK_M >= 16)
@@ -308,9 +134,7 @@ def _qk_stats_fused_kernel(
     offs_m = m_lo + tl.arange(0, BLOCK_M)  # [BM] absolute query positions (int32: L < 2^24)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ok = (offs_m >= start) & (offs_m < end)
-    lo_row = tl.zeros([BLOCK_M], dtype=tl.int32) + start
-    if WINDOW > 0:
-        lo_row = tl.maximum(lo_row, offs_m - WINDOW + 1)
+    lo_row = row_lo(offs_m, start, SPAN, KIND)
     q = tl.load(
         Q
         + b.to(tl.int64) * stride_qb
@@ -325,28 +149,16 @@ def _qk_stats_fused_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
 
     # -- key tiles: [k_begin, u_lo) and [u_hi, k_end) on-band (masked), [u_lo, u_hi) off-band (no mask) --
-    m_hi = m_lo + BLOCK_M
-    k_end = tl.minimum(m_hi, end)
-    k_begin = start
-    if WINDOW > 0:
-        k_begin = tl.maximum(start, m_lo - WINDOW + 1)
-    k_begin = (k_begin // BLOCK_N) * BLOCK_N
-    # off-band: every row real, no final row, keys past the sink column and at least 2 before the first row
-    u_lo = (start // BLOCK_N + 1) * BLOCK_N
-    if WINDOW > 0:
-        u_lo = tl.maximum(u_lo, tl.cdiv(tl.maximum(m_hi - WINDOW, 0), BLOCK_N) * BLOCK_N)
-    u_lo = tl.maximum(u_lo, k_begin)
-    u_hi = (tl.maximum(m_lo - 1, 0) // BLOCK_N) * BLOCK_N
-    if (m_lo < start) | (m_hi >= end) | (u_hi <= u_lo):  # no off-band tile: one masked range
-        u_lo = k_end
-        u_hi = k_end
-    # the masked tiles [k_begin, u_lo) and [u_hi, k_end) run in one loop (one copy of the masked code)
-    n_first = tl.cdiv(u_lo - k_begin, BLOCK_N)
-    n_masked = n_first + tl.cdiv(k_end - u_hi, BLOCK_N)
+    k_begin, u_lo, u_hi, k_end, n_first, n_masked = key_tiles(m_lo, start, end, SPAN, KIND, BLOCK_M, BLOCK_N)
 
+    sink2 = 0.0
+    if HAS_SINKS:
+        sink2 = tl.load(SINKS + h) * 1.4426950408889634  # log2 units
     if HAS_LSE:
         lse_in = tl.load(LSE + vec_row + offs_m, mask=row_ok, other=0.0)
         lse2 = tl.where(row_ok, lse_in * 1.4426950408889634, 0.0)
+        ent = tl.zeros([BLOCK_M], tl.float32)  # entropy and max p come from pass 2 (store_rows)
+        rowmax = ent
     else:
         # -- pass 1: running max, sum and sum(e * (t - m)) per row --
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -355,63 +167,53 @@ def _qk_stats_fused_kernel(
         for it in range(0, n_masked):
             n0 = k_begin + it * BLOCK_N + (it >= n_first).to(tl.int32) * (u_hi - u_lo)
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, True)
+            qk = scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, True)
             allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
-            m_i, l_i, a_i = _pass1_tile(m_i, l_i, a_i, qk * qk_scale, allowed, True)
+            m_i, l_i, a_i = pass1_tile(m_i, l_i, a_i, logits(qk, qk_scale, cap_in, cap_out, SOFTCAP), allowed, True)
         for n0 in range(u_lo, u_hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, False)
-            m_i, l_i, a_i = _pass1_tile(m_i, l_i, a_i, qk * qk_scale, row_ok[:, None], False)
-        valid = row_ok & (l_i > 0)
-        l_safe = tl.where(valid, l_i, 1.0)
-        lse2 = tl.where(valid, m_i + tl.log2(l_safe), 0.0)
-        ent = tl.where(valid, _LN2 * (tl.log2(l_safe) - a_i / l_safe), 0.0)
-        rowmax = tl.where(valid, 1.0 / l_safe, 0.0)
+            qk = scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, False)
+            t = logits(qk, qk_scale, cap_in, cap_out, SOFTCAP)
+            m_i, l_i, a_i = pass1_tile(m_i, l_i, a_i, t, row_ok[:, None], False)
+        lse2, ent, rowmax = pass1_rows(m_i, l_i, a_i, row_ok, sink2, HAS_SINKS)
 
     # -- pass 2: p tile by tile, reduced into every statistic --
     zm = tl.zeros([BLOCK_M], tl.float32)
-    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([_N_DIST], tl.float32), 0, 0, zm, zm)
+    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([N_DIST], tl.float32), 0, 0, zm, zm)
     tq = tl.load(TOK + tok_row + offs_m, mask=offs_m < L, other=-2)  # [BM] query tokens
     rc = tl.load(CELL + tok_row + offs_m, mask=offs_m < L, other=-1)  # [BM] thumbnail row cells
     thumb_row = bh * R * R
-    bucket_ids = tl.arange(0, _N_DIST)
+    bucket_ids = tl.arange(0, N_DIST)
     is_final = offs_m == end - 1
     for it in range(0, n_masked):
         n0 = k_begin + it * BLOCK_N + (it >= n_first).to(tl.int32) * (u_hi - u_lo)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, True)
+        qk = scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, True)
         allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
-        acc = _pass2_tile(
-            acc, qk * qk_scale, allowed, offs_m, offs_n, lse2, tq, rc, bucket_ids, start, m_lo, is_final,
+        acc = pass2_tile(
+            acc, logits(qk, qk_scale, cap_in, cap_out, SOFTCAP), allowed, offs_m, offs_n, lse2, tq, rc,
+            bucket_ids, start, m_lo, is_final,
             HIST_ALL, HIST_LOG, VEC, slot_stride, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, True,
         )  # fmt: skip
     for n0 in range(u_lo, u_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        qk = _scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, False)
-        acc = _pass2_tile(
-            acc, qk * qk_scale, row_ok[:, None], offs_m, offs_n, lse2, tq, rc, bucket_ids, start, m_lo, is_final,
+        qk = scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, False)
+        acc = pass2_tile(
+            acc, logits(qk, qk_scale, cap_in, cap_out, SOFTCAP), row_ok[:, None], offs_m, offs_n, lse2, tq, rc,
+            bucket_ids, start, m_lo, is_final,
             HIST_ALL, HIST_LOG, VEC, slot_stride, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, False,
         )  # fmt: skip
     s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax = acc
-    if HAS_LSE:
-        ent = tl.where(row_ok, -_LN2 * pt, 0.0)
-        rowmax = tl.where(row_ok, pmax, 0.0)
-
-    # -- write the per-row vectors (every element of the tile), then the accumulators --
-    rmask = offs_m < L
-    tl.store(_vec_row(VEC, _DIAG, slot_stride, vec_row) + offs_m, diag, mask=rmask)
-    tl.store(_vec_row(VEC, _PREV, slot_stride, vec_row) + offs_m, prev, mask=rmask)
-    tl.store(_vec_row(VEC, _DUP, slot_stride, vec_row) + offs_m, dup, mask=rmask)
-    tl.store(_vec_row(VEC, _INDUCTION, slot_stride, vec_row) + offs_m, ind, mask=rmask)
-    tl.store(_vec_row(VEC, _SINK, slot_stride, vec_row) + offs_m, sink, mask=rmask)
-    tl.store(_vec_row(VEC, _ENTROPY, slot_stride, vec_row) + offs_m, ent, mask=rmask)
-    tl.store(_vec_row(VEC, _ROWMAX, slot_stride, vec_row) + offs_m, rowmax, mask=rmask)
+    store_rows(
+        VEC, slot_stride, vec_row, offs_m, row_ok, L, lse2, sink2, ent, rowmax, s1, pt, pmax,
+        diag, prev, sink, dup, ind, HAS_LSE, HAS_SINKS,
+    )  # fmt: skip
     tl.atomic_add(HIST_ALL + hist_row, n_ok - n_hi, sem="relaxed")  # linear bin 0: every pair not added above
     tl.atomic_add(MOM + bh * 2, tl.sum(s1, 0).to(tl.float64), sem="relaxed")
     tl.atomic_add(MOM + bh * 2 + 1, tl.sum(s2, 0).to(tl.float64), sem="relaxed")
-    tl.atomic_add(DIST + bh * _N_DIST + bucket_ids, dist.to(tl.float64), sem="relaxed")
+    tl.atomic_add(DIST + bh * N_DIST + bucket_ids, dist.to(tl.float64), sem="relaxed")
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
@@ -423,6 +225,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, ranges: KeyRanges) -> None:
 def _pairs(ranges: KeyRanges) -> torch.Tensor:
     """Allowed (query, key) pairs per batch row, in closed form: sum over queries of their key counts."""
     n = (ranges.end - ranges.start).clamp_min(0).double()  # [B]
+    if ranges.chunk is not None:  # full chunks of c tokens, then the rest
+        c = float(ranges.chunk)
+        full, rest = torch.div(n, c, rounding_mode="floor"), torch.remainder(n, c)
+        return full * c * (c + 1) / 2 + rest * (rest + 1) / 2
     if ranges.window is None:
         return n * (n + 1) / 2
     w = float(ranges.window)
@@ -443,6 +249,7 @@ def qk_stats(
     poison: bool = False,
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
     lse: torch.Tensor | None = None,  # [B, H, L] float32 natural log-sum-exp of scaling * q.k over allowed keys
+    mod: ScoreMod = PLAIN,  # the model's logit softcapping and learned sinks
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (outputs as ``reference.attn_stats_ref``).
 
@@ -483,6 +290,8 @@ def qk_stats(
     lse = lse.contiguous() if lse is not None else None
     start = ranges.start.to(dev, torch.int64)
     end = ranges.end.to(dev, torch.int64)
+    sinks = mod.sink_logits(H, dev)  # [H] float32 or None
+    sinks = sinks.contiguous() if sinks is not None else None
 
     args = (
         hist_all,
@@ -506,12 +315,15 @@ def qk_stats(
         cell.to(dev),
         tok,
         tok_before,
+        sinks if sinks is not None else vec,  # not read without sinks
         L,
         H,
         H // k.shape[1],
-        ranges.window or 0,
+        ranges.span or 0,
         R,
         scaling * _LOG2E,
+        scaling / (mod.softcap or 1.0),
+        (mod.softcap or 1.0) * _LOG2E,
         spec.log_min,
     )
     upcast = q.dtype == torch.bfloat16 and is_interpreter()
@@ -522,6 +334,9 @@ def qk_stats(
         IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast,
         HAS_LSE=lse is not None,
+        KIND=CHUNKED if ranges.chunk is not None else SLIDING if ranges.window is not None else CAUSAL,
+        SOFTCAP=mod.softcap is not None,
+        HAS_SINKS=sinks is not None,
     )
     block_m, block_n = block_m or st["BLOCK_M"], block_n or st["BLOCK_N"]
     grid = (triton.cdiv(L, block_m), B * H)

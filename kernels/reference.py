@@ -28,6 +28,7 @@ from .stats import (
     HIST_ALL,
     HIST_LOG,
     INDUCTION,
+    LEARNED_SINK,
     MOMENTS,
     N_DIST_BUCKETS,
     PREV,
@@ -43,6 +44,7 @@ __all__ = [
     "attention_probs_ref",
     "attn_stats_from_probs_ref",
     "attn_stats_ref",
+    "sink_share_ref",
     "down_proj_stats_ref",
     "vocab_stats_ref",
 ]
@@ -54,17 +56,38 @@ def attention_probs_ref(
     scaling: float,
     ranges: KeyRanges,
     upcast: bool = True,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [H] learned sink logits
 ) -> torch.Tensor:
-    """The full attention probabilities [B, H, L, L]; rows with no allowed key are all zero."""
+    """The full attention probabilities [B, H, L, L]; rows with no allowed key are all zero. With ``sinks`` each
+    row sums to 1 minus its sink's share (``sink_share_ref``)."""
     dt = torch.float64 if upcast else torch.float32
     B, H, L, _ = q.shape
     group = H // k.shape[1]
     kk = k.to(dt).repeat_interleave(group, dim=1)  # [B, H, L, D]
     s = torch.matmul(q.to(dt), kk.transpose(-1, -2)) * scaling  # [B, H, L, L]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     allowed = ranges.allowed(L).to(q.device)  # [B, 1, L, L]
     s = s.masked_fill(~allowed, -math.inf)
-    p = torch.softmax(s, dim=-1)  # [B, H, L, L]
+    if sinks is None:
+        p = torch.softmax(s, dim=-1)  # [B, H, L, L]
+    else:  # the sink is one more column of the softmax, dropped after it
+        col = sinks.to(device=q.device, dtype=dt).view(1, H, 1, 1).expand(B, H, L, 1)
+        p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :L]
+        p = p * allowed  # a row with no allowed key: 0, not the sink's
     return torch.nan_to_num(p, nan=0.0)  # fully masked rows -> 0
+
+
+def sink_share_ref(p: torch.Tensor, ranges: KeyRanges, has_sinks: bool) -> torch.Tensor:
+    """[B, H, L] the learned sink's share of each row, 1 - sum_j p_ij (0 in rows with no allowed key, and for a
+    model without sinks)."""
+    B, H, L, _ = p.shape
+    if not has_sinks:
+        return torch.zeros(B, H, L, dtype=p.dtype)
+    rows = torch.arange(L)
+    ok = (rows[None, :] >= ranges.start.cpu()[:, None]) & (rows[None, :] < ranges.end.cpu()[:, None])  # [B, L]
+    return torch.where(ok[:, None], 1 - p.cpu().sum(-1), 0.0)
 
 
 def attn_stats_ref(
@@ -75,6 +98,8 @@ def attn_stats_ref(
     spec: AttnStatsSpec = AttnStatsSpec(),
     upcast: bool = True,
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [H] learned sink logits
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract, from the materialised probabilities.
 
@@ -84,8 +109,8 @@ def attn_stats_ref(
         (average-pooled p; a prompt of n < r tokens fills its first n cells, the rest are zero), and each name of
         ``stats.VECTORS`` as [B, H, L] (keyed by its name).
     """
-    p = attention_probs_ref(q, k, scaling, ranges, upcast).cpu()  # [B, H, L, L]
-    return attn_stats_from_probs_ref(p, ranges, spec, tokens)
+    p = attention_probs_ref(q, k, scaling, ranges, upcast, softcap, sinks).cpu()  # [B, H, L, L]
+    return attn_stats_from_probs_ref(p, ranges, spec, tokens, has_sinks=sinks is not None)
 
 
 def attn_stats_from_probs_ref(
@@ -93,6 +118,7 @@ def attn_stats_from_probs_ref(
     ranges: KeyRanges,
     spec: AttnStatsSpec = AttnStatsSpec(),
     tokens: torch.Tensor | None = None,  # [B, L] token ids (None: no repeats)
+    has_sinks: bool = False,  # the rows sum to 1 - their learned sink's share
 ) -> dict[str, torch.Tensor]:
     """The statistics of ``attn_stats_ref`` from already materialised probabilities."""
     B, H, L, _ = p.shape
@@ -152,6 +178,7 @@ def attn_stats_from_probs_ref(
         ind = earlier & (t[:, None] == t_before[None, :]) & has_before[None, :]
         vec[DUP][b, :, lo:hi] = (pb * dup).sum(-1)[:, lo:hi]
         vec[INDUCTION][b, :, lo:hi] = (pb * ind).sum(-1)[:, lo:hi]
+    vec[LEARNED_SINK] = sink_share_ref(p, ranges, has_sinks).to(p.dtype)
     out.update({s.name: v for s, v in vec.items()})
 
     R = spec.thumb_size

@@ -47,6 +47,7 @@ __all__ = [
     "INDUCTION",
     "LAMINAR",
     "LAYER_STATS",
+    "LEARNED_SINK",
     "MOMENTS",
     "N_DIST_BUCKETS",
     "PREV",
@@ -113,8 +114,10 @@ VECTORS = _vectors(
          "sum_j p_ij [tok_j = tok_i, j < i]"),
     Stat("induction", "vector", "query", "store", "vectors", "induction mass", "weight", "induction",
          "sum_j p_ij [tok_{j-1} = tok_i, start <= j - 1, j < i]"),
+    Stat("learned_sink", "vector", "query", "store", "vectors", "learned sink's share of the row", "weight",
+         "learned_sink", "exp(sink_h - lse_i) = 1 - sum_j p_ij (0 for a model without learned sinks)"),
 )  # fmt: skip
-DIAG, FINAL, ENTROPY, ROWMAX, RECV_SUM, RECV_MAX, SINK, PREV, DUP, INDUCTION = VECTORS
+DIAG, FINAL, ENTROPY, ROWMAX, RECV_SUM, RECV_MAX, SINK, PREV, DUP, INDUCTION, LEARNED_SINK = VECTORS
 VECTOR_NAMES = tuple(s.name for s in VECTORS)
 
 # -- per layer and head, over every allowed pair --
@@ -170,6 +173,7 @@ _SUMMARY_LABELS = {
     DUP: "mean duplicate-token mass (earlier keys holding the query's token)",
     DIST: "mean attention distance (tokens, bucket midpoints)",
     ROWMAX: "mean of the largest weight per row",
+    LEARNED_SINK: "mean share of the learned sink (the softmax's extra logit)",
 }
 HEAD_SUMMARY: dict[str, tuple[Stat, str]] = {s.summary: (s, label) for s, label in _SUMMARY_LABELS.items()}
 

@@ -5,8 +5,9 @@ block is one matmul (scores) and one fused Numba pass that reduces them to every
 Without Numba (or on another device) the block goes through torch operations:
 
     s   = scaling * q_blk @ k[kstart:i1]^T            (GQA by viewing q as [B, H_kv, group, ...])
-    d   = s - m,  z = sum exp(d),  p = exp(d) / z      (masked entries are a large finite negative)
-    H   = log z - sum p d,  max p = 1 / z,  log p = d - log z
+    s   = softcap * tanh(s / softcap)                  (a model that caps its logits)
+    d   = s - m,  z = sum exp(d) (+ exp(sink - m)),  p = exp(d) / z   (masked entries: a large finite negative)
+    H   = log z sum p - sum p d,  log p = d - log z,  learned sink's share = exp(sink - m) / z
     (given the forward's lse, it stands in for m; the Numba pass then skips its max and sum passes)
 
 and every statistic is a reduction of p: row sums and maxima, column sums and maxima, gathers on the
@@ -22,8 +23,10 @@ import torch
 
 from ._cpu_fused import HAS_NUMBA, FusedState, fused_block, previous_occurrence
 from .contract import (
+    PLAIN,
     AttnStatsSpec,
     KeyRanges,
+    ScoreMod,
     previous_tokens,
     resolve_tokens,
     thumb_layout,
@@ -39,6 +42,7 @@ from .stats import (
     HIST_ALL,
     HIST_LOG,
     INDUCTION,
+    LEARNED_SINK,
     MOMENTS,
     N_DIST_BUCKETS,
     PREV,
@@ -73,11 +77,13 @@ def attn_stats_torch(
     use_numba: bool | None = None,
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
     lse: torch.Tensor | None = None,  # [B, H, L] float32 log-sum-exp of each row, from the forward attention
+    mod: ScoreMod = PLAIN,  # the model's logit softcapping and learned sinks
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (see ``reference.attn_stats_ref`` for the outputs).
 
     ``use_numba`` (default: when numba is installed and q is on the CPU) picks the fused Numba pass; False keeps
-    every step in torch. With ``lse`` the statistics skip their own max/sum pass over each row.
+    every step in torch. With ``lse`` (which then includes the softcapping and the sink) the statistics skip their
+    own max/sum pass over each row.
     """
     validate_qk(q, k, ranges)
     lse = validate_lse(lse, q)
@@ -86,7 +92,7 @@ def attn_stats_torch(
     if use_numba:
         if not HAS_NUMBA:
             raise RuntimeError("use_numba=True but numba is not installed")
-        return _attn_stats_fused(q, k, scaling, ranges, spec, block_q, tokens, lse)
+        return _attn_stats_fused(q, k, scaling, ranges, spec, block_q, tokens, lse, mod)
     B, H, L, D = q.shape
     tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
     tok_before = previous_tokens(tokens, ranges)  # [B, L]
@@ -95,9 +101,10 @@ def attn_stats_torch(
     dev = q.device
     start = ranges.start.to(dev)  # [B]
     end = ranges.end.to(dev)  # [B]
-    W = ranges.window
+    W = ranges.span  # the widest key range of a row (window or chunk), or None
     R = spec.thumb_size
     f32 = dict(device=dev, dtype=torch.float32)
+    sink_logit = mod.sink_logits(H, dev)  # [H] or None
 
     vec = {s: torch.zeros(B, H, L, **f32) for s in VECTORS}
     hist_all = torch.zeros(H, spec.bins, dtype=torch.long)
@@ -120,22 +127,20 @@ def attn_stats_torch(
 
         # -- allowed key range per (batch, row) --
         row_ok = (rows[None, :] >= start[:, None]) & (rows[None, :] < end[:, None])  # [B, R_blk]
-        lo = start[:, None].expand(B, i1 - i0)  # [B, R_blk]
-        if W is not None:
-            lo = torch.maximum(lo, rows[None, :] - W + 1)
+        lo = ranges.lo(rows)  # [B, R_blk]
         hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
         allowed = (cols >= lo[:, :, None]) & (cols < hi[:, :, None])  # [B, R_blk, Lk]
 
         # -- scores, log-sum-exp, p --
         qb = q[:, :, i0:i1].float().view(B, Hkv, group, i1 - i0, D)  # [B, Hkv, G, R_blk, D]
         s = torch.matmul(qb, kf[:, :, None, kstart:i1].transpose(-1, -2))  # [B, Hkv, G, R_blk, Lk]
-        s = s.view(B, H, i1 - i0, Lk).mul_(scaling)  # [B, H, R_blk, Lk]
+        s = mod.cap(s.view(B, H, i1 - i0, Lk).mul_(scaling))  # [B, H, R_blk, Lk]
         # only two column bands can hold a masked entry: the causal square on the right, and on the left the
-        # columns before the latest padding start or window start of any row
+        # columns before the latest padding start or window start of any row (a chunk start: any column)
         c0 = i0 - kstart
         s[..., c0:].masked_fill_(~allowed[:, None, :, c0:], _NEG)
-        left = max(int(start.max()) - kstart, 0 if W is None else i1 - W - kstart)
-        left = min(max(left, 0), c0)
+        left = max(int(start.max()) - kstart, 0 if ranges.window is None else i1 - ranges.window - kstart)
+        left = c0 if ranges.chunk is not None else min(max(left, 0), c0)
         if left:
             s[..., :left].masked_fill_(~allowed[:, None, :, :left], _NEG)
         all_rows = bool(row_ok.all())
@@ -143,19 +148,32 @@ def attn_stats_torch(
             s.masked_fill_(~row_ok[:, None, :, None], _NEG)
         if lse is None:
             m = s.amax(-1, keepdim=True)  # [B, H, R_blk, 1]
+            if sink_logit is not None:
+                m = torch.maximum(m, sink_logit.view(1, H, 1, 1))
         else:  # the forward's lse in place of the max: p = exp(s - lse) sums to 1 up to its rounding
             m = torch.where(row_ok[:, None], lse[:, :, i0:i1], _NEG)[..., None]  # [B, H, R_blk, 1]; as amax there
         d = s.sub_(m)  # [B, H, R_blk, Lk] s - m, in place; masked: ~_NEG
         p = torch.exp(d)  # [B, H, R_blk, Lk] unnormalised
         z = p.sum(-1, keepdim=True)  # [B, H, R_blk, 1]
+        if sink_logit is not None:
+            zs = torch.exp(sink_logit.view(1, H, 1, 1) - m)  # the sink's term of the denominator
+            z = z + zs  # with the forward's lse z ~ 1: dividing by it keeps each row exact whatever lse's rounding
         p.div_(z)
         logz = torch.log(z)  # [B, H, R_blk, 1]; log p = d - logz
-        ent = logz.squeeze(-1) - torch.linalg.vecdot(p, d)  # H = log z - sum p (s - m)
-        rowmax = p.amax(-1) if lse is not None else z.reciprocal().squeeze(-1)  # max p = exp(0) / z
+        if sink_logit is None:
+            ent = logz.squeeze(-1) - torch.linalg.vecdot(p, d)  # H = log z - sum p (s - m)
+        else:  # the weights sum to 1 - the sink's share
+            ent = logz.squeeze(-1) * p.sum(-1) - torch.linalg.vecdot(p, d)
+            share = (zs / z).squeeze(-1)  # [B, H, R_blk]
+        rowmax = (
+            p.amax(-1) if lse is not None or sink_logit is not None else z.reciprocal().squeeze(-1)
+        )  # max p = 1 / z
         if not all_rows:  # a row with no allowed key: every statistic is 0
             p.mul_(row_ok[:, None, :, None])
             ent = torch.where(row_ok[:, None], ent, 0.0)
             rowmax = torch.where(row_ok[:, None], rowmax, 0.0)
+        if sink_logit is not None:
+            vec[LEARNED_SINK][:, :, i0:i1] = torch.where(row_ok[:, None], share, 0.0)
 
         # -- row statistics --
         vec[ENTROPY][:, :, i0:i1] = ent
@@ -244,12 +262,14 @@ def _attn_stats_fused(
     block_q: int,
     tokens: torch.Tensor | None,  # [B, L]
     lse: torch.Tensor | None,  # [B, H, L] float32
+    mod: ScoreMod,
 ) -> dict[str, torch.Tensor]:
     """The CPU path: per query block one matmul into a reused buffer, then one fused Numba pass."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
-    W = ranges.window
+    W = ranges.span  # the widest key range of a row (window or chunk), or None
+    sink = mod.sink_logits(H, q.device)  # [H] or None
     R = spec.thumb_size
     Rs = min(R, L)  # a prompt of n <= L tokens has min(R, n) cells a side: the thumbnails are [B, H, Rs, Rs]
     tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
@@ -271,12 +291,15 @@ def _attn_stats_fused(
         log_min=spec.log_min,
     )
     # with the forward's lse, one matmul gives log p directly: [scaling q_i, -lse_i] . [k_j, 1] = s_ij - lse_i
+    # (not through a softcap: tanh comes between the matmul and the lse)
     qs = q.float() * scaling  # [B, H, L, D]
     kf = k.float()  # [B, Hkv, L, D]
+    real = (torch.arange(L)[None, :] >= start[:, None]) & (torch.arange(L)[None, :] < end[:, None])  # [B, L]
     if lse is not None:
-        real = (torch.arange(L)[None, :] >= start[:, None]) & (torch.arange(L)[None, :] < end[:, None])  # [B, L]
-        neg_lse = torch.where(real[:, None], -lse, 0.0)  # [B, H, L]; rows without keys: unused, not NaN
-        qs = torch.cat([qs, neg_lse[..., None]], dim=-1)  # [B, H, L, D + 1]
+        lse = torch.where(real[:, None], lse, 0.0)  # [B, H, L]; rows without keys: unused, not NaN
+    fold_lse = lse is not None and mod.softcap is None
+    if fold_lse:
+        qs = torch.cat([qs, -lse[..., None]], dim=-1)  # [B, H, L, D + 1]
         kf = torch.cat([kf, torch.ones(B, Hkv, L, 1)], dim=-1)  # [B, Hkv, L, D + 1]
     De = qs.shape[-1]
     kspan = L if W is None else min(L, block_q + W - 1)  # widest key range of a block
@@ -290,9 +313,7 @@ def _attn_stats_fused(
         Rb, Lk = i1 - i0, i1 - kstart
         rows = torch.arange(i0, i1)  # [R_blk]
         row_ok = (rows[None, :] >= start[:, None]) & (rows[None, :] < end[:, None])  # [B, R_blk]
-        lo = start[:, None].expand(B, Rb)  # [B, R_blk]
-        if W is not None:
-            lo = torch.maximum(lo, rows[None, :] - W + 1)
+        lo = ranges.lo(rows)  # [B, R_blk]
         hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
 
         # -- scores s = (scaling q) . k (or log p = s - lse) into the reused buffer --
@@ -300,12 +321,24 @@ def _attn_stats_fused(
         d = buf[: B * H * Rb * Lk].view(B, Hkv, group, Rb, Lk)
         torch.matmul(qb, kf[:, :, None, kstart:i1].transpose(-1, -2), out=d)  # [B, Hkv, G, R_blk, Lk]
         d = d.view(B, H, Rb, Lk)
-        if lse is None:  # lse from the block with its disallowed keys masked, then log p = s - lse in place
-            cols = torch.arange(kstart, i1)  # [Lk]
-            allowed = (cols >= lo[:, :, None]) & (cols < hi[:, :, None])  # [B, R_blk, Lk]
-            d.masked_fill_(~allowed[:, None], _NEG)
-            d.sub_(torch.logsumexp(d, -1, keepdim=True))  # [B, H, R_blk, Lk] log p
-        fused_block(state, d, lo, hi, i0, kstart, **common)
+        if not fold_lse:
+            mod.cap(d)
+            if lse is not None:
+                row_lse = lse[:, :, i0:i1, None]  # [B, H, R_blk, 1]
+            else:  # lse from the block with its disallowed keys masked (and the sink's term)
+                cols = torch.arange(kstart, i1)  # [Lk]
+                allowed = (cols >= lo[:, :, None]) & (cols < hi[:, :, None])  # [B, R_blk, Lk]
+                d.masked_fill_(~allowed[:, None], _NEG)
+                row_lse = torch.logsumexp(d, -1, keepdim=True)  # [B, H, R_blk, 1]
+                if sink is not None:
+                    row_lse = torch.logaddexp(row_lse, sink.view(1, H, 1, 1))
+            d.sub_(row_lse)  # [B, H, R_blk, Lk] log p, in place
+        elif sink is not None:
+            row_lse = lse[:, :, i0:i1, None]
+        share = None  # the learned sink's share of each row
+        if sink is not None:
+            share = torch.where(row_ok[:, None], torch.exp(sink.view(1, H, 1) - row_lse[..., 0]), 0.0)
+        fused_block(state, d, lo, hi, share, i0, kstart, **common)
 
     state.close(row_cell)
     hist = torch.from_numpy(state.hist)  # [H, 2, bins]

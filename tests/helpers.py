@@ -100,16 +100,23 @@ def random_tokens(B, L):
     return torch.randint(0, max(2, L // 4), (B, L))
 
 
-def masked_lse(q, k, scaling, ranges):
-    """[B, H, L] float32 natural log-sum-exp of the allowed scores (as the forward's attention returns it)."""
+def masked_lse(q, k, scaling, ranges, softcap=None, sinks=None):
+    """[B, H, L] float32 natural log-sum-exp of the allowed scores (as the forward's attention returns it), of the
+    capped logits and with the sink's term for a model that has them."""
     B, H, L, _ = q.shape
     kk = k.double().repeat_interleave(H // k.shape[1], dim=1)  # [B, H, L, D]
     s = torch.matmul(q.double(), kk.transpose(-1, -2)) * scaling  # [B, H, L, L]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~ranges.allowed(L), float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(1, H, 1, 1).expand(B, H, L, 1)], dim=-1)
     return torch.logsumexp(s, dim=-1).float()  # -inf on rows without keys: the statistics ignore them
 
 
-def check_attn_stats(out, ref, spec, q, k, scaling, ranges, name="", mom_rtol=1e-6, ref_low=None, fa_atol=1e-6):
+def check_attn_stats(
+    out, ref, spec, q, k, scaling, ranges, name="", mom_rtol=1e-6, ref_low=None, fa_atol=1e-6, softcap=None, sinks=None
+):
     """Every attention statistic of ``out`` against the float64 reference ``ref`` (``attn_stats_ref``).
 
     Float32 inputs: atol = rtol = 1e-5 (moments: rtol ``mom_rtol``). Low-precision inputs pass ``ref_low``, the
@@ -134,7 +141,7 @@ def check_attn_stats(out, ref, spec, q, k, scaling, ranges, name="", mom_rtol=1e
         for n, (a, e, lo) in cols.items():
             assert_close_fa(a, e, lo, atol=fa_atol * max(1.0, e.abs().max().item()), name=n)
     # bin edges: fp32 p differs from fp64 p by ~1e-7; a value within 1e-2 of a bin of an edge may cross it
-    p = attention_probs_ref(q, k, scaling, ranges)
+    p = attention_probs_ref(q, k, scaling, ranges, softcap=softcap, sinks=sinks)
     vals = p[ranges.allowed(q.shape[2]).expand_as(p)]
     nb = spec.bins
     slack_lin = near_edge_count(vals, nb, lambda x: x * nb, 1e-2)

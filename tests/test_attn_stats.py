@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges, attn_stats, attn_stats_torch
+from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges, ScoreMod, attn_stats, attn_stats_torch
 from attnscope.kernels._cpu_fused import HAS_NUMBA
 from attnscope.kernels.reference import attention_probs_ref, attn_stats_ref
+from attnscope.kernels.stats import LEARNED_SINK
 from helpers import assert_verbose_allclose, attn_inputs, check_attn_stats, masked_lse, random_tokens
 
 # (batch, heads, kv heads, L, d_head, window, padded, block_q)
@@ -39,6 +40,66 @@ def test_torch_path_matches_reference(B, H, Hkv, L, D, window, padded, block_q, 
     # loosened for a given lse: the fused pass forms p = exp(s - lse) with the forward's float32 lse, so each p
     # carries |lse - lse(fp32 s)| ~ 1e-7 |s| as a relative error, which sum p^2 over a head (~50) shows at ~1e-6
     check_attn_stats(out, ref, spec, q, k, scaling, ranges, mom_rtol=1e-5 if with_lse else 1e-6)
+
+
+# (batch, heads, kv heads, L, d_head, window, chunk, padded, block_q): the key ranges other architectures define
+LAYER_KINDS = [
+    (2, 4, 2, 45, 24, 6, None, True, 16),  # sliding window (Gemma-2, gpt-oss, Cohere-2 local layers), padding
+    (2, 3, 1, 53, 16, None, 8, True, 16),  # chunks shorter than a block (Llama-4), padding: chunks count from start
+    (1, 2, 2, 70, 32, None, 24, False, 16),  # chunks longer than a block, L not a multiple of either
+]
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["own-lse", "forward-lse"])
+@pytest.mark.parametrize("use_numba", NUMBA)
+@pytest.mark.parametrize("softcap, sinks", [(None, False), (2.5, False), (None, True), (2.5, True)],
+                         ids=["plain", "softcap", "sinks", "softcap+sinks"])  # fmt: skip
+@pytest.mark.parametrize("B, H, Hkv, L, D, window, chunk, padded, block_q", LAYER_KINDS)
+def test_model_defined_attention_matches_reference(
+    B, H, Hkv, L, D, window, chunk, padded, block_q, softcap, sinks, use_numba, with_lse
+):
+    # peaked scores (scale 3), so the softcap bends them and the sinks take a share from 0 to ~1
+    q, k, ranges = attn_inputs(B, H, Hkv, L, D, window, padded, scale=3.0)
+    ranges = ranges.with_window(window, chunk)
+    # near the rows' largest logits (capped at +-softcap)
+    sink_logits = torch.randn(H) * 2 + (2.0 if softcap else 6.0) if sinks else None
+    spec = AttnStatsSpec(bins=256, thumb_size=8)
+    scaling = 0.3  # not 1/sqrt(d): the module's own scaling
+    tokens = random_tokens(B, L)
+    lse = masked_lse(q, k, scaling, ranges, softcap, sink_logits) if with_lse else None
+    mod = ScoreMod(softcap, sink_logits)
+    out = attn_stats_torch(
+        q, k, scaling, ranges, spec, block_q=block_q, use_numba=use_numba, tokens=tokens, lse=lse, mod=mod
+    )
+    ref = attn_stats_ref(q, k, scaling, ranges, spec, tokens=tokens, softcap=softcap, sinks=sink_logits)
+    check_attn_stats(
+        out, ref, spec, q, k, scaling, ranges, mom_rtol=1e-5 if with_lse else 1e-6, softcap=softcap, sinks=sink_logits
+    )
+    share = ref[LEARNED_SINK.name]
+    if sinks:  # the rows' weights and their sink's share make one
+        p = attention_probs_ref(q, k, scaling, ranges, softcap=softcap, sinks=sink_logits)
+        real = ranges.allowed(L).any(-1).expand(B, H, L)
+        torch.testing.assert_close(p.sum(-1)[real] + share[real], torch.ones_like(share[real]))
+        assert share[real].max() > 0.2 and share[real].min() < 0.8  # the sinks matter, not always alone
+    else:
+        assert not share.any()
+
+
+def test_reference_windows_and_chunks_are_the_definitions():
+    # the dense reference mask against the contract's definitions, written independently
+    r = KeyRanges(torch.tensor([0, 2]), torch.tensor([11, 9]), chunk=4)
+    ok = r.allowed(11)[:, 0]
+    for b, (st, en) in enumerate([(0, 11), (2, 9)]):
+        for i in range(11):
+            for j in range(11):
+                want = st <= j <= i < en and (i - st) // 4 == (j - st) // 4
+                assert bool(ok[b, i, j]) == want, (b, i, j)
+    rows = torch.arange(11)
+    assert r.lo(rows)[1].tolist() == [2, 2, 2, 2, 2, 2, 6, 6, 6, 6, 10]
+    w = KeyRanges.full(1, 9, window=3)
+    assert w.lo(torch.arange(9))[0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="not both"):
+        KeyRanges.full(1, 9, window=3).with_window(3, 4)
 
 
 @pytest.mark.parametrize("vocab", [2, 200], ids=["every-token-frequent", "every-token-rare"])

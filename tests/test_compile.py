@@ -27,9 +27,15 @@ SIDE_TRITON = "3.6.0"  # the GPU image's triton
 # (arch, configuration names of _compile_check.CONFIGS): one or two per kernel keep the suite fast
 INSTALLED = [
     (90, ["qk_stats_d80_bf16", "qk_stats_lse_d128_bf16", "down_proj_pythia_bf16"]),
+    (90, ["qk_stats_softcap_sliding_d256_bf16", "qk_stats_d192_bf16", "qk_stats_sinks_sliding_d64_bf16"]),
+    (90, ["qk_stats_chunked_d128_bf16"]),
     (80, ["qk_stats_d64_fp16", "qk_stats_d64_fp32", "down_proj_smollm2_fp32"]),
 ]
-SIDE = [(90, ["qk_stats_d80_bf16", "qk_stats_d128_bf16", "qk_stats_lse_d80_bf16", "down_proj_pythia_bf16"])]
+SIDE = [
+    (90, ["qk_stats_d80_bf16", "qk_stats_d128_bf16", "qk_stats_lse_d80_bf16", "down_proj_pythia_bf16"]),
+    (90, ["qk_stats_softcap_sliding_d256_bf16", "qk_stats_d192_bf16", "qk_stats_sinks_sliding_d64_bf16"]),
+    (90, ["qk_stats_chunked_d128_bf16"]),
+]
 
 
 def _compile(python: str, arch: int, names: list[str], env: dict[str, str] | None = None) -> list[dict]:
@@ -48,7 +54,7 @@ def _compile(python: str, arch: int, names: list[str], env: dict[str, str] | Non
     return rows
 
 
-@pytest.mark.parametrize("arch, names", INSTALLED, ids=[f"sm{a}" for a, _ in INSTALLED])
+@pytest.mark.parametrize("arch, names", INSTALLED, ids=[f"sm{a}-{i}" for i, (a, _) in enumerate(INSTALLED)])
 def test_kernels_compile_with_installed_triton(arch, names):
     _compile(sys.executable, arch, names)
 
@@ -99,7 +105,7 @@ def _side_env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("arch, names", SIDE, ids=[f"sm{a}" for a, _ in SIDE])
+@pytest.mark.parametrize("arch, names", SIDE, ids=[f"sm{a}-{i}" for i, (a, _) in enumerate(SIDE)])
 def test_kernels_compile_with_gpu_image_triton(arch, names):
     env = _side_env()
     rows = _compile(env["ATTNSCOPE_SIDE_PYTHON"], arch, names, env)

@@ -60,6 +60,43 @@ def test_qk_stats_matches_reference(kdev, B, H, Hkv, L, D, window, padded, bm, b
         assert_verbose_allclose(out[name], cpu[name], atol=1e-5, rtol=1e-5, name=f"triton vs torch {name}")
 
 
+# (batch, heads, kv heads, L, d_head, window, chunk, padded, block_m, block_n, softcap, sinks, forward lse): the
+# attention other architectures define, through masked and off-band tiles
+MODEL_DEFINED = [
+    (2, 2, 1, 70, 24, 9, None, True, 16, 16, 3.0, False, False),  # softcap + sliding window (Gemma-2), d_head 24
+    (1, 2, 2, 130, 64, 60, None, False, 16, 16, None, True, False),  # sinks + window (gpt-oss), off-band tiles
+    (2, 3, 1, 75, 32, None, 8, True, 16, 16, None, False, False),  # chunks shorter than a tile (Llama-4), padding
+    (1, 2, 1, 150, 16, None, 48, False, 16, 16, 2.0, True, False),  # chunks over several tiles, softcap + sinks
+    (1, 2, 1, 60, 16, None, 40, True, 16, 16, 2.0, True, True),  # the same with the forward's lse
+    (2, 2, 2, 50, 48, 12, None, True, 16, 32, None, True, True),  # sinks with the forward's lse, d_head 48
+]
+
+
+@pytest.mark.parametrize("B, H, Hkv, L, D, window, chunk, padded, bm, bn, softcap, sinks, with_lse", MODEL_DEFINED)
+def test_qk_stats_model_defined_attention(
+    kdev, B, H, Hkv, L, D, window, chunk, padded, bm, bn, softcap, sinks, with_lse
+):
+    from attnscope.kernels.contract import ScoreMod
+    from attnscope.kernels.qk_stats import qk_stats
+
+    q, k, ranges = attn_inputs(B, H, Hkv, L, D, None, padded, scale=3.0)
+    ranges = ranges.with_window(window, chunk)
+    sink_logits = torch.randn(H) * 2 + (2.0 if softcap else 6.0) if sinks else None
+    spec = AttnStatsSpec(bins=64, thumb_size=8)
+    scaling = 0.3
+    tokens = random_tokens(B, L)
+    lse = masked_lse(q, k, scaling, ranges, softcap, sink_logits).to(kdev) if with_lse else None
+    mod = ScoreMod(softcap, sink_logits.to(kdev) if sinks else None)
+    out = qk_stats(
+        q.to(kdev), k.to(kdev), scaling, ranges, spec, bm, bn, poison=True, tokens=tokens.to(kdev), lse=lse, mod=mod
+    )
+    out = {n: v.cpu() for n, v in out.items()}
+    ref = attn_stats_ref(q, k, scaling, ranges, spec, tokens=tokens, softcap=softcap, sinks=sink_logits)
+    check_attn_stats(out, ref, spec, q, k, scaling, ranges, name="triton ", softcap=softcap, sinks=sink_logits,
+                     mom_rtol=1e-5 if with_lse else 1e-6)  # fmt: skip
+    assert bool(ref["learned_sink"].amax() > 0.2) == sinks  # the sinks take a visible share, or none
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_qk_stats_low_precision(kdev, dtype):
     from attnscope.kernels.qk_stats import qk_stats
@@ -197,11 +234,13 @@ def test_qk_stats_with_lse_from_the_forward(kdev, B, H, Hkv, L, D, window, padde
     out = {n: v.cpu() for n, v in out.items()}
     ref = attn_stats_ref(q, k, scaling, ranges, spec, tokens=tokens)
     check_attn_stats(out, ref, spec, q, k, scaling, ranges, name="triton with lse ")
-    # the kernel really uses the lse it is given: a shifted one scales every p by exp(-0.5)
+    # the kernel really uses the lse it is given: a shifted one scales every p by exp(-0.5), which the attention
+    # received shows (the row statistics divide by each row's sum, so they stay exact whatever the lse's rounding)
     off = qk_stats(q.to(kdev), k.to(kdev), scaling, ranges, spec, lse=(lse + 0.5).to(kdev), **kw)
-    rows = ranges.allowed(L).any(-1).expand(B, H, L) & (ref["diag"] > 1e-30)  # [B, H, L] rows with keys
-    ratio = off["diag"].cpu()[rows] / ref["diag"].float()[rows]
+    keys = ref["recv_sum"] > 1e-30  # [B, H, L] keys that receive attention
+    ratio = off["recv_sum"].cpu()[keys] / ref["recv_sum"].float()[keys]
     assert torch.allclose(ratio, torch.full_like(ratio, torch.exp(torch.tensor(-0.5)).item()), rtol=1e-4)
+    assert_verbose_allclose(off["diag"], ref["diag"], atol=1e-5, rtol=1e-5, name="row statistics of p / sum p")
 
 
 # -- the configurations the profiler launches: the launcher's own tiles (64 x 32, 64 x 16 for fp32, 8 warps), the
