@@ -46,8 +46,10 @@ def head_summary(prof) -> dict[str, np.ndarray]:
     for col, (stat, _) in HEAD_SUMMARY.items():
         if stat is DIST:  # [Ly, H] from the [Ly, H, N_DIST_BUCKETS] buckets
             out[col] = mean_distance(prof.arrays[DIST.key])
-        else:
+        elif stat.name in m:
             out[col] = m[stat.name]
+        else:  # a vector newer than the profile (learned_sink: no model profiled before it had learned sinks)
+            out[col] = np.zeros((prof.n_layers, prof.n_heads))
     return {name: np.asarray(v, dtype=np.float64) for name, v in out.items()}
 
 
