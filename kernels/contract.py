@@ -189,10 +189,6 @@ class ScoreMod:
         if self.sinks is not None and (self.sinks.ndim != 1 or not self.sinks.dtype.is_floating_point):
             raise ValueError(f"sinks must be a 1-D float tensor [H], got {tuple(self.sinks.shape)} {self.sinks.dtype}")
 
-    @property
-    def is_plain(self) -> bool:
-        return self.softcap is None and self.sinks is None
-
     def cap(self, s: torch.Tensor) -> torch.Tensor:
         """The scores as the model's softmax sees them (in place when softcapping)."""
         if self.softcap is None:

@@ -294,8 +294,8 @@ def _attn_stats_fused(
     # (not through a softcap: tanh comes between the matmul and the lse)
     qs = q.float() * scaling  # [B, H, L, D]
     kf = k.float()  # [B, Hkv, L, D]
-    real = (torch.arange(L)[None, :] >= start[:, None]) & (torch.arange(L)[None, :] < end[:, None])  # [B, L]
     if lse is not None:
+        real = (torch.arange(L)[None, :] >= start[:, None]) & (torch.arange(L)[None, :] < end[:, None])  # [B, L]
         lse = torch.where(real[:, None], lse, 0.0)  # [B, H, L]; rows without keys: unused, not NaN
     fold_lse = lse is not None and mod.softcap is None
     if fold_lse:
