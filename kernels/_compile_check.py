@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -103,6 +104,20 @@ def _down_proj(d_ff: int, d_model: int, dtype: str, top_k: int = 8):
     return _spec(dp._down_proj_act_norm_kernel, pointers, (), constexprs, {"num_warps": warps, "num_stages": 2})
 
 
+def _vocab(dtype: str, softcap: bool = False, bias: bool = True):
+    """The logit-lens vocabulary kernel with its launcher's default tiles."""
+    pkg = _kernels_pkg()
+    vs = importlib.import_module(pkg.__name__ + ".vocab_stats")
+    dt = _DT[dtype]
+    pointers = {n: "fp32" for n in ("M", "ZS", "A", "BEST", "ZT")}
+    pointers.update(BEST_ID="i64", ABOVE="i32", H=dt, W=dt, BIAS=dt, TARGET="i64")
+    d = {k: p.default for k, p in inspect.signature(vs.vocab_stats_triton).parameters.items()}
+    tiles = dict(BLOCK_T=d["block_t"], BLOCK_V=d["block_v"], BLOCK_D=d["block_d"])
+    constexprs = dict(HAS_BIAS=bias, SOFTCAP=softcap, IEEE=dt == "fp32", UPCAST=False, **tiles)
+    options = {"num_warps": d["num_warps"]}
+    return _spec(vs._vocab_stats_online_kernel, pointers, ("cap_in", "cap_out"), constexprs, options)
+
+
 # name -> (builder, kwargs): the launchers' own configurations at the shapes that matter (Pythia-2.8B: d_head 80,
 # bf16; Llama-style d_head 64 and 128; the fp32 path of the tests). The length is a runtime argument of the kernels:
 # one compile serves every length.
@@ -127,6 +142,8 @@ CONFIGS = {
         dict(head_dim=64, dtype="bfloat16", seq_len=2048, kind=1, sinks=True),
     ),
     "qk_stats_chunked_d128_bf16": (_qk_stats, dict(head_dim=128, dtype="bfloat16", seq_len=2048, kind=2)),
+    "vocab_stats_bf16": (_vocab, dict(dtype="bfloat16")),
+    "vocab_stats_softcap_bf16": (_vocab, dict(dtype="bfloat16", softcap=True)),  # Gemma-2's final softcapping
     "down_proj_pythia_bf16": (_down_proj, dict(d_ff=10240, d_model=2560, dtype="bfloat16")),
     "down_proj_smollm2_fp32": (_down_proj, dict(d_ff=1536, d_model=576, dtype="float32")),
 }

@@ -233,8 +233,10 @@ def vocab_stats_ref(
     target: torch.Tensor,  # [T] int64 token that comes next (-1: none)
     bias: torch.Tensor | None = None,  # [V]
     upcast: bool = True,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The next-token distribution softmax(h W^T + b) of each row, reduced to a few numbers (the logit lens).
+    """The next-token distribution softmax(z) of each row, z = h W^T + b (softcap * tanh(z / softcap) with a final
+    logit softcapping, as Gemma-2), reduced to a few numbers (the logit lens).
 
     Returns:
         ``lse`` [T] (log-sum-exp of the logits), ``entropy`` [T] (nats), ``top_id`` [T] int64 and ``top_prob`` [T]
@@ -245,6 +247,8 @@ def vocab_stats_ref(
     logits = h.to(dt) @ weight.to(dt).T  # [T, V]
     if bias is not None:
         logits = logits + bias.to(dt)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logp = torch.log_softmax(logits, dim=-1)  # [T, V]
     top_logp, top_id = logp.max(dim=-1)
     has = target >= 0

@@ -28,13 +28,19 @@ def validate_vocab_inputs(
 
 
 def target_logits(
-    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """z_target [T] float32 (0 where target is -1): one dot product per row."""
+    """z_target [T] float32 (0 where target is -1): one dot product per row (softcapped as the logits are)."""
     t = target.clamp_min(0)
     z = torch.linalg.vecdot(h.float(), weight[t].float())  # [T]
     if bias is not None:
         z = z + bias[t].float()
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
     return torch.where(target >= 0, z, 0.0)
 
 
@@ -44,8 +50,10 @@ def vocab_stats_torch(
     target: torch.Tensor,  # [T] int64, -1: none
     bias: torch.Tensor | None = None,  # [V]
     chunk: int = 2048,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Outputs as ``reference.vocab_stats_ref``; memory O(T x chunk), logits in float32.
+    """Outputs as ``reference.vocab_stats_ref`` (``softcap``: the final logit softcapping); memory O(T x chunk),
+    logits in float32.
 
     Per chunk of the vocabulary: one matmul, then the logits are reduced in place (max, shift, exp into a reused
     buffer, two row sums); the rank of the target is counted only for rows that have one.
@@ -54,7 +62,7 @@ def vocab_stats_torch(
     T, V = h.shape[0], weight.shape[0]
     dev = h.device
     hf = h.float()
-    z_t = target_logits(h, weight, target, bias)  # [T]
+    z_t = target_logits(h, weight, target, bias, softcap)  # [T]
     ranked = bool((target >= 0).any())
     m = torch.full((T,), float("-inf"), device=dev)
     zs = torch.zeros(T, device=dev)  # sum exp(z - m)
@@ -69,6 +77,8 @@ def vocab_stats_torch(
         z = hf @ weight[v0:v1].float().T  # [T, Vc]
         if bias is not None:
             z += bias[v0:v1].float()
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
         # -- top-1: a strictly larger chunk maximum replaces the earlier one (first index on ties) --
         cmax, carg = z.max(dim=-1)  # [T]
         take = cmax > best

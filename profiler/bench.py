@@ -217,7 +217,7 @@ def _child(spec: dict) -> dict:
     if cuda:
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     if mode == "forward":  # the geometry, for the eager prediction and the results file
-        from attnscope.profiler.hooks import model_geometry
+        from attnscope.profiler.blocks import model_geometry
 
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         out["model"] = model_geometry(model) | {

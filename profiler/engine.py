@@ -10,6 +10,7 @@ import json
 import platform
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,16 +42,26 @@ from attnscope.kernels.stats import (
 )
 
 from .accum import ACCUM, Accumulator
+from .blocks import base_model
 from .columns import LENS_TOP_ID, LOGIT_ENTROPY, MLP_TOKEN_ARRAYS, TOKEN_IDS, token_columns
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
 from .data import ATTN_VECTORS, SCHEMA_VERSION, mean_distance
-from .hooks import capture, model_geometry
+from .hooks import AttentionCall, CaptureInfo, as_tokens, capture
 from .lens import LensCollector, next_token_entropy, residual_hooks
 from .memories import top_contexts
+from .probe import describe_layers
 from .store import Shard
 
-__all__ = ["BatchStats", "Engine", "config_digest", "release_freed_memory", "weights_digest"]
+__all__ = [
+    "BatchStats",
+    "Engine",
+    "call_stats",
+    "config_digest",
+    "moe_block_stats",
+    "release_freed_memory",
+    "weights_digest",
+]
 
 # the accumulators one forward pass fills directly (the others are folded from its vectors and down_proj statistics)
 _BATCH_SUMS = (HIST_ALL_ACC, HIST_LOG_ACC, MOMENTS_ACC, THUMB_REL, THUMB_REL_COUNT)
@@ -71,6 +82,37 @@ class BatchStats:
     mlp: dict = field(default_factory=dict)  # layer -> down_proj statistics of the batch's real tokens, row-major
     entropy: np.ndarray | None = None  # [T_batch] next-token entropy of the real tokens, row-major
     lens: dict | None = None  # logit-lens field -> [Ly, T_batch]
+
+
+def call_stats(call: AttentionCall, ranges: KeyRanges, spec, impl: str, block_q: int, tokens=None) -> dict:
+    """``attn_stats`` of one captured attention layer: the layer's window or chunks on the batch's key ranges, the
+    module's scaling, softcapping and learned sinks (with the kernel's lse where the call has one)."""
+    return attn_stats(
+        call.query.detach(),
+        call.key.detach(),
+        call.scaling,
+        ranges.with_window(call.window, call.chunk),
+        spec,
+        impl,
+        block_q,
+        tokens=tokens,
+        lse=call.lse,
+        softcap=call.softcap,
+        sinks=call.sinks,
+    )
+
+
+def moe_block_stats(y: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """The per-token MLP statistics of a mixture-of-experts block from its output y [T, d_model]: its norm; the
+    neuron statistics (input norm, top neurons) have no single neuron space here and are NaN / -1."""
+    T = y.shape[0]
+    nan = torch.full((T,), float("nan"), device=y.device)
+    return {
+        "in_norm": nan,
+        "out_norm": torch.linalg.vector_norm(y.float(), dim=-1),
+        "topk_idx": torch.full((T, top_k), -1, dtype=torch.int32, device=y.device),
+        "topk_val": torch.full((T, top_k), float("nan"), device=y.device),
+    }
 
 
 def _digest(obj) -> str:
@@ -122,7 +164,10 @@ class Engine:
 
     def __init__(self, model, tokenizer, cfg: ProfileConfig):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
-        self.geom = model_geometry(model)
+        self.layers = describe_layers(model)  # raises UnsupportedModelError before any work
+        self.geom = self.layers["geometry"]
+        self._noted: set[str] = set()
+        self._note(self.layers["notes"])
         self.Ly, self.H = self.geom["n_layers"], self.geom["n_heads"]
         for layer, head in cfg.keep_full:
             if not (0 <= layer < self.Ly and 0 <= head < self.H):
@@ -132,7 +177,7 @@ class Engine:
         self.device = next(model.parameters()).device
         t = tokenizer
         self.pad_id = t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0)
-        self.base = model.base_model
+        self.base = base_model(model)
         self.vectors = ATTN_VECTORS
         spec = cfg.spec
         self.dims = {"Ly": self.Ly, "H": self.H, "bins": spec.bins, "R": spec.thumb_size, "V": len(VECTORS)}
@@ -217,11 +262,9 @@ class Engine:
             cells.append((rp, rel[:, None], rel[None, :]))
             r.sums[THUMB_REL_COUNT.key][rel[:, None], rel[None, :]] += 1
 
-        def on_attention(layer, q, k, scaling, window, lse=None):
-            rr = ranges.with_window(window)
-            st = attn_stats(
-                q.detach(), k.detach(), scaling, rr, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids, lse=lse
-            )
+        def on_attention(call: AttentionCall):
+            layer, q, k = call.layer, call.query, call.key
+            st = call_stats(call, ranges, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids)
             for stat in (HIST_ALL, HIST_LOG, MOMENTS):
                 r.sums.fold(ACCUM[stat.key], st[stat.name].cpu().numpy(), at=layer)
             r.dist[layer] = st[DIST.name].cpu().numpy()
@@ -238,14 +281,29 @@ class Engine:
             for lyr, head in cfg.keep_full:
                 if lyr == layer:
                     kv = head // (H // k.shape[1])
-                    p = attention_probs_ref(q[:, head : head + 1], k[:, kv : kv + 1], scaling, rr, upcast=False)
+                    rr = ranges.with_window(call.window, call.chunk)
+                    sink = None if call.sinks is None else call.sinks[head : head + 1]
+                    p = attention_probs_ref(
+                        q[:, head : head + 1],
+                        k[:, kv : kv + 1],
+                        call.scaling,
+                        rr,
+                        upcast=False,
+                        softcap=call.softcap,
+                        sinks=sink,
+                    )
                     for b in range(B):
                         L = int(lengths[b])
                         r.full[(b, layer, head)] = p[b, 0, :L, :L].float().cpu().numpy()
 
         sel = mask.bool().to(self.device)
 
-        def on_down_proj(layer, x, y):
+        def on_mlp(layer, x, y):
+            x, y = as_tokens(x, sel), as_tokens(y, sel)
+            if x is None:  # a mixture-of-experts block: its output only
+                st = moe_block_stats(y.detach()[sel], cfg.top_k)
+                r.mlp[layer] = {name: t.cpu().numpy() for name, t in st.items()}
+                return
             xs = x.detach()[sel]  # [T_batch, d_ff]
             st = down_proj_stats(xs, y.detach()[sel], cfg.top_k, cfg.impl, contexts=cfg.neuron_contexts)
             if cfg.neuron_contexts and "ctx_value" not in st:  # this batch's candidates for the top-k per neuron
@@ -255,10 +313,11 @@ class Engine:
         lens = LensCollector(self.model, dev_ids, mask.to(self.device), cfg.impl) if cfg.logit_lens else None
         with (
             torch.no_grad(),
-            capture(self.model, on_attention, on_down_proj),
+            capture(self.model, on_attention, on_mlp) as info,
             residual_hooks(self.model, lens.on_layer) if lens else contextlib.nullcontext(),
         ):
             hidden = self.base(input_ids=dev_ids, attention_mask=mask.to(self.device), use_cache=False)[0]
+            self._check_layers(info)
             # real tokens only; the vocabulary is reduced a chunk at a time, never [batch, L, vocab] logits
             if lens is not None:  # the last layer's lens is the model's own distribution: one reduction serves both
                 r.lens = {f: t.numpy() for f, t in lens.finish().items()}
@@ -302,6 +361,15 @@ class Engine:
             lens_vocab=self._vocab(out.per_token[LENS_TOP_ID]) if cfg.logit_lens else None,
         )
 
+    def _note(self, notes) -> None:
+        """Say each new backend note once (``meta["attention_notes"]`` records the probe's)."""
+        for note in sorted(set(notes) - self._noted):
+            warnings.warn(f"attnscope: {note}", stacklevel=3)
+            self._noted.add(note)
+
+    def _check_layers(self, info: CaptureInfo) -> None:
+        self._note(info.notes)
+
     def _vocab(self, ids: np.ndarray) -> dict[int, str]:
         """The decoded text of each distinct token id in ``ids``."""
         u = np.unique(ids)
@@ -320,6 +388,8 @@ class Engine:
             "stats_dtype": "float32",
             "device": str(self.device),
             "attn_implementation": model.config._attn_implementation,
+            "layers": self.layers["layers"],
+            "attention_notes": self.layers["notes"],
             "tokenizer": {
                 "class": type(self.tok).__name__,
                 "name_or_path": getattr(self.tok, "name_or_path", None),
@@ -403,6 +473,8 @@ class _ShardBuffers:
             st = r.mlp[layer]
             for key in MLP_TOKEN_ARRAYS:
                 out[key][layer, where] = st[key.removeprefix("mlp.")]
+            if "neuron_max" not in st:  # a mixture-of-experts block: no neuron statistics
+                continue
             mx = st["neuron_max"].astype(np.float32)
             dims = self.dims | {"F": mx.shape[0], "k": self.cfg.neuron_contexts}
             acc.allocate(dims, NEURON_MAX, NEURON_SUM, NEURON_SUMSQ)

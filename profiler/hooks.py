@@ -1,9 +1,19 @@
-"""Capture post-rotary q/k of every attention layer and the down_proj input/output, without changing the output.
+"""Capture post-rotary q/k of every attention layer and each MLP block's input/output, without changing the output.
 
 A transformers attention implementation named ``"attnscope"`` is registered with ``AttentionInterface``. While a
 ``capture`` context is active the model's config points to it; it runs the model's own backend (sdpa, eager,
-flash, ...) for the real output, then hands ``query``/``key`` (GQA keys un-repeated), the module's ``scaling``,
-its sliding window and the attention's log-sum-exp (when the backend gives one, else None) to a callback.
+flash, ...) for the real output, then hands an ``AttentionCall`` to a callback: ``query``/``key`` (GQA keys
+un-repeated) and what the module itself passes to the interface (``scaling``, ``softcap``, learned sinks
+``s_aux``), the layer's mask kind (full causal, a sliding window, chunks) and the attention's log-sum-exp (when the
+backend gives one, else None). Any model whose attention modules call the interface is captured: nothing here
+lists model types (``blocks`` finds the layers and MLP blocks by structure).
+
+The layer's mask kind comes from the mask itself: the mask function registered under the same name (below) sees
+the ``mask_function`` transformers composed for each mask it builds (causal, sliding-window or chunked overlay),
+classifies it by evaluating it on a small grid of positions, and remembers which mask object is which; the
+attention call looks its mask up. A mask the model did not build through ``masking_utils`` cannot be classified:
+the call raises ``UnsupportedModelError``. Where the backend running the model computes something other than the
+model's eager code (``sdpa`` ignores learned sinks), the capture notes it once (``CaptureInfo.notes``).
 
 The log-sum-exp comes from the attention the model runs anyway. With the ``sdpa`` backend, while a capture context
 is open, ``torch.nn.functional.scaled_dot_product_attention`` is stood in for by a function (installed once by the
@@ -33,48 +43,74 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
-import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .blocks import UnsupportedModelError, check_capturable, mlp_blocks
+
 __all__ = [
     "SDP_BACKENDS",
-    "SUPPORTED_MODEL_TYPES",
+    "AttentionCall",
+    "CaptureInfo",
     "UnsupportedModelError",
+    "as_tokens",
     "capture",
     "down_proj_modules",
     "lse_op",
     "lse_sources",
-    "model_geometry",
     "normalise_lse",
     "sdpa_backend",
 ]
 
 IMPL_NAME = "attnscope"
 
-# model_type -> name of the MLP down-projection module inside a block (TransformerLens: blocks.{L}.mlp.hook_post)
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "mlp.down_proj",
-    "mistral": "mlp.down_proj",
-    "qwen2": "mlp.down_proj",
-    "qwen3": "mlp.down_proj",
-    "gpt_neox": "mlp.dense_4h_to_h",
-    "gpt2": "mlp.c_proj",
-}
+
+@dataclass
+class AttentionCall:
+    """One attention layer's call, as the model made it (what ``capture``'s ``on_attention`` receives).
+
+    Attributes:
+        layer: the module's ``layer_idx``.
+        query: [B, H, L, D] post-rotary queries; key: [B, H_kv, L, D] keys (GQA keys not repeated).
+        scaling: the module's own score scale (1/sqrt(D) where it passes none).
+        window: the layer's sliding window (a query sees itself and window - 1 keys before it), or None.
+        chunk: the layer's chunk size (chunked attention: the keys of the query's own chunk), or None.
+        softcap: attention-logit softcapping (s' = c tanh(s / c)), or None.
+        sinks: [H] learned sink logits in the softmax's denominator, or None.
+        lse: [B, H, L] float32 log-sum-exp of each row from the model's own kernel, or None (then the statistics
+            compute it; always None with softcapping or sinks).
+    """
+
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    scaling: float
+    window: int | None = None
+    chunk: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
 
 
-class UnsupportedModelError(ValueError):
-    """The model's architecture is not one attnscope knows how to capture."""
+@dataclass
+class CaptureInfo:
+    """What a ``capture`` context saw: the attention layers that ran (``layers``: layer -> (window, chunk)) and
+    where the backend's attention differs from the model's eager code (``notes``, one line each)."""
+
+    layers: dict = field(default_factory=dict)
+    notes: set = field(default_factory=set)
 
 
 @dataclass
 class _Session:
     original: str  # the model's own attention implementation
-    on_attention: Callable[..., None]  # (module, query, key, scaling, sliding_window, lse)
+    on_attention: Callable[[torch.nn.Module, AttentionCall], None]
+    info: CaptureInfo
+    masks: dict = field(default_factory=dict)  # id(mask) -> (mask, window, chunk); None: ambiguous
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("attnscope_capture", default=None)
@@ -90,41 +126,9 @@ SDP_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overridea
 _FLASH, _EFFICIENT, _CUDNN = 1, 2, 3
 
 
-def model_geometry(model: torch.nn.Module) -> dict:
-    """Layers, heads, KV heads and head size of a supported model; raises ``UnsupportedModelError`` otherwise."""
-    cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"unsupported architecture {model_type!r}: attnscope supports {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    n_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
-    n_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return {
-        "model_type": model_type,
-        "n_layers": int(n_layers),
-        "n_heads": int(n_heads),
-        "n_kv_heads": int(n_kv),
-        "head_dim": int(head_dim),
-        "max_positions": int(n_pos) if n_pos else None,
-    }
-
-
 def down_proj_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Layer index -> the MLP down-projection module of that layer."""
-    suffix = SUPPORTED_MODEL_TYPES[model_geometry(model)["model_type"]]
-    found: dict[int, torch.nn.Module] = {}
-    pattern = re.compile(r"(?:^|\.)(\d+)\." + re.escape(suffix) + r"$")
-    for name, module in model.named_modules():
-        m = pattern.search(name)
-        if m:
-            found[int(m.group(1))] = module
-    return found
+    """Layer index -> the down projection of that layer's dense MLP (MoE layers are absent)."""
+    return {i: b.down for i, b in mlp_blocks(model).items() if b.down is not None}
 
 
 def _original_attention(module: torch.nn.Module, name: str) -> Callable:
@@ -257,8 +261,81 @@ def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    session.on_attention(module, query, key, float(scaling), kwargs.get("sliding_window"), lse)
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and session.original == "sdpa":
+        session.info.notes.add(
+            "the sdpa backend leaves out the learned attention sinks (s_aux) the model's eager attention has: the "
+            "statistics are of the eager attention, the model's output is sdpa's"
+        )
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise UnsupportedModelError(f"attention module {type(module).__name__} has no layer_idx")
+    window, chunk = _layer_kind(session, attention_mask, kwargs.get("sliding_window"), int(layer))
+    if softcap is not None or sinks is not None:
+        lse = None  # the kernel's lse need not be of the capped scores or count the sinks
+    call = AttentionCall(
+        int(layer),
+        query,
+        key,
+        float(scaling),
+        window,
+        chunk,
+        None if softcap is None else float(softcap),
+        None if sinks is None else sinks.detach(),
+        lse,
+    )
+    session.info.layers[call.layer] = (window, chunk)
+    session.on_attention(module, call)
     return out
+
+
+def _layer_kind(session: _Session, mask, sliding_window, layer: int) -> tuple[int | None, int | None]:
+    """(window, chunk) of the layer whose attention got ``mask``, from the mask function it was built with."""
+    if mask is None:
+        if session.original in ("sdpa", "eager"):  # ``is_causal``: skipped only where plain causal attention is exact
+            return None, None
+        return (int(sliding_window) if sliding_window else None), None  # flash backends: the window argument
+    got = session.masks.get(id(mask), False)
+    if got is None or (got is False and mask.dim() == 2):  # a flash backend's padding mask: its window argument
+        return (int(sliding_window) if sliding_window else None), None
+    if got is False:
+        raise UnsupportedModelError(
+            f"layer {layer}'s attention mask was not built by transformers' masking_utils, so its kind (causal, "
+            "sliding, chunked) is unknown"
+        )
+    if got[1] == "other":
+        raise UnsupportedModelError(
+            f"layer {layer}'s attention mask is neither causal, sliding-window nor chunked (a mask_function "
+            "attnscope cannot express as two integers per row)"
+        )
+    return got[1], got[2]
+
+
+def classify_mask_function(mask_function: Callable, local_size: int | None) -> tuple:
+    """``("full", None, None)``, ``("sliding", window, None)``, ``("chunked", None, chunk)`` or ``("other", ...)``:
+    the pattern of a transformers mask function (``masking_utils``: batch, head, query and key index -> allowed),
+    found by evaluating it on the rows where the patterns differ (keys 0 .. 2 local_size + 2) against each
+    pattern's definition."""
+    w = int(local_size or 4)
+    n = 2 * w + 3
+    kv = torch.arange(n)
+    q = torch.tensor(sorted({0, 1, w - 1, w, w + 1, 2 * w - 1, 2 * w, 2 * w + 1, 2 * w + 2}))  # where patterns differ
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        got = mask_function(zero, zero, q[:, None], kv[None, :])
+        got = torch.as_tensor(got, dtype=torch.bool).expand(len(q), n)
+    except Exception:  # a mask function over other indices than positions
+        return "other", None, None
+    causal = kv[None, :] <= q[:, None]
+    if torch.equal(got, causal):
+        return "full", None, None
+    if local_size:
+        if torch.equal(got, causal & (kv[None, :] > q[:, None] - w)):
+            return "sliding", w, None
+        if torch.equal(got, causal & (kv[None, :] // w == q[:, None] // w)):
+            return "chunked", None, w
+    return "other", None, None
 
 
 def _attnscope_mask(*args, **kwargs):
@@ -267,7 +344,16 @@ def _attnscope_mask(*args, **kwargs):
     session = _ACTIVE.get()
     original = session.original if session is not None else "sdpa"
     fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return fn(*args, **kwargs)
+    mask = fn(*args, **kwargs)
+    if session is not None and isinstance(mask, torch.Tensor) and "mask_function" in kwargs:
+        kind, window, chunk = classify_mask_function(kwargs["mask_function"], kwargs.get("local_size"))
+        key = id(mask)
+        entry = (mask, kind if kind == "other" else window, chunk)
+        old = session.masks.get(key)
+        if old is not None and old[0] is mask and old[1:] != entry[1:]:
+            entry = None  # one mask object stands for two kinds (a flash backend's padding mask)
+        session.masks[key] = entry  # the entry holds the mask: its id is not reused while the session lives
+    return mask
 
 
 _PATCH_LOCK = threading.Lock()
@@ -307,43 +393,41 @@ def _register() -> None:
 @contextlib.contextmanager
 def capture(
     model: torch.nn.Module,
-    on_attention: Callable[[int, torch.Tensor, torch.Tensor, float, int | None, torch.Tensor | None], None],
-    on_down_proj: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-) -> Iterator[None]:
+    on_attention: Callable[[AttentionCall], None],
+    on_mlp: Callable[[int, torch.Tensor | None, torch.Tensor], None] | None = None,
+) -> Iterator[CaptureInfo]:
     """Route every attention layer of ``model`` through attnscope while the context is open.
 
     Args:
-        model: a supported Hugging Face causal LM (see ``SUPPORTED_MODEL_TYPES``).
-        on_attention: called as ``(layer, query [B, H, L, D], key [B, H_kv, L, D], scaling, sliding_window, lse)``
-            after the layer computed its real output; ``lse`` [B, H, L] float32 is the natural-log log-sum-exp of
-            each row from the model's own attention kernel, or None where that kernel gives none (see above).
-        on_down_proj: called as ``(layer, x [B, L, d_ff], y [B, L, d_model])`` for each MLP down-projection.
+        model: a Hugging Face causal LM whose attention modules call transformers' attention interface
+            (``blocks.check_capturable`` raises ``UnsupportedModelError`` for any other, before any work).
+        on_attention: called with an ``AttentionCall`` after each attention layer computed its real output.
+        on_mlp: called as ``(layer, x, y)`` for each MLP block: a dense block's down projection input
+            x [B, L, d_ff] (the neuron activations) and output y [B, L, d_model] (the block's output); a
+            mixture-of-experts block's output y [B, L, d_model] with x None.
 
-    The model's own attention implementation and every hook are restored in ``finally``, also on error.
+    Yields a ``CaptureInfo`` that fills as the model runs. The model's own attention implementation and every
+    hook are restored in ``finally``, also on error.
     """
-    model_geometry(model)  # raises for unsupported architectures
+    check_capturable(model)
     _register()
     config = model.config
     original = config._attn_implementation or "eager"
     if original == IMPL_NAME:
         raise RuntimeError("capture() contexts cannot be nested on the same model")
-
-    def attention_cb(module, q, k, scaling, window, lse):
-        layer = getattr(module, "layer_idx", None)
-        if layer is None:
-            raise UnsupportedModelError(f"attention module {type(module).__name__} has no layer_idx")
-        on_attention(int(layer), q, k, scaling, window, lse)
-
+    info = CaptureInfo()
     handles = []
     stand_in = _sdpa_stand_in() if original == "sdpa" else contextlib.nullcontext()
-    token = _ACTIVE.set(_Session(original=original, on_attention=attention_cb))
+    token = _ACTIVE.set(_Session(original=original, on_attention=lambda module, call: on_attention(call), info=info))
     try:
         with stand_in:
-            if on_down_proj is not None:
-                for layer, module in down_proj_modules(model).items():
-                    handles.append(module.register_forward_hook(_down_proj_hook(layer, on_down_proj)))
+            if on_mlp is not None:
+                for layer, block in mlp_blocks(model).items():
+                    hooked = block.down if block.down is not None else block.module
+                    hook = _mlp_hook(layer, block.down is not None, on_mlp)
+                    handles.append(hooked.register_forward_hook(hook, with_kwargs=True))
             config._attn_implementation = IMPL_NAME
-            yield
+            yield info
     finally:
         config._attn_implementation = original
         for h in handles:
@@ -351,8 +435,22 @@ def capture(
         _ACTIVE.reset(token)
 
 
-def _down_proj_hook(layer: int, fn: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Callable:
-    def hook(module, args, output):
-        fn(layer, args[0], output)
+def _mlp_hook(layer: int, dense: bool, fn: Callable) -> Callable:
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if dense:
+            fn(layer, x, output)
+            return
+        y = output[0] if isinstance(output, tuple) else output
+        if x is not None and y.dim() == 2 and x.dim() == 3:  # blocks that return [B * L, d] (Llama-4)
+            y = y.reshape(x.shape)
+        fn(layer, None, y)
 
     return hook
+
+
+def as_tokens(x: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """An MLP tensor as [B, L, d] for a batch's [B, L] mask (OPT's MLP works on [B * L, d])."""
+    if x is None or x.dim() == 3:
+        return x
+    return x.reshape(*mask.shape, x.shape[-1])

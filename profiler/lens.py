@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .blocks import decoder_layers, final_norm, logit_transform
 from .columns import LENS_ARRAYS
-from .hooks import model_geometry
 
 __all__ = [
     "LENS_FIELDS",
@@ -31,22 +31,10 @@ __all__ = [
 # what the lens computes per layer and token, as the run stores it (``columns.LENS_COLUMNS``)
 LENS_FIELDS = tuple(key.removeprefix("lens.") for key in LENS_ARRAYS)
 
-# model_type -> (decoder layer list, final norm), as attributes of the base model
-_MODULES = {
-    "llama": ("layers", "norm"),
-    "mistral": ("layers", "norm"),
-    "qwen2": ("layers", "norm"),
-    "qwen3": ("layers", "norm"),
-    "gpt_neox": ("layers", "final_layer_norm"),
-    "gpt2": ("h", "ln_f"),
-}
-
 
 def lens_modules(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module, torch.nn.Module]:
-    """(decoder layers, final norm, unembedding) of a supported model."""
-    layers_name, norm_name = _MODULES[model_geometry(model)["model_type"]]
-    base = model.base_model
-    return getattr(base, layers_name), getattr(base, norm_name), model.get_output_embeddings()
+    """(decoder layers, final norm, unembedding) of a model, found by structure (``blocks``)."""
+    return decoder_layers(model), final_norm(model), model.get_output_embeddings()
 
 
 def vocab_stats(
@@ -56,17 +44,23 @@ def vocab_stats(
     bias: torch.Tensor | None = None,
     impl: str = "auto",
     budget: int = 1 << 22,  # logits per chunk: 16 MB of float32 per temporary
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``kernels.vocab_stats`` on CUDA (Triton) or the CPU (torch, vocabulary chunks of at most ``budget`` logits)."""
+    """``kernels.vocab_stats`` on CUDA (Triton) or the CPU (torch, vocabulary chunks of at most ``budget`` logits),
+    of the logits the model outputs: softcap * tanh(scale * z / softcap) (``blocks.logit_transform``)."""
+    if scale != 1.0:  # scale * (h W^T + b) = (scale h) W^T + scale b
+        h = h * scale
+        bias = None if bias is None else bias * scale
     use_triton = impl == "triton" or (impl == "auto" and h.is_cuda)
     if use_triton:
         from attnscope.kernels.vocab_stats import vocab_stats_triton
 
-        return vocab_stats_triton(h, weight.to(h.dtype), target, bias)
+        return vocab_stats_triton(h, weight.to(h.dtype), target, bias, softcap=softcap)
     from attnscope.kernels.vocab_stats_torch import vocab_stats_torch
 
     chunk = max(256, budget // max(1, h.shape[0]))
-    return vocab_stats_torch(h, weight, target, bias, chunk=chunk)
+    return vocab_stats_torch(h, weight, target, bias, chunk=chunk, softcap=softcap)
 
 
 def next_token_targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,13 +99,16 @@ class LensCollector:
         self.target = next_token_targets(ids, mask)[self.sel]  # [T]
         _, self.norm, self.head = lens_modules(model)
         self.bias = getattr(self.head, "bias", None)
+        self.scale, self.softcap = logit_transform(model)
         self.impl = impl
         self.rows: dict[int, dict[str, torch.Tensor]] = {}
         self.kept: dict[int, torch.Tensor] = {}
 
     def on_layer(self, layer: int, resid: torch.Tensor) -> None:
         h = self.norm(resid[self.sel.to(resid.device)])  # [T, d]
-        self.rows[layer] = vocab_stats(h, self.head.weight, self.target.to(h.device), self.bias, self.impl)
+        self.rows[layer] = vocab_stats(
+            h, self.head.weight, self.target.to(h.device), self.bias, self.impl, scale=self.scale, softcap=self.softcap
+        )
         self.kept[layer] = h
 
     def finish(self) -> dict[str, torch.Tensor]:
@@ -121,6 +118,9 @@ class LensCollector:
             z = torch.linalg.vecdot(h.float(), w[final_top].float())  # [T] logit of the final prediction
             if bias is not None:
                 z = z + bias[final_top].float()
+            z = z * self.scale
+            if self.softcap is not None:
+                z = torch.tanh(z / self.softcap) * self.softcap
             rows[layer]["final_prob"] = torch.exp(z - rows[layer]["lse"])
         self.kept.clear()
         return {f: torch.stack([rows[i][f].cpu() for i in sorted(rows)]) for f in LENS_FIELDS}
@@ -131,7 +131,9 @@ def next_token_entropy(model: torch.nn.Module, hidden: torch.Tensor, impl: str =
     the final norm), by the lens' own reduction: the logits are never held at once."""
     head = model.get_output_embeddings()
     target = torch.full(hidden.shape[:1], -1, dtype=torch.long, device=hidden.device)
-    return vocab_stats(hidden, head.weight, target, getattr(head, "bias", None), impl)["entropy"]
+    scale, softcap = logit_transform(model)
+    bias = getattr(head, "bias", None)
+    return vocab_stats(hidden, head.weight, target, bias, impl, scale=scale, softcap=softcap)["entropy"]
 
 
 def logit_lens(

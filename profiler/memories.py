@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .blocks import write_out_weight
 from .data import topk_fold
 from .hooks import down_proj_modules
 from .lens import lens_modules
@@ -91,11 +92,7 @@ class NeuronTopK:
 
 def write_out_matrix(model: torch.nn.Module, layer: int) -> torch.Tensor:
     """W_out of one layer as [d_model, d_ff]: column n is what neuron n adds to the residual stream."""
-    module = down_proj_modules(model)[layer]
-    w = module.weight.detach()
-    if type(module).__name__ == "Conv1D":  # GPT-2 stores [d_ff, d_model]
-        w = w.T
-    return w
+    return write_out_weight(down_proj_modules(model)[layer])
 
 
 def promoted_tokens(

@@ -8,14 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats, set_cpu_threads
+from attnscope.kernels import AttnStatsSpec, KeyRanges, down_proj_stats, set_cpu_threads
 from attnscope.kernels.stats import NEURON_MAX, full_key, thumb_key
 
+from .blocks import UnsupportedModelError
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
 from .data import TOKEN_AXIS, Profile, combine_accum
-from .engine import Engine
-from .hooks import capture
+from .engine import Engine, call_stats, moe_block_stats
+from .hooks import as_tokens, capture
 from .store import Shard
 
 __all__ = [
@@ -52,16 +53,24 @@ def run_with_stats(
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     stats: dict = {"attn": {}, "mlp": {}}
 
-    def on_attention(layer, q, k, scaling, window, lse=None):
-        r = ranges.with_window(window)
-        stats["attn"][layer] = attn_stats(q.detach(), k.detach(), scaling, r, spec, impl, block_q, tokens=ids, lse=lse)
+    def on_attention(call):
+        stats["attn"][call.layer] = call_stats(call, ranges, spec, impl, block_q, tokens=ids)
 
-    def on_down_proj(layer, x, y):
-        sel = valid.to(x.device)
-        stats["mlp"][layer] = down_proj_stats(x.detach()[sel], y.detach()[sel], top_k, impl)
+    def on_mlp(layer, x, y):
+        x, y = as_tokens(x, valid), as_tokens(y, valid)
+        sel = valid.to(y.device)
+        if x is None:  # a mixture-of-experts block
+            stats["mlp"][layer] = moe_block_stats(y.detach()[sel], top_k)
+        else:
+            stats["mlp"][layer] = down_proj_stats(x.detach()[sel], y.detach()[sel], top_k, impl)
 
-    with torch.no_grad(), capture(model, on_attention, on_down_proj):
+    with torch.no_grad(), capture(model, on_attention, on_mlp):
         output = model(**batch)
+    if not stats["attn"]:
+        raise UnsupportedModelError(
+            f"unsupported architecture {getattr(model.config, 'model_type', None)!r}: no layer called transformers' "
+            "attention interface (its modeling code computes attention itself), so its queries and keys cannot be seen"
+        )
     return output, stats
 
 

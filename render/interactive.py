@@ -76,6 +76,8 @@ def down_proj_scatter(prof, prompt: int = 0, max_points: int = 20000):
     Ly, L, k = idx.shape
     layer, pos, rank = np.meshgrid(np.arange(Ly), np.arange(L), np.arange(k), indexing="ij")
     x, y, z, v = pos.ravel(), layer.ravel(), idx.ravel(), val.ravel()
+    ok = (z >= 0) & np.isfinite(v)  # mixture-of-experts layers have no single neuron space: none recorded there
+    x, y, z, v = x[ok], y[ok], z[ok], v[ok]
     if x.size > max_points:  # keep the strongest activations
         keep = np.argsort(-np.abs(v))[:max_points]
         x, y, z, v = x[keep], y[keep], z[keep], v[keep]
@@ -86,8 +88,9 @@ def down_proj_scatter(prof, prompt: int = 0, max_points: int = 20000):
     lim = float(np.percentile(a, 99)) if a.size else 1.0
     lim = lim or float(a.max()) or 1.0
     over = int(np.sum(a > lim))
-    size = 2 + 10 * np.sqrt(a / (a.max() or 1.0))
-    cbar = "activation" + (f"<br>(colour clipped at ±{lim:.3g};<br>{over} larger, up to {a.max():.3g})" if over else "")
+    top = float(a.max()) if a.size else 1.0
+    size = 2 + 10 * np.sqrt(a / (top or 1.0))
+    cbar = "activation" + (f"<br>(colour clipped at ±{lim:.3g};<br>{over} larger, up to {top:.3g})" if over else "")
     fig = go.Figure(
         go.Scatter3d(
             x=x,

@@ -360,7 +360,7 @@ def plot_down_proj(prof, prompt: int = 0, mark_top: int = 5, scale: str = "log")
         1, 2, figsize=(12, min(16.0, max(4.5, 0.11 * min(L, 120) + 2.5))), squeeze=False, layout="constrained"
     )
     marks = high_entropy_positions(prof, prompt, mark_top) if mark_top else []
-    for ax, name, title in zip(axes[0], ("mlp.in_norm", "mlp.out_norm"), ("down_proj input", "down_proj output")):
+    for ax, name, title in zip(axes[0], ("mlp.in_norm", "mlp.out_norm"), ("down_proj input", "MLP block output")):
         m = np.asarray(prof.arrays[name][:, sl], dtype=np.float64).T  # [tokens, layers]
         k = -(-L // MAX_TOKEN_ROWS)
         if k > 1:  # more tokens than pixel rows: the max of each k tokens, so no outlier drops out of the picture
@@ -370,7 +370,7 @@ def plot_down_proj(prof, prompt: int = 0, mark_top: int = 5, scale: str = "log")
         if scale == "log":
             sc = log_scale(m, decades=6.0)
         elif scale == "linear":
-            sc = Scale(0.0, float(m.max()) or 1.0, False, " (linear colour)")
+            sc = Scale(0.0, float(np.nanmax(m, initial=0.0)) or 1.0, False, " (linear colour)")
         else:
             raise ValueError(f"scale must be log or linear, got {scale!r}")
         im = ax.imshow(
@@ -384,7 +384,9 @@ def plot_down_proj(prof, prompt: int = 0, mark_top: int = 5, scale: str = "log")
         ax.set_ylim(L - 0.5, -0.5)
         ax.set_xlabel("layer")
         ax.set_ylabel("token" if k == 1 else f"token (each row: the max over {k} tokens)")
-        ax.set_title(f"{title} L2 norm", fontsize=9)
+        moe = np.isnan(m).all(0)  # mixture-of-experts layers: no down_proj input (blank)
+        note = f"; blank: MoE layers {', '.join(map(str, np.flatnonzero(moe)))}" if moe.any() and m.size else ""
+        ax.set_title(f"{title} L2 norm{note}", fontsize=9)
         _label_ticks(ax, labels, "y", max_labels=60)
         for p in marks:
             ax.axhline(p, color="yellow", lw=0.8)

@@ -64,12 +64,13 @@ def test_lse_from_the_forward(kind, side):
         seen = {}
         with (
             torch.no_grad(),
-            capture(model, lambda layer, *args, seen=seen: seen.__setitem__(layer, args)),
+            capture(model, lambda call, seen=seen: seen.__setitem__(call.layer, call)),
         ):
             logits = model(**batch).logits
         assert torch.equal(logits, plain), "taking the lse changed the model's output"
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-        for layer, (q, k, scaling, window, lse) in seen.items():
+        for layer, c in seen.items():
+            q, k, scaling, window, lse = c.query, c.key, c.scaling, c.window, c.lse
             assert lse is not None, f"{kind} layer {layer}: no lse from the sdpa kernel"
             ranges = KeyRanges.from_attention_mask(mask, window)
             L = q.shape[2]
@@ -87,7 +88,7 @@ def test_no_lse_where_the_backend_gives_none():
     with torch.no_grad():
         plain = model(**batch).logits
     seen = []
-    with torch.no_grad(), capture(model, lambda *a: seen.append(a[-1])):
+    with torch.no_grad(), capture(model, lambda call: seen.append(call.lse)):
         assert torch.equal(model(**batch).logits, plain)
     assert seen == [None, None]
     _, stats = run_with_stats(model, batch, spec=SPEC, block_q=8)  # the statistics compute the lse themselves
@@ -139,8 +140,8 @@ def test_sdpa_stand_in_installed_once_and_restored_by_the_last_context():
     sdpa = torch.nn.functional.scaled_dot_product_attention
     a, b = tiny_model("llama"), tiny_model("llama")
     got = []
-    ctx_a = capture(a, lambda layer, q, k, s, w, lse: got.append(("a", lse is not None)))
-    ctx_b = capture(b, lambda layer, q, k, s, w, lse: got.append(("b", lse is not None)))
+    ctx_a = capture(a, lambda call: got.append(("a", call.lse is not None)))
+    ctx_b = capture(b, lambda call: got.append(("b", call.lse is not None)))
     in_a, in_b = contextvars.Context(), contextvars.Context()
     in_a.run(ctx_a.__enter__)
     in_b.run(ctx_b.__enter__)
@@ -157,7 +158,7 @@ def test_unsupported_architecture_is_named():
     import transformers as tf
 
     model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
-    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'bloom'.*supports .*gpt_neox.*llama"):
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'bloom'.*attention interface"):
         run_with_stats(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
 
 
@@ -265,10 +266,11 @@ def test_lse_from_a_cudnn_shaped_op(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake_cudnn, raising=False)
     seen = {}
     with torch.no_grad(), hooks.lse_sources() as sources:
-        with capture(model, lambda layer, *args: seen.__setitem__(layer, args)):
+        with capture(model, lambda call: seen.__setitem__(call.layer, call)):
             assert torch.equal(model(ids).logits, plain)
     assert calls == [True, True] and dict(sources) == {"_scaled_dot_product_cudnn_attention": 2}
-    for layer, (q, _, _, _, lse) in seen.items():
+    for layer, c in seen.items():
+        q, lse = c.query, c.lse
         assert lse is not None and lse.shape == q.shape[:3], f"layer {layer}: lse {None if lse is None else lse.shape}"
 
 
@@ -332,3 +334,20 @@ def test_cuda_capture_keeps_the_logits(device, kind):
         logits = model(ids).logits
     print(kind, dict(sources))
     assert torch.equal(logits, plain), f"taking the lse changed the logits ({dict(sources)})"
+
+
+@pytest.mark.parametrize("size", [1, 3, 8, 4096])
+def test_mask_functions_are_classified_by_their_pattern(size):
+    # transformers' own mask functions, as masking_utils composes them for each layer type
+    from attnscope.profiler.hooks import classify_mask_function
+    from transformers import masking_utils as mu
+
+    zeros = torch.zeros(2, dtype=torch.long)
+    assert classify_mask_function(mu.causal_mask_function, None) == ("full", None, None)
+    assert classify_mask_function(mu.sliding_window_causal_mask_function(size), size) == ("sliding", size, None)
+    chunked = classify_mask_function(mu.chunked_causal_mask_function(size, zeros), size)
+    assert chunked == (("chunked", None, size) if size > 1 else ("sliding", 1, None))  # chunks of 1: a window of 1
+    # a window of another size than transformers says, a bidirectional mask: neither
+    assert classify_mask_function(mu.sliding_window_causal_mask_function(size + 1), size)[0] == "other"
+    assert classify_mask_function(mu.bidirectional_mask_function, None)[0] == "other"
+    assert classify_mask_function(mu.sliding_window_bidirectional_mask_function(size), size)[0] == "other"

@@ -28,13 +28,13 @@ SIDE_TRITON = "3.6.0"  # the GPU image's triton
 INSTALLED = [
     (90, ["qk_stats_d80_bf16", "qk_stats_lse_d128_bf16", "down_proj_pythia_bf16"]),
     (90, ["qk_stats_softcap_sliding_d256_bf16", "qk_stats_d192_bf16", "qk_stats_sinks_sliding_d64_bf16"]),
-    (90, ["qk_stats_chunked_d128_bf16"]),
+    (90, ["qk_stats_chunked_d128_bf16", "vocab_stats_softcap_bf16"]),
     (80, ["qk_stats_d64_fp16", "qk_stats_d64_fp32", "down_proj_smollm2_fp32"]),
 ]
 SIDE = [
     (90, ["qk_stats_d80_bf16", "qk_stats_d128_bf16", "qk_stats_lse_d80_bf16", "down_proj_pythia_bf16"]),
     (90, ["qk_stats_softcap_sliding_d256_bf16", "qk_stats_d192_bf16", "qk_stats_sinks_sliding_d64_bf16"]),
-    (90, ["qk_stats_chunked_d128_bf16"]),
+    (90, ["qk_stats_chunked_d128_bf16", "vocab_stats_bf16", "vocab_stats_softcap_bf16"]),
 ]
 
 

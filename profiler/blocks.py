@@ -1,0 +1,195 @@
+"""Where a causal LM keeps what attnscope reads, found from its structure, not from a list of model types.
+
+- ``check_capturable``: a causal transformers model with a list of decoder layers; else one
+  ``UnsupportedModelError`` that says why. Whether its attention code calls transformers' attention interface is
+  seen on a tiny forward pass before any work (``probe.describe_layers``): no class attribute says it reliably.
+- ``model_geometry``: layers, heads, KV heads, q/k head size from the text config, with the fallbacks older
+  configs need (``n_layer``/``n_head``/``n_embd``; MLA's ``qk_nope_head_dim + qk_rope_head_dim``).
+- ``decoder_layers``, ``final_norm``: the base model's list of decoder layers and the norm before the unembedding.
+- ``mlp_blocks``: per decoder layer its MLP block: a dense MLP (its down projection: ``down_proj``,
+  ``dense_4h_to_h``, ``c_proj``, ``fc2``, ...; whose input is the neuron activations and whose output is the block's)
+  or a mixture-of-experts block (a child ``experts``: fused 3-D expert parameters or a list of expert modules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MLPBlock",
+    "base_model",
+    "UnsupportedModelError",
+    "check_capturable",
+    "decoder_layers",
+    "final_norm",
+    "logit_transform",
+    "mlp_blocks",
+    "model_geometry",
+    "text_config",
+    "write_out_weight",
+]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is one attnscope cannot capture (the message says why)."""
+
+
+# the MLP block of a decoder layer, by the names the modeling files give it (the first that is a module)
+_BLOCK_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "moe", "ffn", "mlp_block", "sparse_moe")
+# a dense MLP's down projection (a 2-D weight: Linear, or GPT-2's Conv1D [d_ff, d_model])
+_DOWN_NAMES = ("down_proj", "dense_4h_to_h", "c_proj", "fc2", "fc_out", "w2", "wo", "dense_out")
+# the final norm, as an attribute of the base model
+_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "final_norm")
+
+
+def text_config(model: torch.nn.Module):
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no config: attnscope profiles transformers models")
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def check_capturable(model: torch.nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` (one line: why) for a model attnscope cannot capture by its structure."""
+    cfg = text_config(model)
+    name = getattr(model.config, "model_type", None) or type(model).__name__
+    if not getattr(cfg, "is_causal", True):
+        raise UnsupportedModelError(f"unsupported architecture {name!r}: attnscope profiles causal attention")
+    decoder_layers(model)
+
+
+def model_geometry(model: torch.nn.Module) -> dict:
+    """Layers, heads, KV heads and q/k head size of a capturable model (raises ``UnsupportedModelError``)."""
+    check_capturable(model)
+    cfg = text_config(model)
+
+    def first(*names):
+        for n in names:
+            v = getattr(cfg, n, None)
+            if v is not None:
+                return v
+        return None
+
+    n_layers = len(decoder_layers(model))
+    n_heads = first("num_attention_heads", "n_head", "num_heads")
+    n_kv = first("num_key_value_heads", "num_kv_heads", "n_head_kv") or n_heads
+    hidden = first("hidden_size", "n_embd", "d_model")
+    head_dim = first("head_dim")
+    if getattr(cfg, "qk_nope_head_dim", None) is not None:  # MLA: q/k carry the no-rope and rope parts
+        head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    head_dim = head_dim or hidden // n_heads
+    n_pos = first("max_position_embeddings", "n_positions", "n_ctx")
+    return {
+        "model_type": getattr(model.config, "model_type", None),
+        "n_layers": int(n_layers),
+        "n_heads": int(n_heads),
+        "n_kv_heads": int(n_kv),
+        "head_dim": int(head_dim),
+        "max_positions": int(n_pos) if n_pos else None,
+    }
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its LM head: what returns the last hidden state (after the final norm). Some causal LMs
+    (Llama-4's text model) do not name it as their ``base_model_prefix``: then their one child that is not the
+    unembedding."""
+    base = model.base_model
+    if base is model:
+        head = model.get_output_embeddings()
+        base = next((c for c in model.children() if c is not head), model)
+    return base
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The base model's list of decoder layers: the first ``ModuleList`` as long as ``num_hidden_layers``."""
+    cfg = text_config(model)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    for _, module in base_model(model).named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise UnsupportedModelError(
+        f"unsupported architecture {getattr(model.config, 'model_type', type(model).__name__)!r}: no list of "
+        f"{n} decoder layers in {type(model.base_model).__name__}"
+    )
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm the last hidden state goes through before the unembedding (identity where the model has none): an
+    attribute of the base model or of one of its children (OPT's ``decoder.final_layer_norm``)."""
+    base = base_model(model)
+    for owner in (base, *base.children()):
+        for name in _NORM_NAMES:
+            module = getattr(owner, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module
+    return torch.nn.Identity()
+
+
+def logit_transform(model: torch.nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)`` the model applies to its logits after the unembedding: z' = scale * z, then
+    softcap * tanh(z' / softcap) where softcap is not None (Gemma-2's ``final_logit_softcapping``; Granite divides
+    by ``logits_scaling``, Cohere multiplies by ``logit_scale``)."""
+    cfg = text_config(model)
+    scale = 1.0
+    if getattr(cfg, "logits_scaling", None):
+        scale /= float(cfg.logits_scaling)
+    if getattr(cfg, "logit_scale", None):
+        scale *= float(cfg.logit_scale)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, (float(cap) if cap else None)
+
+
+@dataclass(frozen=True)
+class MLPBlock:
+    """The MLP block of one decoder layer.
+
+    Attributes:
+        kind: ``"dense"`` or ``"moe"``.
+        module: the block (its forward output is the block's output).
+        down: a dense block's down projection (its input: the neuron activations), else None.
+        experts: a mixture-of-experts block's experts module, else None.
+    """
+
+    kind: str
+    module: torch.nn.Module
+    down: torch.nn.Module | None = None
+    experts: torch.nn.Module | None = None
+
+
+def _down(module: torch.nn.Module) -> torch.nn.Module | None:
+    for name in _DOWN_NAMES:
+        child = getattr(module, name, None)
+        if isinstance(child, torch.nn.Module) and getattr(child, "weight", None) is not None:
+            if child.weight.ndim == 2:
+                return child
+    return None
+
+
+def mlp_blocks(model: torch.nn.Module) -> dict[int, MLPBlock]:
+    """Layer index -> its MLP block (layers without one, e.g. attention-only layers, are absent)."""
+    found: dict[int, MLPBlock] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        block = next(
+            (getattr(layer, n) for n in _BLOCK_NAMES if isinstance(getattr(layer, n, None), torch.nn.Module)), None
+        )
+        if block is None:  # OPT: fc1 / fc2 on the layer itself
+            down = _down(layer)
+            if down is not None:
+                found[i] = MLPBlock("dense", down, down)
+            continue
+        experts = getattr(block, "experts", None)
+        if isinstance(experts, torch.nn.Module):
+            found[i] = MLPBlock("moe", block, experts=experts)
+            continue
+        down = _down(block)
+        if down is not None:
+            found[i] = MLPBlock("dense", block, down)
+    return found
+
+
+def write_out_weight(down: torch.nn.Module) -> torch.Tensor:
+    """A down projection's W_out as [d_model, d_ff] (GPT-2's Conv1D stores [d_ff, d_model])."""
+    w = down.weight.detach()
+    return w.T if type(down).__name__ == "Conv1D" else w

@@ -1,0 +1,314 @@
+"""The conformance sweep: tiny random models of every architecture family attnscope captures, profiled end to end
+(``profile``: the probe, the model's own backend, padded batches), against the model's eager ``output_attentions``
+(float64 statistics from the returned weights) and a forward hook on each MLP block.
+
+Each config is small (4 layers, hidden 64, 4 heads / 2 KV heads, 4 experts with 2 per token) with the features that
+make the architecture itself: sliding windows and chunks of 8 tokens (shorter than the prompts), Gemma-2's
+softcapping and ``query_pre_attn_scalar``, gpt-oss's learned sinks, MLA's 24/16 head sizes and yarn scaling, Granite's
+``attention_multiplier``, OPT's pre-scaled queries, shared experts. ``SWEEP`` is also what the README's list of
+supported architectures is generated from (``python tests/test_architectures.py --markdown``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from attnscope.kernels import AttnStatsSpec, KeyRanges
+from attnscope.kernels.reference import attn_stats_from_probs_ref
+from attnscope.kernels.stats import VECTORS
+from helpers import assert_verbose_allclose, word_tokenizer
+
+NL, W = 4, 8  # layers; window and chunk size
+ALT = ["sliding_attention", "full_attention"] * (NL // 2)
+SPEC = AttnStatsSpec(bins=64, thumb_size=8)
+
+COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=NL,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    max_position_embeddings=256,
+    num_local_experts=4,
+    num_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=48,
+    shared_expert_intermediate_size=80,
+    initializer_range=0.1,  # attention far from uniform
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+_MLA_MOE = dict(first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=40)
+
+# model type -> what its config sets beyond COMMON (the architecture's own features)
+SWEEP: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=W),
+    "qwen2": dict(use_sliding_window=True, sliding_window=W, max_window_layers=0, layer_types=ALT),
+    "qwen3": dict(use_sliding_window=True, sliding_window=W, max_window_layers=0, layer_types=ALT),
+    "gpt_neox": {},
+    "gpt2": dict(n_inner=128, scale_attn_by_inverse_layer_idx=True),
+    "gemma": {},
+    "gemma2": dict(
+        sliding_window=W,
+        layer_types=ALT,
+        query_pre_attn_scalar=32,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+    ),
+    "gemma3_text": dict(sliding_window=W, layer_types=ALT, query_pre_attn_scalar=32, final_logit_softcapping=3.0),
+    "cohere": dict(logit_scale=0.5),
+    "cohere2": dict(sliding_window=W, layer_types=ALT),
+    "gpt_oss": dict(sliding_window=W, layer_types=ALT),
+    "mixtral": dict(sliding_window=W),
+    "qwen2_moe": dict(
+        use_sliding_window=True,
+        sliding_window=W,
+        max_window_layers=0,
+        layer_types=ALT,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0],
+    ),
+    "qwen3_moe": dict(use_sliding_window=True, sliding_window=W, decoder_sparse_step=1, mlp_only_layers=[0]),
+    "olmoe": dict(sliding_window=W),  # the module passes sliding_window, the mask is full: the mask decides
+    "llama4_text": dict(
+        attention_chunk_size=W,
+        no_rope_layer_interval=2,
+        interleave_moe_layer_step=2,
+        intermediate_size=48,
+        intermediate_size_mlp=128,
+        floor_scale=4,
+        attn_scale=0.1,
+    ),
+    "deepseek_v3": dict(
+        **_MLA,
+        **_MLA_MOE,
+        q_lora_rank=32,
+        head_dim=8,
+        n_group=2,
+        topk_group=1,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    ),
+    "deepseek_v2": dict(**_MLA, **_MLA_MOE, q_lora_rank=None, head_dim=8, topk_method="greedy"),
+    "phi": {},
+    "phi3": dict(sliding_window=W),
+    "olmo": {},
+    "olmo2": {},
+    "granite": dict(attention_multiplier=0.05, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0),
+    "granitemoe": dict(attention_multiplier=0.05, embedding_multiplier=2.0, residual_multiplier=0.5),
+    "starcoder2": dict(sliding_window=W),
+    "stablelm": {},
+    "gptj": dict(rotary_dim=8, n_inner=128),
+    "codegen": dict(rotary_dim=8, n_inner=128, n_ctx=256),
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "exaone4": dict(sliding_window=W, layer_types=ALT),
+    "smollm3": dict(use_sliding_window=True, sliding_window=W, no_rope_layer_interval=2),
+    "glm4": {},
+    "ernie4_5": {},
+    "hunyuan_v1_dense": {},
+    "seed_oss": {},
+    "apertus": {},
+    "arcee": {},
+    "dots1": dict(n_shared_experts=1, first_k_dense_replace=1, sliding_window=W, max_window_layers=0, layer_types=ALT),
+    "qwen3_next": dict(
+        layer_types=["linear_attention", "full_attention"] * (NL // 2),
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+}
+# their attention code does not call transformers' attention interface
+UNSUPPORTED = ("falcon", "bloom", "mpt")
+# the layers' attention pattern the model defines, where it is not full causal on every layer
+_EVERY_LAYER_SLIDING = ("mistral", "mixtral", "phi3", "starcoder2", "qwen3_moe")
+_NO_HEAD_DIM = ("opt", "bloom", "falcon", "gpt2", "gptj", "codegen", "mpt", "gpt_neox", "phi")
+
+
+def build_config(model_type: str, vocab: int = 128):
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(model_type)
+    kw = {"vocab_size": vocab} | {k: v for k, v in COMMON.items() if hasattr(base, k)}
+    kw |= SWEEP.get(model_type, {})
+    if model_type in _NO_HEAD_DIM:
+        kw.pop("head_dim", None)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def build_model(model_type: str, vocab: int = 128, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(build_config(model_type, vocab), dtype=torch.float32).eval()
+
+
+def expected_pattern(model_type: str, cfg, layer: int) -> tuple[str, int | None]:
+    """The attention layer's pattern from the config, as the model's code defines it (independent of attnscope):
+    ("full" | "sliding" | "chunked" | "linear", size)."""
+    types = getattr(cfg, "layer_types", None)
+    if model_type == "llama4_text":  # chunked on its RoPE layers, full on the NoPE ones
+        return (
+            ("full", None) if (layer + 1) % cfg.no_rope_layer_interval == 0 else ("chunked", cfg.attention_chunk_size)
+        )
+    if model_type == "smollm3":  # sliding only on the NoPE layers
+        return ("sliding", W) if not cfg.no_rope_layers[layer] else ("full", None)
+    if types is not None and model_type not in ("olmoe",):
+        kind = types[layer].removesuffix("_attention")
+        return {"sliding": ("sliding", W), "full": ("full", None), "linear": ("linear", None)}.get(kind, (kind, None))
+    if model_type in _EVERY_LAYER_SLIDING:
+        return "sliding", W
+    return "full", None
+
+
+def mlp_block_outputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Layer -> the MLP block's output [L, d] for one unpadded prompt, from forward hooks on the modules the
+    modeling files name (OPT keeps fc2 on the layer)."""
+    base = model.model if model.base_model is model else model.base_model  # Llama-4's text model names no base
+    layers = getattr(base, "layers", None) or getattr(base, "h", None) or base.decoder.layers
+    out, handles = {}, []
+    for i, layer in enumerate(layers):
+        block = next(
+            (getattr(layer, n) for n in ("mlp", "feed_forward", "block_sparse_moe") if hasattr(layer, n)), None
+        )
+        block = layer.fc2 if block is None else block
+
+        def hook(module, args, output, i=i):
+            y = output[0] if isinstance(output, tuple) else output
+            out[i] = y.reshape(-1, y.shape[-1])
+
+        handles.append(block.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+PROMPTS = [
+    "the cat and the dog were in the river by the stone light of the day so we know them and their work "
+    "is good for the people who come back",
+    "one tree was by the river and the fox came to see it in the light of the day",
+]
+
+
+@pytest.mark.parametrize("model_type", list(SWEEP))
+def test_profile_equals_eager_attention_and_mlp_block(model_type):
+    from attnscope.profiler import profile
+
+    torch.set_num_threads(1)
+    tok = word_tokenizer()
+    model = build_model(model_type)
+    prof = profile(model, tok, PROMPTS, spec=SPEC, batch_size=2, keep_vectors=True, progress=False, block_q=16)
+    cfg = model.config.get_text_config()
+    layers = prof.meta["layers"]
+    assert prof.meta["attention_notes"] == []
+    model.set_attn_implementation("eager")
+    offsets = np.concatenate([[0], np.cumsum([p["n_tokens"] for p in prof.prompts])])
+    for n, text in enumerate(PROMPTS):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        L = ids.shape[1]
+        assert L > 2 * W, "the prompt must be longer than the windows"
+        with torch.no_grad():
+            eager = model(ids, output_attentions=True)
+        lo, hi = offsets[n], offsets[n + 1]
+        assert hi - lo == L
+        attn_layers = [i for i in range(NL) if expected_pattern(model_type, cfg, i)[0] != "linear"]
+        for i, probs in zip(attn_layers, [a for a in eager.attentions if a is not None]):
+            kind, size = expected_pattern(model_type, cfg, i)
+            got = layers[i]["attention"]
+            assert (got["kind"], got["window"] or got["chunk"]) == (kind, size), f"{model_type} layer {i}: {got}"
+            ranges = KeyRanges.full(1, L).with_window(*((size, None) if kind == "sliding" else (None, size)))
+            ref = attn_stats_from_probs_ref(probs.double(), ranges, SPEC, tokens=ids, has_sinks=got["sinks"])
+            for s in VECTORS:
+                assert_verbose_allclose(
+                    prof.arrays[s.key][i, :, lo:hi],
+                    ref[s.name][0],
+                    atol=1e-4,
+                    rtol=1e-4,
+                    name=f"{model_type} L{i} {s.name}",
+                )
+        for i, y in mlp_block_outputs(model, ids).items():
+            want = torch.linalg.vector_norm(y.double(), dim=-1).numpy()
+            assert_verbose_allclose(
+                prof.arrays["mlp.out_norm"][i, lo:hi], want, atol=1e-3, rtol=1e-3, name=f"{model_type} L{i} mlp"
+            )
+    if model_type == "qwen3_next":
+        assert [lay["attention"] is None for lay in layers] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "granite", "cohere", "opt", "llama4_text", "gpt2", "gpt_oss"])
+def test_logit_lens_last_layer_is_the_models_own_distribution(model_type):
+    # the model's own final norm and logit transform (Gemma-2's final softcapping, Granite's logits_scaling,
+    # Cohere's logit_scale, OPT's decoder.final_layer_norm): the last layer's lens is the model's distribution
+    from attnscope.profiler.lens import logit_lens
+
+    torch.set_num_threads(1)
+    model = build_model(model_type)
+    ids = torch.tensor([word_tokenizer()(PROMPTS[1])["input_ids"]])
+    out, lens = logit_lens(model, {"input_ids": ids})
+    logp = torch.log_softmax(out.logits[0].double(), -1)  # [L, V]
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert_verbose_allclose(lens["entropy"][-1], entropy, atol=1e-4, rtol=1e-4, name=f"{model_type} entropy")
+    assert_verbose_allclose(lens["top_prob"][-1], logp.max(-1).values.exp(), atol=1e-4, rtol=1e-4, name="top_prob")
+    target = ids[0, 1:]
+    want = logp[:-1].gather(-1, target[:, None])[:, 0].exp()
+    assert_verbose_allclose(lens["target_prob"][-1][:-1], want, atol=1e-4, rtol=1e-4, name="target_prob")
+
+
+@pytest.mark.parametrize("model_type", UNSUPPORTED)
+def test_unsupported_architecture_says_why_before_any_work(model_type):
+    from attnscope.profiler import UnsupportedModelError, profile
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(build_config(model_type))
+    with pytest.raises(UnsupportedModelError, match=rf"'{model_type}'.*attention interface") as err:
+        profile(model, word_tokenizer(), PROMPTS, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def markdown_table() -> str:
+    """The README's table of supported architectures, from the sweep."""
+    from attnscope.profiler import describe_layers
+
+    rows = ["| model type | attention layers | MLP blocks | scaling, softcap, sinks |", "|---|---|---|---|"]
+    for t in SWEEP:
+        d = describe_layers(build_model(t))
+        att = [lay["attention"] for lay in d["layers"]]
+        kinds = ", ".join(
+            "linear" if a is None else a["kind"] + (f" {a['window'] or a['chunk']}" if a["kind"] != "full" else "")
+            for a in att
+        )
+        mlp = ", ".join(str(lay["mlp"]) for lay in d["layers"])
+        a0 = next(a for a in att if a is not None)
+        extra = [f"{a0['scaling']:.3g}"] + (["softcap"] if a0["softcap"] else []) + (["sinks"] if a0["sinks"] else [])
+        rows.append(f"| `{t}` | {kinds} | {mlp} | {', '.join(extra)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__" and "--markdown" in sys.argv:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    print(markdown_table())
