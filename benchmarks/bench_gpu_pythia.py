@@ -164,7 +164,7 @@ def stats_pass(L: int, H: int, D: int, dev, dtype, matmul: float) -> dict:
 def eager_fits(model, cfg, L: int, dev, dtype) -> tuple[bool, str]:
     """Whether HF eager ``output_attentions`` at ``L`` is predicted to fit in what the device has left."""
     from attnscope.profiler.bench import _available_memory, predict_eager_bytes
-    from attnscope.profiler.hooks import model_geometry
+    from attnscope.profiler.blocks import model_geometry
 
     n_params = sum(p.numel() for p in model.parameters())
     itemsize = torch.finfo(dtype).bits // 8
