@@ -228,7 +228,7 @@ class Accum:
     """An accumulator of a profile or run: ``fold`` ``sum`` (additive), ``max`` (with the token holding it in
     ``companion``, ties to the earlier token) or ``topk`` (the k largest along axis -2, with their tokens in
     ``companion``); ``shape`` in the symbols Ly (layers), H (heads), bins, R (thumbnail), V (vectors), F (d_ff),
-    k (contexts); ``dtype`` a numpy dtype name."""
+    k (contexts), E (routed experts); ``dtype`` a numpy dtype name."""
 
     key: str
     fold: str
@@ -250,6 +250,8 @@ NEURON_SUMSQ = Accum("mlp.neuron_sumsq", "sum", ("Ly", "F"), "float64", of="sum 
 NEURON_MAX = Accum("mlp.neuron_max", "max", ("Ly", "F"), "float32", "mlp.neuron_argmax", of="largest activation")
 NEURON_ARGMAX = Accum("mlp.neuron_argmax", "companion", ("Ly", "F"), "int64", of="the token (run index) holding it")
 CTX_VALUE = Accum("mlp.ctx_value", "topk", ("Ly", "k", "F"), "float32", "mlp.ctx_token", of="top-k per neuron")
+EXPERT_TOKENS = Accum("mlp.expert_tokens", "sum", ("Ly", "E"), "int64", of="tokens routed to each expert")
+EXPERT_WEIGHT = Accum("mlp.expert_weight", "sum", ("Ly", "E"), "float64", of="sum of their routing weights")
 CTX_TOKEN = Accum("mlp.ctx_token", "companion", ("Ly", "k", "F"), "int64", of="their tokens (-1: none)")
 
 
@@ -278,5 +280,7 @@ ACCUMULATORS = (
     NEURON_ARGMAX,
     CTX_VALUE,
     CTX_TOKEN,
+    EXPERT_TOKENS,
+    EXPERT_WEIGHT,
 )
 ACCUM_KEYS = tuple(a.key for a in ACCUMULATORS)

@@ -26,6 +26,8 @@ __all__ = [
     "final_norm",
     "logit_transform",
     "mlp_blocks",
+    "n_experts",
+    "routing_hook",
     "model_geometry",
     "text_config",
     "write_out_weight",
@@ -187,6 +189,49 @@ def mlp_blocks(model: torch.nn.Module) -> dict[int, MLPBlock]:
         if down is not None:
             found[i] = MLPBlock("dense", block, down)
     return found
+
+
+def n_experts(block: MLPBlock) -> int | None:
+    """How many routed experts a mixture-of-experts block has (fused 3-D parameters or a list of modules)."""
+    ex = block.experts
+    if ex is None:
+        return None
+    if getattr(ex, "num_experts", None):
+        return int(ex.num_experts)
+    if isinstance(ex, torch.nn.ModuleList):
+        return len(ex)
+    p3 = [p for p in ex.parameters(recurse=False) if p.ndim == 3]
+    return int(p3[0].shape[0]) if p3 else None
+
+
+def routing_hook(block: MLPBlock, fn) -> torch.utils.hooks.RemovableHandle | None:
+    """Register a hook that calls ``fn(experts [N, k] int64, weights [N, k])`` with a MoE block's routing.
+
+    Experts modules behind transformers' ``@use_experts_implementation`` (fused 3-D experts of Mixtral, Qwen-MoE,
+    OLMoE, gpt-oss, DeepSeek, ...) receive ``(hidden_states, top_k_index, top_k_weights)``: a pre-hook reads them.
+    Otherwise the router (``router`` / ``gate``) with a ``top_k`` that returns ``(scores [N, E], logits)`` (Llama-4:
+    sigmoid scores of the top-k logits, 0 elsewhere): the top-k of its logits and their scores."""
+    ex = block.experts
+    if ex is not None and hasattr(ex, "has_gate"):  # set by @use_experts_implementation
+
+        def pre(module, args, kwargs):
+            idx = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+            w = args[2] if len(args) > 2 else kwargs.get("top_k_weights")
+            if idx is not None and w is not None:
+                fn(idx.detach(), w.detach())
+
+        return ex.register_forward_pre_hook(pre, with_kwargs=True)
+    router = next((getattr(block.module, n) for n in ("router", "gate") if hasattr(block.module, n)), None)
+    if router is None or not getattr(router, "top_k", None):
+        return None
+
+    def post(module, args, output):
+        if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
+            scores, logits = output
+            idx = torch.topk(logits.detach(), int(module.top_k), dim=-1).indices
+            fn(idx, scores.detach().gather(-1, idx))
+
+    return router.register_forward_hook(post)
 
 
 def write_out_weight(down: torch.nn.Module) -> torch.Tensor:

@@ -16,6 +16,7 @@ __all__ = [
     "LENS_TOP_ID",
     "LOGIT_ENTROPY",
     "MLP_TOKEN_ARRAYS",
+    "ROUTING_ARRAYS",
     "TOKEN_AXIS",
     "TOKEN_COLUMNS",
     "TOKEN_IDS",
@@ -35,8 +36,10 @@ class TokenColumn:
         dtype: numpy dtype of the array (``object`` for text).
         per_layer: one value per layer and token: the array is [Ly, T] ([Ly, T, k] with ``width``), the column a
             fixed-size list of Ly (Ly * k) values per token; else the array is [T].
-        width: ``"k"`` for the top-k columns (``meta["top_k"]`` values per layer), else ``""``.
+        width: the ``meta`` key of how many values per layer the column holds (``"top_k"`` for the top-k neurons,
+            ``"experts_per_token"`` for the routing), else ``""``.
         lens: written only by a ``--logit-lens`` run.
+        moe: written only for a model with mixture-of-experts blocks (-1 / NaN on its dense layers).
         derived: computed when the shard is written (not part of the in-memory profile).
     """
 
@@ -47,6 +50,7 @@ class TokenColumn:
     width: str = ""
     lens: bool = False
     derived: bool = False
+    moe: bool = False
 
     @property
     def token_axis(self) -> int:
@@ -79,15 +83,18 @@ TOKEN_COLUMNS = (
     TokenColumn(LOGIT_ENTROPY, "logit_entropy", "float32"),
     TokenColumn("mlp.in_norm", "in_norm", "float32", per_layer=True),
     TokenColumn("mlp.out_norm", "out_norm", "float32", per_layer=True),
-    TokenColumn("mlp.topk_idx", "topk_idx", "int32", per_layer=True, width="k"),
-    TokenColumn("mlp.topk_val", "topk_val", "float32", per_layer=True, width="k"),
+    TokenColumn("mlp.topk_idx", "topk_idx", "int32", per_layer=True, width="top_k"),
+    TokenColumn("mlp.topk_val", "topk_val", "float32", per_layer=True, width="top_k"),
+    TokenColumn("mlp.experts", "experts", "int32", per_layer=True, width="experts_per_token", moe=True),
+    TokenColumn("mlp.expert_weights", "expert_weights", "float32", per_layer=True, width="experts_per_token", moe=True),
     *LENS_COLUMNS,
 )
 
 
-def token_columns(logit_lens: bool) -> tuple[TokenColumn, ...]:
-    """The token columns of a run (the lens ones only when it ran with ``--logit-lens``)."""
-    return tuple(c for c in TOKEN_COLUMNS if logit_lens or not c.lens)
+def token_columns(logit_lens: bool, moe: bool = False) -> tuple[TokenColumn, ...]:
+    """The token columns of a run (the lens ones only when it ran with ``--logit-lens``, the routing ones only for a
+    model with mixture-of-experts blocks)."""
+    return tuple(c for c in TOKEN_COLUMNS if (logit_lens or not c.lens) and (moe or not c.moe))
 
 
 def lens_fields() -> tuple[str, ...]:
@@ -96,7 +103,9 @@ def lens_fields() -> tuple[str, ...]:
 
 
 # the down_proj statistics per token (``down_proj_stats``' outputs of the same names without ``mlp.``)
-MLP_TOKEN_ARRAYS = tuple(c.key for c in TOKEN_COLUMNS if c.key and c.key.startswith("mlp."))
+MLP_TOKEN_ARRAYS = tuple(c.key for c in TOKEN_COLUMNS if c.key and c.key.startswith("mlp.") and not c.moe)
+# the routing of mixture-of-experts blocks per token
+ROUTING_ARRAYS = tuple(c.key for c in TOKEN_COLUMNS if c.moe)
 # the lens arrays a profile holds, [Ly, T] each (``lens.top_token`` is derived when a run writes its tables)
 LENS_ARRAYS = tuple(c.key for c in LENS_COLUMNS if not c.derived)
 # every per-token array of a profile but the attention vectors -> the axis that runs over the tokens

@@ -23,6 +23,8 @@ from attnscope.kernels.stats import (
     CTX_VALUE,
     DIST,
     DIST_ACC,
+    EXPERT_TOKENS,
+    EXPERT_WEIGHT,
     HIST_ALL,
     HIST_ALL_ACC,
     HIST_LOG,
@@ -43,7 +45,7 @@ from attnscope.kernels.stats import (
 
 from .accum import ACCUM, Accumulator
 from .blocks import base_model
-from .columns import LENS_TOP_ID, LOGIT_ENTROPY, MLP_TOKEN_ARRAYS, TOKEN_IDS, token_columns
+from .columns import LENS_TOP_ID, LOGIT_ENTROPY, MLP_TOKEN_ARRAYS, ROUTING_ARRAYS, TOKEN_IDS, token_columns
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
 from .data import ATTN_VECTORS, SCHEMA_VERSION, mean_distance
@@ -80,6 +82,7 @@ class BatchStats:
     thumbs: list  # per prompt [Ly, H, r, r] float32 (the vectors tier), else None
     full: dict = field(default_factory=dict)  # (batch row, layer, head) -> [L, L] kept full matrices
     mlp: dict = field(default_factory=dict)  # layer -> down_proj statistics of the batch's real tokens, row-major
+    route: dict = field(default_factory=dict)  # MoE layer -> (experts [T_batch, k] int32, weights [T_batch, k])
     entropy: np.ndarray | None = None  # [T_batch] next-token entropy of the real tokens, row-major
     lens: dict | None = None  # logit-lens field -> [Ly, T_batch]
 
@@ -181,6 +184,9 @@ class Engine:
         self.vectors = ATTN_VECTORS
         spec = cfg.spec
         self.dims = {"Ly": self.Ly, "H": self.H, "bins": spec.bins, "R": spec.thumb_size, "V": len(VECTORS)}
+        self.moe = self.layers["experts"]  # {"n_experts", "experts_per_token"}, or None for a dense model
+        if self.moe:
+            self.dims["E"] = self.moe["n_experts"]
         self._decoded: dict[int, str] = {}
         # the tokenising thread and the lens' decoding (main thread) share the tokenizer: one call at a time
         self._tok_lock = threading.Lock()
@@ -310,10 +316,17 @@ class Engine:
                 st["ctx_value"], st["ctx_index"] = top_contexts(xs, cfg.neuron_contexts)  # [k, d_ff]
             r.mlp[layer] = {name: t.cpu().numpy() for name, t in st.items()}
 
+        def on_route(layer, idx, w):
+            k = idx.shape[-1]
+            r.route[layer] = (
+                idx.reshape(B, Lmax, k)[sel].to(torch.int32).cpu().numpy(),
+                w.reshape(B, Lmax, k)[sel].float().cpu().numpy(),
+            )
+
         lens = LensCollector(self.model, dev_ids, mask.to(self.device), cfg.impl) if cfg.logit_lens else None
         with (
             torch.no_grad(),
-            capture(self.model, on_attention, on_mlp) as info,
+            capture(self.model, on_attention, on_mlp, on_route if self.moe else None) as info,
             residual_hooks(self.model, lens.on_layer) if lens else contextlib.nullcontext(),
         ):
             hidden = self.base(input_ids=dev_ids, attention_mask=mask.to(self.device), use_cache=False)[0]
@@ -389,6 +402,8 @@ class Engine:
             "device": str(self.device),
             "attn_implementation": model.config._attn_implementation,
             "layers": self.layers["layers"],
+            "n_experts": self.moe["n_experts"] if self.moe else None,
+            "experts_per_token": self.moe["experts_per_token"] if self.moe else None,
             "attention_notes": self.layers["notes"],
             "tokenizer": {
                 "class": type(self.tok).__name__,
@@ -419,11 +434,15 @@ class _ShardBuffers:
         self.thumbs: list | None = [None] * P if keep else None
         # every per-token array but the token ids (the caller's) and the derived lens text, as the run stores it
         shape = {False: (T,), True: (Ly, T)}
+        widths = {"top_k": cfg.top_k, "experts_per_token": (eng.moe or {}).get("experts_per_token")}
         self.per_token = {
-            c.key: np.zeros(shape[c.per_layer] + ((cfg.top_k,) if c.width else ()), c.dtype)
-            for c in token_columns(cfg.logit_lens)
+            c.key: np.full(shape[c.per_layer] + ((widths[c.width],) if c.width else ()), -1 if c.moe else 0, c.dtype)
+            for c in token_columns(cfg.logit_lens, bool(eng.moe))
             if c.key not in (None, TOKEN_IDS) and not c.derived
         }
+        for key in ROUTING_ARRAYS:  # dense layers of a MoE model: no expert (-1), no weight (NaN)
+            if key in self.per_token and self.per_token[key].dtype.kind == "f":
+                self.per_token[key][:] = np.nan
         self.row_means = np.zeros((P, Ly, H, len(VECTORS)), np.float32)
         self.distance = np.full((P, Ly, H), np.nan)
         self.acc = Accumulator().allocate(self.dims, *_ATTN_ACCUMS)
@@ -469,6 +488,15 @@ class _ShardBuffers:
         out[LOGIT_ENTROPY][where] = r.entropy
         for f, a in (r.lens or {}).items():
             out[f"lens.{f}"][:, where] = a
+        for layer, (idx, w) in sorted(r.route.items()):  # MoE routing: per token, and the experts' load
+            out[ROUTING_ARRAYS[0]][layer, where] = idx
+            out[ROUTING_ARRAYS[1]][layer, where] = w
+            E = self.dims["E"]
+            acc.allocate(self.dims, EXPERT_TOKENS, EXPERT_WEIGHT)
+            acc.fold(EXPERT_TOKENS, np.bincount(idx.ravel(), minlength=E)[:E], at=layer)
+            acc.fold(
+                EXPERT_WEIGHT, np.bincount(idx.ravel(), weights=w.ravel().astype(np.float64), minlength=E)[:E], at=layer
+            )
         for layer in sorted(r.mlp):
             st = r.mlp[layer]
             for key in MLP_TOKEN_ARRAYS:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .blocks import UnsupportedModelError, check_capturable, mlp_blocks
+from .blocks import UnsupportedModelError, check_capturable, mlp_blocks, routing_hook
 
 __all__ = [
     "SDP_BACKENDS",
@@ -395,6 +395,7 @@ def capture(
     model: torch.nn.Module,
     on_attention: Callable[[AttentionCall], None],
     on_mlp: Callable[[int, torch.Tensor | None, torch.Tensor], None] | None = None,
+    on_route: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Iterator[CaptureInfo]:
     """Route every attention layer of ``model`` through attnscope while the context is open.
 
@@ -405,6 +406,9 @@ def capture(
         on_mlp: called as ``(layer, x, y)`` for each MLP block: a dense block's down projection input
             x [B, L, d_ff] (the neuron activations) and output y [B, L, d_model] (the block's output); a
             mixture-of-experts block's output y [B, L, d_model] with x None.
+        on_route: called as ``(layer, experts [B * L, k] int64, weights [B * L, k])`` for each mixture-of-experts
+            block: the experts its router chose for each token (row-major over the batch) and their weights, as the
+            block applies them (``blocks.routing_hook``).
 
     Yields a ``CaptureInfo`` that fills as the model runs. The model's own attention implementation and every
     hook are restored in ``finally``, also on error.
@@ -426,6 +430,15 @@ def capture(
                     hooked = block.down if block.down is not None else block.module
                     hook = _mlp_hook(layer, block.down is not None, on_mlp)
                     handles.append(hooked.register_forward_hook(hook, with_kwargs=True))
+            if on_route is not None:
+                for layer, block in mlp_blocks(model).items():
+                    h = (
+                        routing_hook(block, lambda idx, w, layer=layer: on_route(layer, idx, w))
+                        if block.kind == "moe"
+                        else None
+                    )
+                    if h is not None:
+                        handles.append(h)
             config._attn_implementation = IMPL_NAME
             yield info
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .blocks import write_out_weight
+from .blocks import decoder_layers, write_out_weight
 from .data import topk_fold
 from .hooks import down_proj_modules
 from .lens import lens_modules
@@ -104,7 +104,8 @@ def promoted_tokens(
     """The k tokens each neuron's output vector promotes most, for every layer.
 
     Returns ``{"token": [layers, d_ff, k] int64, "logit": [layers, d_ff, k] float32}``: the logit contribution per
-    unit of activation, largest first. Memory O(vocab x chunk); with ``cache`` (a file path) the result is read
+    unit of activation, largest first (-1 / NaN for layers without a dense MLP, e.g. mixture-of-experts layers,
+    and past a narrower layer's d_ff). Memory O(vocab x chunk); with ``cache`` (a file path) the result is read
     from there when present and written there otherwise.
     """
     if cache is not None and Path(cache).is_file():
@@ -117,7 +118,7 @@ def promoted_tokens(
     w_u = head.weight.detach().float()  # [V, d]
     gain = getattr(norm, "weight", None)
     layers = sorted(down_proj_modules(model))
-    tokens, logits = [], []
+    tokens, logits = {}, {}
     with torch.no_grad():
         for layer in layers:
             w_out = write_out_matrix(model, layer).float()  # [d, F]
@@ -129,9 +130,15 @@ def promoted_tokens(
                 val, idx = contrib.topk(min(k, contrib.shape[0]), dim=0)  # [k, chunk]
                 tok_l.append(idx.T)
                 val_l.append(val.T)
-            tokens.append(torch.cat(tok_l).cpu().numpy())
-            logits.append(torch.cat(val_l).cpu().numpy())
-    out = {"token": np.stack(tokens).astype(np.int64), "logit": np.stack(logits).astype(np.float32)}
+            tokens[layer] = torch.cat(tok_l).cpu().numpy()
+            logits[layer] = torch.cat(val_l).cpu().numpy()
+    Ly = len(decoder_layers(model))
+    F = max((t.shape[0] for t in tokens.values()), default=0)
+    kk = min(k, w_u.shape[0])
+    out = {"token": np.full((Ly, F, kk), -1, np.int64), "logit": np.full((Ly, F, kk), np.nan, np.float32)}
+    for layer, t in tokens.items():
+        out["token"][layer, : t.shape[0]] = t
+        out["logit"][layer, : t.shape[0]] = logits[layer]
     if cache is not None:
         from safetensors.numpy import save_file
 

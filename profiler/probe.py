@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import UnsupportedModelError, base_model, decoder_layers, mlp_blocks, model_geometry
+from .blocks import UnsupportedModelError, base_model, decoder_layers, mlp_blocks, model_geometry, n_experts
 from .hooks import AttentionCall, capture
 
 __all__ = ["describe_layers"]
@@ -18,7 +18,8 @@ def describe_layers(model: torch.nn.Module) -> dict:
     every mask is built). ``layers[i]`` is ``{"layer", "attention", "mlp"}``: ``attention`` is ``{"kind", "window",
     "chunk", "scaling", "softcap", "sinks"}`` (None: not an attention layer, e.g. a hybrid's linear-attention
     layer), ``mlp`` is ``"dense"``, ``"moe"`` or None. ``geometry`` is ``model_geometry``'s, with heads, KV heads and
-    q/k head size as the queries and keys have them; ``notes`` say where the backend differs from eager code."""
+    q/k head size as the queries and keys have them; ``experts`` is ``{"n_experts", "experts_per_token"}`` of the
+    MoE layers whose routing is seen (None: none); ``notes`` say where the backend differs from eager code."""
     geom = model_geometry(model)
     seen: dict[int, AttentionCall] = {}
     device = next(model.parameters()).device
@@ -26,7 +27,9 @@ def describe_layers(model: torch.nn.Module) -> dict:
     ids = (torch.arange(12, device=device).reshape(2, 6) * 7 + 3) % vocab
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
-    with torch.no_grad(), capture(model, lambda call: seen.__setitem__(call.layer, call)) as info:
+    routed: dict[int, int] = {}  # MoE layer -> experts per token
+    on_route = lambda layer, idx, w: routed.__setitem__(layer, int(idx.shape[-1]))  # noqa: E731
+    with torch.no_grad(), capture(model, lambda call: seen.__setitem__(call.layer, call), None, on_route) as info:
         base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
     if not seen:
         raise UnsupportedModelError(
@@ -51,9 +54,21 @@ def describe_layers(model: torch.nn.Module) -> dict:
         "head_dim": int(first.query.shape[-1]),
         "n_layers": len(decoder_layers(model)),
     }
-    mlp = {layer: b.kind for layer, b in mlp_blocks(model).items()}
+    blocks = mlp_blocks(model)
+    mlp = {layer: b.kind for layer, b in blocks.items()}
+    experts = None
+    if routed:
+        E = {n_experts(blocks[layer]) for layer in routed}
+        ks = set(routed.values())
+        if len(E) != 1 or None in E or len(ks) != 1:
+            raise UnsupportedModelError(
+                f"unsupported architecture {geom['model_type']!r}: its MoE layers differ in experts or experts per "
+                f"token ({sorted(map(str, E))}, {sorted(ks)})"
+            )
+        experts = {"n_experts": E.pop(), "experts_per_token": ks.pop()}
     return {
         "geometry": geom,
         "layers": [{"layer": i, "attention": attention.get(i), "mlp": mlp.get(i)} for i in range(geom["n_layers"])],
+        "experts": experts,
         "notes": sorted(info.notes),
     }

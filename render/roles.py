@@ -28,12 +28,26 @@ from attnscope.kernels.stats import ROLES as DECLARED_ROLES
 
 from .summary import head_summary
 
-__all__ = ["ROLE_THRESHOLDS", "ROLES", "head_roles", "plot_head_roles", "role_summary"]
+__all__ = [
+    "NOT_ATTENTION",
+    "ROLE_THRESHOLDS",
+    "ROLES",
+    "head_roles",
+    "non_attention_layers",
+    "plot_head_roles",
+    "role_summary",
+]
 
 # role -> (score, threshold), in the order ``stats.ROLES`` declares them (a tie goes to the earlier role)
 ROLE_THRESHOLDS: dict[str, tuple[str, float]] = {r.name: (r.score, r.threshold) for r in DECLARED_ROLES}
-ROLES = (*ROLE_THRESHOLDS, "mixed")
-_ROLE_COLOURS = (*(r.colour for r in DECLARED_ROLES), MIXED_COLOUR)
+NOT_ATTENTION = "not attention"  # a hybrid's layers of another kind (linear attention, state space)
+ROLES = (*ROLE_THRESHOLDS, "mixed", NOT_ATTENTION)
+_ROLE_COLOURS = (*(r.colour for r in DECLARED_ROLES), MIXED_COLOUR, "#ffffff")
+
+
+def non_attention_layers(prof) -> list[int]:
+    """The layers the run's probe saw make no attention call (``meta.layers[i].attention`` null)."""
+    return [i for i, lay in enumerate(prof.meta.get("layers") or []) if lay.get("attention") is None]
 
 
 def _mean_log_keys(prof) -> float:
@@ -56,6 +70,13 @@ def head_roles(prof) -> dict[str, np.ndarray]:
     best = ratio.argmax(0)
     names = np.array(list(ROLE_THRESHOLDS), dtype=object)
     s["role"] = np.where(ratio.max(0) >= 1.0, names[best], "mixed")
+    other = non_attention_layers(prof)
+    if other:  # no scores there: NaN, and their own label
+        for name, a in s.items():
+            if name != "role" and np.asarray(a).dtype.kind == "f":
+                s[name] = np.array(a, dtype=np.float64)
+                s[name][other] = np.nan
+        s["role"][other] = NOT_ATTENTION
     return s
 
 
@@ -77,6 +98,8 @@ def role_summary(r: dict[str, np.ndarray], top: int = 3) -> list[str]:
         f"{'mixed':>15} (passes none): {int((role == 'mixed').sum()):3d} heads; a head that passes several "
         "thresholds is labelled with the one it passes by the largest factor (score / threshold)"
     )
+    if (role == NOT_ATTENTION).any():
+        lines.append(f"{NOT_ATTENTION:>15}: {int((role == NOT_ATTENTION).sum()):3d} heads (layers of another kind)")
     return lines
 
 
@@ -108,7 +131,7 @@ def plot_head_roles(prof, scores=(INDUCTION.summary, DUP.summary, PREV.summary, 
     ax.set_ylabel("layer")
     present = [i for i in range(len(ROLES)) if (codes == i).any()]
     ax.legend(
-        handles=[Patch(color=_ROLE_COLOURS[i], label=ROLES[i]) for i in present],
+        handles=[Patch(facecolor=_ROLE_COLOURS[i], edgecolor="0.6", label=ROLES[i]) for i in present],
         loc="upper center",
         bbox_to_anchor=(0.5, -0.08 - 0.6 / max(Ly, 1)),
         ncol=2,
@@ -120,7 +143,7 @@ def plot_head_roles(prof, scores=(INDUCTION.summary, DUP.summary, PREV.summary, 
         ax.set_xticks(range(0, H, step))
     for ax, name in zip(axes[1:], scores):
         # each score on its own scale from 0 to its maximum, so a weak role is still visible; the bar says so
-        top = max(float(r[name].max()), 1e-3)
+        top = max(float(np.nanmax(r[name], initial=0.0)), 1e-3)
         im = ax.imshow(r[name], cmap="viridis", vmin=0.0, vmax=top, aspect="auto", interpolation="nearest")
         ax.set_title(f"{name} score (max {top:.2f})", fontsize=9)
         ax.set_xlabel("head")

@@ -206,6 +206,34 @@ def mlp_block_outputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     return out
 
 
+def router_choices(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """MoE layer -> (experts [L, k], weights [L, k]) from a forward hook on its router (``gate`` / ``router``):
+    transformers' routers return (logits, weights, experts); Llama-4's (scores [L, E], logits)."""
+    base = model.model if model.base_model is model else model.base_model
+    out, handles = {}, []
+    for i, layer in enumerate(getattr(base, "layers", None) or []):  # every MoE type keeps model.layers
+        block = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None) or layer.block_sparse_moe
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        if router is None or not hasattr(block, "experts"):
+            continue
+
+        def hook(module, args, o, i=i):
+            if len(o) == 3:
+                out[i] = (o[2], o[1])
+            else:
+                idx = torch.topk(o[1], module.top_k, dim=-1).indices
+                out[i] = (idx, o[0].gather(-1, idx))
+
+        handles.append(router.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
 PROMPTS = [
     "the cat and the dog were in the river by the stone light of the day so we know them and their work "
     "is good for the people who come back",
@@ -254,8 +282,31 @@ def test_profile_equals_eager_attention_and_mlp_block(model_type):
             assert_verbose_allclose(
                 prof.arrays["mlp.out_norm"][i, lo:hi], want, atol=1e-3, rtol=1e-3, name=f"{model_type} L{i} mlp"
             )
-    if model_type == "qwen3_next":
+        for i, (idx, w) in router_choices(model, ids).items():  # the MoE routing per token
+            assert np.array_equal(prof.arrays["mlp.experts"][i, lo:hi], idx.numpy()), f"{model_type} L{i} experts"
+            assert_verbose_allclose(
+                prof.arrays["mlp.expert_weights"][i, lo:hi], w.double(), atol=1e-5, rtol=1e-5, name=f"L{i} weights"
+            )
+    moe = [i for i, lay in enumerate(layers) if lay["mlp"] == "moe"]
+    if moe:  # each MoE layer routes every token to k experts; the load sums what the tokens' routing says
+        E, k = prof.meta["n_experts"], prof.meta["experts_per_token"]
+        idx, w = prof.arrays["mlp.experts"], prof.arrays["mlp.expert_weights"]
+        tokens, weight = prof.arrays["mlp.expert_tokens"], prof.arrays["mlp.expert_weight"]
+        for i in range(NL):
+            if i in moe:
+                assert np.array_equal(tokens[i], np.bincount(idx[i].ravel(), minlength=E)), f"L{i} load"
+                assert_verbose_allclose(weight[i], np.bincount(idx[i].ravel(), w[i].ravel(), E), name=f"L{i} weight")
+                assert tokens[i].sum() == k * prof.n_tokens
+            else:
+                assert (idx[i] == -1).all() and np.isnan(w[i]).all() and tokens[i].sum() == 0
+    else:
+        assert prof.meta["n_experts"] is None and "mlp.experts" not in prof.arrays
+    if model_type == "qwen3_next":  # a hybrid: its linear-attention layers are said to be none of attention's
+        from attnscope.render.roles import NOT_ATTENTION, head_roles
+
         assert [lay["attention"] is None for lay in layers] == [True, False, True, False]
+        roles = head_roles(prof)
+        assert (roles["role"][[0, 2]] == NOT_ATTENTION).all() and (roles["role"][[1, 3]] != NOT_ATTENTION).all()
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "granite", "cohere", "opt", "llama4_text", "gpt2", "gpt_oss"])
@@ -275,6 +326,52 @@ def test_logit_lens_last_layer_is_the_models_own_distribution(model_type):
     target = ids[0, 1:]
     want = logp[:-1].gather(-1, target[:, None])[:, 0].exp()
     assert_verbose_allclose(lens["target_prob"][-1][:-1], want, atol=1e-4, rtol=1e-4, name="target_prob")
+
+
+def test_moe_run_answers_sql_on_experts_and_routing(tmp_path):
+    # a run of a MoE model on disk: the experts view (load per layer and expert) and the tokens' routing columns,
+    # read back equal to the in-memory profile
+    pytest.importorskip("duckdb")
+    from attnscope.profiler import load
+
+    from attnscope.cli import main
+    from attnscope.cli.run import sql_connection
+
+    model, tok = build_model("qwen2_moe"), word_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    run = tmp_path / "run"
+    assert (
+        main(["profile", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--out", str(run)]) == 0
+    )
+    prof = load(run)
+    con = sql_connection(run)
+    rows = con.execute("select layer, sum(tokens), sum(share) from experts group by layer order by layer").fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(i, 2 * 50) for i in (1, 2, 3)]  # layer 0 is dense; 50 tokens, k = 2
+    assert all(abs(r[2] - 1) < 1e-9 for r in rows)
+    got = con.execute("select experts, expert_weights from tokens order by prompt, position").fetchall()
+    experts = np.array([r[0] for r in got]).reshape(-1, NL, 2).transpose(1, 0, 2)
+    assert np.array_equal(experts, prof.arrays["mlp.experts"][:])
+    weights = np.array([r[1] for r in got], dtype=np.float64).reshape(-1, NL, 2).transpose(1, 0, 2)
+    assert np.allclose(weights, prof.arrays["mlp.expert_weights"][:], equal_nan=True)
+    assert np.array_equal(prof.arrays["mlp.expert_tokens"][1:].sum(1), [100, 100, 100])
+
+
+def test_ffn_memories_of_a_model_with_dense_and_moe_layers():
+    # Llama-4 alternates dense MLPs (layers 0, 2) and MoE blocks (1, 3): neuron contexts, promoted tokens and rules
+    # are of the dense layers, indexed by layer; the MoE layers have none
+    from attnscope.profiler import profile
+    from attnscope.profiler.memories import promoted_tokens
+    from attnscope.render.memories import neuron_rules
+
+    model, tok = build_model("llama4_text"), word_tokenizer()
+    prof = profile(model, tok, PROMPTS, neuron_contexts=3, progress=False)
+    promoted = promoted_tokens(model, k=3)
+    assert promoted["token"].shape[:2] == (NL, 128)
+    assert (promoted["token"][[1, 3]] == -1).all() and (promoted["token"][[0, 2]] >= 0).all()
+    vocab = {i: tok.decode([i]) for i in range(128)}
+    rules = neuron_rules(prof, promoted, vocab, top_neurons=2, window=3)
+    assert sorted({r["layer"] for r in rules}) == [0, 2]
 
 
 @pytest.mark.parametrize("model_type", UNSUPPORTED)

@@ -66,7 +66,7 @@ def test_shards_equal_one_shard_and_in_memory(setup, rng, tmp_path):
     _assert_arrays_equal(many, mem, per_prompt)
     _assert_arrays_equal(one, mem, list(mem.arrays))
     # float64 sums over shards add in another grouping
-    _assert_arrays_equal(many, mem, ACCUM_NAMES, exact=False)
+    _assert_arrays_equal(many, mem, [n for n in ACCUM_NAMES if n in mem.arrays], exact=False)  # dense: no experts
     assert repr(many).startswith("Profile(") and len(repr(many)) < 200
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from attnscope.kernels.stats import (
     DIST,
+    EXPERT_TOKENS,
+    EXPERT_WEIGHT,
     NEURON_ARGMAX,
     NEURON_MAX,
     NEURON_SUM,
@@ -195,7 +197,8 @@ class _RunArrays(Mapping):
         self.cache: dict[str, np.ndarray] = {}
         meta = data.meta
         self.vec_names = [f"attn.{v}" for v in meta["vectors"]] if data.doc.get("keep_vectors") else []
-        self.columns = {c.key: c for c in token_columns(bool(meta.get("logit_lens"))) if c.key is not None}
+        cols = token_columns(bool(meta.get("logit_lens")), bool(meta.get("experts_per_token")))
+        self.columns = {c.key: c for c in cols if c.key is not None}
         self.token_names = [*self.columns, "prompts.offsets"]
 
     def _names(self) -> list[str]:
@@ -218,7 +221,6 @@ class _RunArrays(Mapping):
         if name in self.cache:
             return self.cache[name]
         d, Ly, H = self.data, int(self.data.meta["n_layers"]), int(self.data.meta["n_heads"])
-        k = int(d.meta["top_k"])
         T = int(d.doc["n_tokens"])
         token0 = np.array([sh["token0"] for sh in d.shards] + [T], dtype=np.int64)
 
@@ -229,9 +231,10 @@ class _RunArrays(Mapping):
             out = d.offsets()
         elif name in self.columns:
             c = self.columns[name]
+            k = int(d.meta[c.width]) if c.width else 1
             shape = (Ly, T, k) if c.width else (Ly, T) if c.per_layer else (T,)
 
-            def load(s, c=c):  # one shard's [T_s] or [Ly, T_s(, k)] from its column
+            def load(s, c=c, k=k):  # one shard's [T_s] or [Ly, T_s(, k)] from its column
                 a = d.token_part(s, c.column)  # [T_s], or [T_s, Ly (* k)] for a list column
                 if c.per_layer:
                     a = np.ascontiguousarray(
@@ -357,4 +360,20 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
             "std": np.sqrt(np.maximum(prof.arrays[NEURON_SUMSQ.key] / n - mean**2, 0)).reshape(-1),
         }
     out["neurons"] = pa.table(neurons) if neurons else None
+    out["experts"] = None
+    if EXPERT_TOKENS.key in prof.arrays:  # MoE layers: each expert's load (dense layers of the model are absent)
+        tok, w = prof.arrays[EXPERT_TOKENS.key], prof.arrays[EXPERT_WEIGHT.key]  # [Ly, E]
+        moe = np.flatnonzero(tok.sum(1) > 0)
+        E = tok.shape[1]
+        share = tok[moe] / np.maximum(tok[moe].sum(1, keepdims=True), 1)
+        out["experts"] = pa.table(
+            {
+                "layer": np.repeat(moe, E),
+                "expert": np.tile(np.arange(E), len(moe)),
+                "tokens": tok[moe].reshape(-1),
+                "share": share.reshape(-1),
+                "weight_sum": w[moe].reshape(-1),
+                "mean_weight": (w[moe] / np.maximum(tok[moe], 1)).reshape(-1),
+            }
+        )
     return out

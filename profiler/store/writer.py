@@ -44,7 +44,7 @@ from .layout import (
 )
 
 
-def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence[str], logit_lens: bool):
+def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence[str], logit_lens: bool, moe: bool):
     """The three Parquet tables of a shard whose first prompt is number ``prompt0`` in the run: index, prompts,
     tokens. Nothing in them depends on the tokens before the shard, so a shard can be written before the shards
     ahead of it are done (a Ray actor writes its own)."""
@@ -76,7 +76,7 @@ def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence
     prompts = pa.table(cols)
     tokens = {"prompt": np.repeat(prompt, shard.lengths)}
     tokens["position"] = (np.arange(T) - np.repeat(offsets[:-1], shard.lengths)).astype(np.int32)
-    for c in token_columns(logit_lens):
+    for c in token_columns(logit_lens, moe):
         if c.key is None:  # the token text
             tokens[c.column] = pa.array(shard.token_text, pa.string())
             continue
@@ -112,7 +112,9 @@ def write_shard_files(root: str | os.PathLike, name: str, shard: Shard, prompt0:
     ``commit_staged`` for files written under ``.staging/`` by a helper)."""
     root = Path(root)
     Ly, H = int(meta["n_layers"]), int(meta["n_heads"])
-    index, prompts, tokens = _shard_tables(shard, prompt0, Ly, H, meta["vectors"], bool(meta.get("logit_lens")))
+    index, prompts, tokens = _shard_tables(
+        shard, prompt0, Ly, H, meta["vectors"], bool(meta.get("logit_lens")), bool(meta.get("experts_per_token"))
+    )
     files = []
     for part, table in (("index", index), ("prompts", prompts), ("tokens", tokens)):
         (root / part).mkdir(parents=True, exist_ok=True)

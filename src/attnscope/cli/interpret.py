@@ -72,6 +72,12 @@ def cmd_rules(args) -> int:
             raise CLIError(f"{name} must be >= 1, got {v}")
     prof = load_profile(args.profile)
     if CTX_VALUE.key not in prof.arrays:
+        kinds = {(lay or {}).get("mlp") for lay in prof.meta.get("layers") or []}
+        if kinds == {"moe"}:
+            raise CLIError(
+                f"{args.profile}: every MLP block of {prof.meta.get('model_type')} is a mixture of experts, whose "
+                "neurons attnscope does not record yet (no FFN memories to make rules of)"
+            )
         raise CLIError(f"{args.profile} kept no neuron contexts: profile again with --neuron-contexts K (K > 0)")
     out = writable(Path(args.out) if args.out else Path(args.profile), "rules.json and rules.parquet", bool(args.out))
     model_id = args.model or prof.meta.get("model_id")
@@ -85,7 +91,7 @@ def cmd_rules(args) -> int:
         raise CLIError(f"{model_id} is not the model of {args.profile} (its config or weights differ); pass --model")
     cache = cache_dir() / "promoted" / f"{prof.meta['weights_digest']}-k{args.promoted}.safetensors"
     promoted = promoted_tokens(model, k=args.promoted, cache=cache)
-    ids = np.unique(promoted["token"])
+    ids = np.unique(promoted["token"][promoted["token"] >= 0])  # -1: no dense MLP in that layer
     vocab = dict(zip(ids.tolist(), tok.batch_decode([[int(i)] for i in ids])))
     rules = neuron_rules(prof, promoted, vocab, top_neurons=args.top_neurons, window=args.window)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ VIEWS = {
     "tokens": "one row per token: prompt, position, token_id, token, logit_entropy, in_norm[], out_norm[], topk_*[]",
     "neurons": "one row per (layer, neuron) of down_proj: max, argmax_token (its token's position in the run: "
     "prompt_index.token_offset + position), mean, std over all tokens",
+    "experts": "one row per (MoE layer, expert): tokens routed to it, share of the layer's routings, weight_sum, "
+    "mean_weight (tokens' experts[] and expert_weights[] hold each token's routing)",
     "prompt_index": "one row per prompt: prompt, prompt_id, sha256, n_tokens, token_offset, preview",
     "logit_lens": "one row per (token, layer) of a --logit-lens run: top_id, top_token, top_prob, entropy, "
     "target_prob, target_rank, final_prob",
@@ -115,6 +117,8 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
     con.register("heads", _heads_with_roles(run, t["heads"]))
     if t["neurons"] is not None:
         con.register("neurons", t["neurons"])
+    if t.get("experts") is not None:
+        con.register("experts", t["experts"])
     con.execute("set lock_configuration = true")
     return con
 
