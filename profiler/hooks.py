@@ -271,6 +271,11 @@ def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise UnsupportedModelError(f"attention module {type(module).__name__} has no layer_idx")
+    if kwargs.get("position_bias") is not None:  # Inkling's relative-position logits: an L x L additive bias
+        raise UnsupportedModelError(
+            f"layer {layer} adds a position_bias to its attention scores (an L x L additive bias): attnscope's "
+            "statistics take scores that are q . k scaled, softcapped and masked by two integers per row only"
+        )
     window, chunk = _layer_kind(session, attention_mask, kwargs.get("sliding_window"), int(layer))
     if softcap is not None or sinks is not None:
         lse = None  # the kernel's lse need not be of the capped scores or count the sinks

@@ -385,6 +385,18 @@ def test_unsupported_architecture_says_why_before_any_work(model_type):
     assert "\n" not in str(err.value)
 
 
+def test_attention_with_a_position_bias_is_refused_in_one_line():
+    # Inkling adds relative-position logits (an L x L bias) to q . k: not expressible as two integers per row
+    from attnscope.profiler import UnsupportedModelError, profile
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(build_config("inkling_text"))
+    with pytest.raises(UnsupportedModelError, match="layer 0 adds a position_bias") as err:
+        profile(model, word_tokenizer(), PROMPTS, progress=False)
+    assert "\n" not in str(err.value)
+    assert model.config._attn_implementation != "attnscope"  # restored
+
+
 def markdown_table() -> str:
     """The README's table of supported architectures, from the sweep."""
     from attnscope.profiler import describe_layers
