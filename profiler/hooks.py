@@ -111,6 +111,7 @@ class _Session:
     on_attention: Callable[[torch.nn.Module, AttentionCall], None]
     info: CaptureInfo
     masks: dict = field(default_factory=dict)  # id(mask) -> (mask, window, chunk); None: ambiguous
+    calls: dict = field(default_factory=dict)  # layer -> (query, key) of its last call in this forward
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("attnscope_capture", default=None)
@@ -291,6 +292,10 @@ def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):
         lse,
     )
     session.info.layers[call.layer] = (window, chunk)
+    last = session.calls.get(call.layer)
+    if last is not None and last[0] is query and last[1] is key:
+        return out  # the same scores again (DiffLlama's second call, on the other half of V): counted once
+    session.calls[call.layer] = (query, key)
     session.on_attention(module, call)
     return out
 

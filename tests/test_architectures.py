@@ -126,6 +126,7 @@ SWEEP: dict[str, dict] = {
     "apertus": {},
     "arcee": {},
     "dots1": dict(n_shared_experts=1, first_k_dense_replace=1, sliding_window=W, max_window_layers=0, layer_types=ALT),
+    "diffllama": {},  # two interface calls per layer on the same q and k (differential attention acts on V)
     "qwen3_next": dict(
         layer_types=["linear_attention", "full_attention"] * (NL // 2),
         linear_num_key_heads=2,
@@ -254,6 +255,7 @@ def test_profile_equals_eager_attention_and_mlp_block(model_type):
     assert prof.meta["attention_notes"] == []
     model.set_attn_implementation("eager")
     offsets = np.concatenate([[0], np.cumsum([p["n_tokens"] for p in prof.prompts])])
+    pairs: dict[int, int] = {}  # attention layer -> allowed (query, key) pairs over both prompts
     for n, text in enumerate(PROMPTS):
         ids = torch.tensor([tok(text)["input_ids"]])
         L = ids.shape[1]
@@ -269,6 +271,7 @@ def test_profile_equals_eager_attention_and_mlp_block(model_type):
             assert (got["kind"], got["window"] or got["chunk"]) == (kind, size), f"{model_type} layer {i}: {got}"
             ranges = KeyRanges.full(1, L).with_window(*((size, None) if kind == "sliding" else (None, size)))
             ref = attn_stats_from_probs_ref(probs.double(), ranges, SPEC, tokens=ids, has_sinks=got["sinks"])
+            pairs[i] = pairs.get(i, 0) + int(ranges.allowed(L).sum())
             for s in VECTORS:
                 assert_verbose_allclose(
                     prof.arrays[s.key][i, :, lo:hi],
@@ -287,6 +290,8 @@ def test_profile_equals_eager_attention_and_mlp_block(model_type):
             assert_verbose_allclose(
                 prof.arrays["mlp.expert_weights"][i, lo:hi], w.double(), atol=1e-5, rtol=1e-5, name=f"L{i} weights"
             )
+    for i, n in pairs.items():  # every allowed pair counted once per head (one call per layer and forward)
+        assert (prof.arrays["attn.moments"][i, :, 0] == n).all(), f"{model_type} L{i} pair count"
     moe = [i for i, lay in enumerate(layers) if lay["mlp"] == "moe"]
     if moe:  # each MoE layer routes every token to k experts; the load sums what the tokens' routing says
         E, k = prof.meta["n_experts"], prof.meta["experts_per_token"]
