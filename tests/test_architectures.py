@@ -198,13 +198,18 @@ def mlp_block_outputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
             out[i] = y.reshape(-1, y.shape[-1])
 
         handles.append(block.register_forward_hook(hook))
+    _run_hooked(model, ids, handles)
+    return out
+
+
+def _run_hooked(model, ids: torch.Tensor, handles: list) -> None:
+    """One forward pass with the hooks ``handles`` registered, removed afterwards (also on error)."""
     try:
         with torch.no_grad():
             model(ids)
     finally:
         for h in handles:
             h.remove()
-    return out
 
 
 def router_choices(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -226,12 +231,7 @@ def router_choices(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, to
                 out[i] = (idx, o[0].gather(-1, idx))
 
         handles.append(router.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, ids, handles)
     return out
 
 
