@@ -49,7 +49,7 @@ from .columns import LENS_TOP_ID, LOGIT_ENTROPY, MLP_TOKEN_ARRAYS, ROUTING_ARRAY
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
 from .data import ATTN_VECTORS, SCHEMA_VERSION, mean_distance
-from .hooks import AttentionCall, CaptureInfo, as_tokens, capture
+from .hooks import AttentionCall, as_tokens, capture
 from .lens import LensCollector, next_token_entropy, residual_hooks
 from .memories import top_contexts
 from .probe import describe_layers
@@ -330,7 +330,7 @@ class Engine:
             residual_hooks(self.model, lens.on_layer) if lens else contextlib.nullcontext(),
         ):
             hidden = self.base(input_ids=dev_ids, attention_mask=mask.to(self.device), use_cache=False)[0]
-            self._check_layers(info)
+            self._note(info.notes)
             # real tokens only; the vocabulary is reduced a chunk at a time, never [batch, L, vocab] logits
             if lens is not None:  # the last layer's lens is the model's own distribution: one reduction serves both
                 r.lens = {f: t.numpy() for f, t in lens.finish().items()}
@@ -380,9 +380,6 @@ class Engine:
             warnings.warn(f"attnscope: {note}", stacklevel=3)
             self._noted.add(note)
 
-    def _check_layers(self, info: CaptureInfo) -> None:
-        self._note(info.notes)
-
     def _vocab(self, ids: np.ndarray) -> dict[int, str]:
         """The decoded text of each distinct token id in ``ids``."""
         u = np.unique(ids)
@@ -421,6 +418,14 @@ class Engine:
         }
 
 
+def _fill(c) -> float:
+    """A token column's value before it is written: 0, or on a MoE model's dense layers no expert (-1) and no
+    weight (NaN)."""
+    if not c.moe:
+        return 0
+    return np.nan if np.dtype(c.dtype).kind == "f" else -1
+
+
 class _ShardBuffers:
     """The arrays of one shard, filled batch by batch in corpus order (``Engine.run_shard``)."""
 
@@ -436,13 +441,10 @@ class _ShardBuffers:
         shape = {False: (T,), True: (Ly, T)}
         widths = {"top_k": cfg.top_k, "experts_per_token": (eng.moe or {}).get("experts_per_token")}
         self.per_token = {
-            c.key: np.full(shape[c.per_layer] + ((widths[c.width],) if c.width else ()), -1 if c.moe else 0, c.dtype)
+            c.key: np.full(shape[c.per_layer] + ((widths[c.width],) if c.width else ()), _fill(c), c.dtype)
             for c in token_columns(cfg.logit_lens, bool(eng.moe))
             if c.key not in (None, TOKEN_IDS) and not c.derived
         }
-        for key in ROUTING_ARRAYS:  # dense layers of a MoE model: no expert (-1), no weight (NaN)
-            if key in self.per_token and self.per_token[key].dtype.kind == "f":
-                self.per_token[key][:] = np.nan
         self.row_means = np.zeros((P, Ly, H, len(VECTORS)), np.float32)
         self.distance = np.full((P, Ly, H), np.nan)
         self.acc = Accumulator().allocate(self.dims, *_ATTN_ACCUMS)

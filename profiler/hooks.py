@@ -98,17 +98,16 @@ class AttentionCall:
 
 @dataclass
 class CaptureInfo:
-    """What a ``capture`` context saw: the attention layers that ran (``layers``: layer -> (window, chunk)) and
-    where the backend's attention differs from the model's eager code (``notes``, one line each)."""
+    """What a ``capture`` context saw: where the backend's attention differs from the model's eager code
+    (``notes``, one line each)."""
 
-    layers: dict = field(default_factory=dict)
     notes: set = field(default_factory=set)
 
 
 @dataclass
 class _Session:
     original: str  # the model's own attention implementation
-    on_attention: Callable[[torch.nn.Module, AttentionCall], None]
+    on_attention: Callable[[AttentionCall], None]
     info: CaptureInfo
     masks: dict = field(default_factory=dict)  # id(mask) -> (mask, window, chunk); None: ambiguous
     calls: dict = field(default_factory=dict)  # layer -> (query, key) of its last call in this forward
@@ -291,12 +290,11 @@ def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):
         None if sinks is None else sinks.detach(),
         lse,
     )
-    session.info.layers[call.layer] = (window, chunk)
     last = session.calls.get(call.layer)
     if last is not None and last[0] is query and last[1] is key:
         return out  # the same scores again (DiffLlama's second call, on the other half of V): counted once
     session.calls[call.layer] = (query, key)
-    session.on_attention(module, call)
+    session.on_attention(call)
     return out
 
 
@@ -432,21 +430,16 @@ def capture(
     info = CaptureInfo()
     handles = []
     stand_in = _sdpa_stand_in() if original == "sdpa" else contextlib.nullcontext()
-    token = _ACTIVE.set(_Session(original=original, on_attention=lambda module, call: on_attention(call), info=info))
+    token = _ACTIVE.set(_Session(original=original, on_attention=on_attention, info=info))
     try:
         with stand_in:
-            if on_mlp is not None:
-                for layer, block in mlp_blocks(model).items():
+            for layer, block in (mlp_blocks(model) if on_mlp or on_route else {}).items():
+                if on_mlp is not None:
                     hooked = block.down if block.down is not None else block.module
                     hook = _mlp_hook(layer, block.down is not None, on_mlp)
                     handles.append(hooked.register_forward_hook(hook, with_kwargs=True))
-            if on_route is not None:
-                for layer, block in mlp_blocks(model).items():
-                    h = (
-                        routing_hook(block, lambda idx, w, layer=layer: on_route(layer, idx, w))
-                        if block.kind == "moe"
-                        else None
-                    )
+                if on_route is not None and block.kind == "moe":
+                    h = routing_hook(block, lambda idx, w, layer=layer: on_route(layer, idx, w))
                     if h is not None:
                         handles.append(h)
             config._attn_implementation = IMPL_NAME
