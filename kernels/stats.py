@@ -228,7 +228,7 @@ class Accum:
     """An accumulator of a profile or run: ``fold`` ``sum`` (additive), ``max`` (with the token holding it in
     ``companion``, ties to the earlier token) or ``topk`` (the k largest along axis -2, with their tokens in
     ``companion``); ``shape`` in the symbols Ly (layers), H (heads), bins, R (thumbnail), V (vectors), F (d_ff),
-    k (contexts), E (routed experts); ``dtype`` a numpy dtype name."""
+    k (contexts), E (routed experts), Fe (neurons per expert); ``dtype`` a numpy dtype name."""
 
     key: str
     fold: str
@@ -253,6 +253,18 @@ CTX_VALUE = Accum("mlp.ctx_value", "topk", ("Ly", "k", "F"), "float32", "mlp.ctx
 EXPERT_TOKENS = Accum("mlp.expert_tokens", "sum", ("Ly", "E"), "int64", of="tokens routed to each expert")
 EXPERT_WEIGHT = Accum("mlp.expert_weight", "sum", ("Ly", "E"), "float64", of="sum of their routing weights")
 CTX_TOKEN = Accum("mlp.ctx_token", "companion", ("Ly", "k", "F"), "int64", of="their tokens (-1: none)")
+# the neurons of the routed experts (Fe per expert), over the tokens routed to each expert
+_EN = ("Ly", "E", "Fe")
+EXPERT_NEURON_SUM = Accum("mlp.expert_neuron_sum", "sum", _EN, "float64", of="sum over its tokens of each activation")
+EXPERT_NEURON_SUMSQ = Accum("mlp.expert_neuron_sumsq", "sum", _EN, "float64", of="sum of squares of the same")
+EXPERT_NEURON_MAX = Accum(
+    "mlp.expert_neuron_max", "max", _EN, "float32", "mlp.expert_neuron_argmax", of="largest activation (-inf: none)"
+)
+EXPERT_NEURON_ARGMAX = Accum("mlp.expert_neuron_argmax", "companion", _EN, "int64", of="the token holding it")
+EXPERT_CTX_VALUE = Accum(
+    "mlp.expert_ctx_value", "topk", ("Ly", "E", "k", "Fe"), "float32", "mlp.expert_ctx_token", of="top-k per neuron"
+)
+EXPERT_CTX_TOKEN = Accum("mlp.expert_ctx_token", "companion", ("Ly", "E", "k", "Fe"), "int64", of="their tokens")
 
 
 def _laminar_accums(lam: Laminar) -> tuple[Accum, Accum]:
@@ -282,5 +294,11 @@ ACCUMULATORS = (
     CTX_TOKEN,
     EXPERT_TOKENS,
     EXPERT_WEIGHT,
+    EXPERT_NEURON_SUM,
+    EXPERT_NEURON_SUMSQ,
+    EXPERT_NEURON_MAX,
+    EXPERT_NEURON_ARGMAX,
+    EXPERT_CTX_VALUE,
+    EXPERT_CTX_TOKEN,
 )
 ACCUM_KEYS = tuple(a.key for a in ACCUMULATORS)

@@ -26,6 +26,8 @@ __all__ = [
     "final_norm",
     "logit_transform",
     "mlp_blocks",
+    "expert_activations",
+    "expert_write_out",
     "n_experts",
     "routing_hook",
     "model_geometry",
@@ -193,45 +195,122 @@ def mlp_blocks(model: torch.nn.Module) -> dict[int, MLPBlock]:
 
 def n_experts(block: MLPBlock) -> int | None:
     """How many routed experts a mixture-of-experts block has (fused 3-D parameters or a list of modules)."""
-    ex = block.experts
-    if ex is None:
-        return None
+    return (_n_experts(block.experts) or None) if block.experts is not None else None
+
+
+def _gate_up(ex: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s intermediate activations on the rows x [n, d_model]: what its down projection reads.
+
+    Fused 3-D experts as ``@use_experts_implementation`` declares them (``has_gate``: a ``gate_up_proj``, else an
+    ``up_proj``; ``is_transposed``: [E, d_model, out] rather than [E, out, d_model]; ``has_bias``; the class's own
+    ``_apply_gate``, e.g. gpt-oss's clamped interleaved SwiGLU), computed as transformers' own experts
+    implementations compute them. An undecorated module (Llama-4) has the default layout its forward spells:
+    ``gate_up_proj`` [E, d_model, 2 F], gate and up the two halves, ``act_fn(gate) * up``."""
+    gated = getattr(ex, "has_gate", True)
+    w = (ex.gate_up_proj if gated else ex.up_proj)[e]
+    transposed = getattr(ex, "is_transposed", None)
+    if transposed is None:
+        transposed = w.shape[0] == x.shape[-1] and w.shape[1] != x.shape[-1]
+    h = x.to(w.dtype) @ w if transposed else torch.nn.functional.linear(x.to(w.dtype), w)
+    if getattr(ex, "has_bias", False):
+        h = h + (ex.gate_up_proj_bias if gated else ex.up_proj_bias)[e]
+    if not gated:
+        return ex.act_fn(h)
+    if hasattr(ex, "_apply_gate"):
+        return ex._apply_gate(h)
+    gate, up = h.chunk(2, dim=-1)
+    return ex.act_fn(gate) * up
+
+
+def expert_activations(ex: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The intermediate activations of each token's chosen experts: float32 [N, k, F_expert] from the experts'
+    input x (shared by every expert: [N, d_model]; or each expert's own copy: [E, N, d_model]) and the router's
+    choice idx [N, k] (slot s of token t: expert idx[t, s]). Recomputed from the experts' weights, one expert at a
+    time over the tokens routed to it (the experts run fused or batched inside the model; their intermediate
+    activations are nowhere to hook)."""
+    N, k = idx.shape
+    out = None
+    for e in torch.unique(idx).tolist():
+        if not 0 <= e < _n_experts(ex):  # an expert-parallel sentinel: no expert here
+            continue
+        tok, slot = torch.where(idx == e)
+        a = _gate_up(ex, e, x[tok] if x.ndim == 2 else x[e, tok]).float()
+        if out is None:
+            out = torch.zeros((N, k, a.shape[-1]), device=a.device)
+        out[tok, slot] = a
+    return out if out is not None else torch.zeros((N, k, 0), device=x.device)
+
+
+def _n_experts(ex: torch.nn.Module) -> int:
+    """The number of experts of an experts module (0: not known)."""
     if getattr(ex, "num_experts", None):
         return int(ex.num_experts)
     if isinstance(ex, torch.nn.ModuleList):
         return len(ex)
     p3 = [p for p in ex.parameters(recurse=False) if p.ndim == 3]
-    return int(p3[0].shape[0]) if p3 else None
+    return int(p3[0].shape[0]) if p3 else 0
 
 
-def routing_hook(block: MLPBlock, fn) -> torch.utils.hooks.RemovableHandle | None:
-    """Register a hook that calls ``fn(experts [N, k] int64, weights [N, k])`` with a MoE block's routing.
+def routing_hook(block: MLPBlock, fn, neurons: bool = False) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register hooks that call ``fn(experts [N, k] int64, weights [N, k], acts)`` with a MoE block's routing and,
+    with ``neurons``, its chosen experts' activations (``expert_activations``: [N, k, F_expert]; else None).
+    Returns the handles (none: the routing is not readable).
 
     Experts modules behind transformers' ``@use_experts_implementation`` (fused 3-D experts of Mixtral, Qwen-MoE,
     OLMoE, gpt-oss, DeepSeek, ...) receive ``(hidden_states, top_k_index, top_k_weights)``: a pre-hook reads them.
     Otherwise the router (``router`` / ``gate``) with a ``top_k`` that returns ``(scores [N, E], logits)`` (Llama-4:
-    sigmoid scores of the top-k logits, 0 elsewhere): the top-k of its logits and their scores."""
+    sigmoid scores of the top-k logits, 0 elsewhere): the top-k of its logits and their scores; the experts then
+    receive each expert's copy of the tokens scaled by its score ([E * N, d_model]), from which a pre-hook on them
+    recomputes the activations."""
     ex = block.experts
     if ex is not None and hasattr(ex, "has_gate"):  # set by @use_experts_implementation
 
         def pre(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
             idx = args[1] if len(args) > 1 else kwargs.get("top_k_index")
             w = args[2] if len(args) > 2 else kwargs.get("top_k_weights")
             if idx is not None and w is not None:
-                fn(idx.detach(), w.detach())
+                acts = expert_activations(module, x.detach(), idx) if neurons and x is not None else None
+                fn(idx.detach(), w.detach(), acts)
 
-        return ex.register_forward_pre_hook(pre, with_kwargs=True)
+        return [ex.register_forward_pre_hook(pre, with_kwargs=True)]
     router = next((getattr(block.module, n) for n in ("router", "gate") if hasattr(block.module, n)), None)
     if router is None or not getattr(router, "top_k", None):
-        return None
+        return []
+    chosen: list = []
 
     def post(module, args, output):
         if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
             scores, logits = output
             idx = torch.topk(logits.detach(), int(module.top_k), dim=-1).indices
-            fn(idx, scores.detach().gather(-1, idx))
+            w = scores.detach().gather(-1, idx)
+            if neurons and ex is not None:
+                chosen[:] = [idx, w]  # the experts' pre-hook, next, adds the activations
+            else:
+                fn(idx, w, None)
 
-    return router.register_forward_hook(post)
+    def experts_pre(module, args):
+        if chosen and args:
+            idx, w = chosen
+            x = args[0].detach().reshape(_n_experts(module), idx.shape[0], -1)  # expert e's copy of the tokens
+            chosen.clear()
+            fn(idx, w, expert_activations(module, x, idx))
+
+    handles = [router.register_forward_hook(post)]
+    if neurons and ex is not None:
+        handles.append(ex.register_forward_pre_hook(experts_pre))
+    return handles
+
+
+def expert_write_out(ex: torch.nn.Module, e: int) -> torch.Tensor:
+    """Expert ``e``'s W_out as [d_model, F_expert]: column n is what its neuron n adds to the block's output (before
+    the routing weight). ``is_transposed`` experts keep [E, F_expert, d_model]; an undecorated module's layout is
+    told by its ``gate_up_proj`` ([E, d_model, 2 F]: transposed, as Llama-4's)."""
+    w = ex.down_proj[e].detach()
+    transposed = getattr(ex, "is_transposed", None)
+    if transposed is None:
+        transposed = w.shape[-1] == ex.gate_up_proj.shape[-2]
+    return w.T if transposed else w
 
 
 def write_out_weight(down: torch.nn.Module) -> torch.Tensor:

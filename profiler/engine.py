@@ -49,6 +49,7 @@ from .columns import LENS_TOP_ID, LOGIT_ENTROPY, MLP_TOKEN_ARRAYS, ROUTING_ARRAY
 from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
 from .data import ATTN_VECTORS, SCHEMA_VERSION, mean_distance
+from .experts import expert_neuron_stats, expert_token_stats, fold_expert_neurons
 from .hooks import AttentionCall, as_tokens, capture
 from .lens import LensCollector, next_token_entropy, residual_hooks
 from .memories import top_contexts
@@ -83,6 +84,7 @@ class BatchStats:
     full: dict = field(default_factory=dict)  # (batch row, layer, head) -> [L, L] kept full matrices
     mlp: dict = field(default_factory=dict)  # layer -> down_proj statistics of the batch's real tokens, row-major
     route: dict = field(default_factory=dict)  # MoE layer -> (experts [T_batch, k] int32, weights [T_batch, k])
+    experts: dict = field(default_factory=dict)  # MoE layer -> ``expert_neuron_stats`` of the batch
     entropy: np.ndarray | None = None  # [T_batch] next-token entropy of the real tokens, row-major
     lens: dict | None = None  # logit-lens field -> [Ly, T_batch]
 
@@ -105,17 +107,17 @@ def call_stats(call: AttentionCall, ranges: KeyRanges, spec, impl: str, block_q:
     )
 
 
-def moe_block_stats(y: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
-    """The per-token MLP statistics of a mixture-of-experts block from its output y [T, d_model]: its norm; the
-    neuron statistics (input norm, top neurons) have no single neuron space here and are NaN / -1."""
+def moe_block_stats(y: torch.Tensor, top_k: int, neurons: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The per-token MLP statistics of a mixture-of-experts block from its output y [T, d_model] (its norm) and
+    its chosen experts' neurons (``experts.expert_token_stats``: input norm, top neurons; None: NaN / -1)."""
     T = y.shape[0]
-    nan = torch.full((T,), float("nan"), device=y.device)
-    return {
-        "in_norm": nan,
-        "out_norm": torch.linalg.vector_norm(y.float(), dim=-1),
-        "topk_idx": torch.full((T, top_k), -1, dtype=torch.int32, device=y.device),
-        "topk_val": torch.full((T, top_k), float("nan"), device=y.device),
-    }
+    if neurons is None:
+        neurons = {
+            "in_norm": torch.full((T,), float("nan"), device=y.device),
+            "topk_idx": torch.full((T, top_k), -1, dtype=torch.int32, device=y.device),
+            "topk_val": torch.full((T, top_k), float("nan"), device=y.device),
+        }
+    return neurons | {"out_norm": torch.linalg.vector_norm(y.float(), dim=-1)}
 
 
 def _digest(obj) -> str:
@@ -184,7 +186,7 @@ class Engine:
         self.vectors = ATTN_VECTORS
         spec = cfg.spec
         self.dims = {"Ly": self.Ly, "H": self.H, "bins": spec.bins, "R": spec.thumb_size, "V": len(VECTORS)}
-        self.moe = self.layers["experts"]  # {"n_experts", "experts_per_token"}, or None for a dense model
+        self.moe = self.layers["experts"]  # {"n_experts", "experts_per_token", "expert_dim"}; None: a dense model
         if self.moe:
             self.dims["E"] = self.moe["n_experts"]
         self._decoded: dict[int, str] = {}
@@ -306,8 +308,8 @@ class Engine:
 
         def on_mlp(layer, x, y):
             x, y = as_tokens(x, sel), as_tokens(y, sel)
-            if x is None:  # a mixture-of-experts block: its output only
-                st = moe_block_stats(y.detach()[sel], cfg.top_k)
+            if x is None:  # a mixture-of-experts block: its output, and its chosen experts' neurons (on_route)
+                st = moe_block_stats(y.detach()[sel], cfg.top_k, expert_tokens.pop(layer, None))
                 r.mlp[layer] = {name: t.cpu().numpy() for name, t in st.items()}
                 return
             xs = x.detach()[sel]  # [T_batch, d_ff]
@@ -316,17 +318,21 @@ class Engine:
                 st["ctx_value"], st["ctx_index"] = top_contexts(xs, cfg.neuron_contexts)  # [k, d_ff]
             r.mlp[layer] = {name: t.cpu().numpy() for name, t in st.items()}
 
-        def on_route(layer, idx, w):
+        expert_tokens: dict[int, dict] = {}  # MoE layer -> its tokens' neuron statistics, until its on_mlp
+
+        def on_route(layer, idx, w, acts):
             k = idx.shape[-1]
-            r.route[layer] = (
-                idx.reshape(B, Lmax, k)[sel].to(torch.int32).cpu().numpy(),
-                w.reshape(B, Lmax, k)[sel].float().cpu().numpy(),
-            )
+            idx = idx.reshape(B, Lmax, k)[sel]
+            r.route[layer] = (idx.to(torch.int32).cpu().numpy(), w.reshape(B, Lmax, k)[sel].float().cpu().numpy())
+            if acts is not None and acts.shape[-1]:
+                acts = acts.reshape(B, Lmax, k, -1)[sel]
+                expert_tokens[layer] = expert_token_stats(idx, acts, cfg.top_k)
+                r.experts[layer] = expert_neuron_stats(idx, acts, self.dims["E"], cfg.neuron_contexts)
 
         lens = LensCollector(self.model, dev_ids, mask.to(self.device), cfg.impl) if cfg.logit_lens else None
         with (
             torch.no_grad(),
-            capture(self.model, on_attention, on_mlp, on_route if self.moe else None) as info,
+            capture(self.model, on_attention, on_mlp, on_route if self.moe else None, expert_neurons=True) as info,
             residual_hooks(self.model, lens.on_layer) if lens else contextlib.nullcontext(),
         ):
             hidden = self.base(input_ids=dev_ids, attention_mask=mask.to(self.device), use_cache=False)[0]
@@ -399,8 +405,7 @@ class Engine:
             "device": str(self.device),
             "attn_implementation": model.config._attn_implementation,
             "layers": self.layers["layers"],
-            "n_experts": self.moe["n_experts"] if self.moe else None,
-            "experts_per_token": self.moe["experts_per_token"] if self.moe else None,
+            **{key: (self.moe or {}).get(key) for key in ("n_experts", "experts_per_token", "expert_dim")},
             "attention_notes": self.layers["notes"],
             "tokenizer": {
                 "class": type(self.tok).__name__,
@@ -499,6 +504,8 @@ class _ShardBuffers:
             acc.fold(
                 EXPERT_WEIGHT, np.bincount(idx.ravel(), weights=w.ravel().astype(np.float64), minlength=E)[:E], at=layer
             )
+        for layer, st in sorted(r.experts.items()):
+            fold_expert_neurons(acc, self.dims, layer, st, where)
         for layer in sorted(r.mlp):
             st = r.mlp[layer]
             for key in MLP_TOKEN_ARRAYS:

@@ -47,6 +47,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -403,7 +404,8 @@ def capture(
     model: torch.nn.Module,
     on_attention: Callable[[AttentionCall], None],
     on_mlp: Callable[[int, torch.Tensor | None, torch.Tensor], None] | None = None,
-    on_route: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    on_route: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None,
+    expert_neurons: bool = False,
 ) -> Iterator[CaptureInfo]:
     """Route every attention layer of ``model`` through attnscope while the context is open.
 
@@ -414,9 +416,11 @@ def capture(
         on_mlp: called as ``(layer, x, y)`` for each MLP block: a dense block's down projection input
             x [B, L, d_ff] (the neuron activations) and output y [B, L, d_model] (the block's output); a
             mixture-of-experts block's output y [B, L, d_model] with x None.
-        on_route: called as ``(layer, experts [B * L, k] int64, weights [B * L, k])`` for each mixture-of-experts
-            block: the experts its router chose for each token (row-major over the batch) and their weights, as the
-            block applies them (``blocks.routing_hook``).
+        on_route: called as ``(layer, experts [B * L, k] int64, weights [B * L, k], acts)`` for each
+            mixture-of-experts block: the experts its router chose for each token (row-major over the batch) and
+            their weights, as the block applies them (``blocks.routing_hook``); with ``expert_neurons`` ``acts`` is
+            the chosen experts' intermediate activations [B * L, k, F_expert] (``blocks.expert_activations``),
+            else None.
 
     Yields a ``CaptureInfo`` that fills as the model runs. The model's own attention implementation and every
     hook are restored in ``finally``, also on error.
@@ -439,9 +443,7 @@ def capture(
                     hook = _mlp_hook(layer, block.down is not None, on_mlp)
                     handles.append(hooked.register_forward_hook(hook, with_kwargs=True))
                 if on_route is not None and block.kind == "moe":
-                    h = routing_hook(block, lambda idx, w, layer=layer: on_route(layer, idx, w))
-                    if h is not None:
-                        handles.append(h)
+                    handles += routing_hook(block, partial(on_route, layer), expert_neurons)
             config._attn_implementation = IMPL_NAME
             yield info
     finally:

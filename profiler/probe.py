@@ -18,8 +18,9 @@ def describe_layers(model: torch.nn.Module) -> dict:
     every mask is built). ``layers[i]`` is ``{"layer", "attention", "mlp"}``: ``attention`` is ``{"kind", "window",
     "chunk", "scaling", "softcap", "sinks"}`` (None: not an attention layer, e.g. a hybrid's linear-attention
     layer), ``mlp`` is ``"dense"``, ``"moe"`` or None. ``geometry`` is ``model_geometry``'s, with heads, KV heads and
-    q/k head size as the queries and keys have them; ``experts`` is ``{"n_experts", "experts_per_token"}`` of the
-    MoE layers whose routing is seen (None: none); ``notes`` say where the backend differs from eager code."""
+    q/k head size as the queries and keys have them; ``experts`` is ``{"n_experts", "experts_per_token",
+    "expert_dim"}`` (neurons per expert) of the MoE layers whose routing is seen (None: none); ``notes`` say where
+    the backend differs from eager code."""
     geom = model_geometry(model)
     seen: dict[int, AttentionCall] = {}
     device = next(model.parameters()).device
@@ -27,9 +28,10 @@ def describe_layers(model: torch.nn.Module) -> dict:
     ids = (torch.arange(12, device=device).reshape(2, 6) * 7 + 3) % vocab
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
-    routed: dict[int, int] = {}  # MoE layer -> experts per token
-    on_route = lambda layer, idx, w: routed.__setitem__(layer, int(idx.shape[-1]))  # noqa: E731
-    with torch.no_grad(), capture(model, lambda call: seen.__setitem__(call.layer, call), None, on_route) as info:
+    routed: dict[int, tuple[int, int]] = {}  # MoE layer -> (experts per token, neurons per expert)
+    on_route = lambda layer, idx, w, acts: routed.__setitem__(layer, (idx.shape[-1], acts.shape[-1]))  # noqa: E731
+    on_attention = lambda call: seen.__setitem__(call.layer, call)  # noqa: E731
+    with torch.no_grad(), capture(model, on_attention, None, on_route, expert_neurons=True) as info:
         base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
     if not seen:
         raise UnsupportedModelError(
@@ -59,13 +61,14 @@ def describe_layers(model: torch.nn.Module) -> dict:
     experts = None
     if routed:
         E = {n_experts(blocks[layer]) for layer in routed}
-        ks = set(routed.values())
-        if len(E) != 1 or None in E or len(ks) != 1:
+        ks = {k for k, _ in routed.values()}
+        fs = {f for _, f in routed.values()}
+        if len(E) != 1 or None in E or len(ks) != 1 or len(fs) != 1:
             raise UnsupportedModelError(
-                f"unsupported architecture {geom['model_type']!r}: its MoE layers differ in experts or experts per "
-                f"token ({sorted(map(str, E))}, {sorted(ks)})"
+                f"unsupported architecture {geom['model_type']!r}: its MoE layers differ in experts, experts per "
+                f"token or expert size ({sorted(map(str, E))}, {sorted(ks)}, {sorted(fs)})"
             )
-        experts = {"n_experts": E.pop(), "experts_per_token": ks.pop()}
+        experts = {"n_experts": E.pop(), "experts_per_token": ks.pop(), "expert_dim": fs.pop()}
     return {
         "geometry": geom,
         "layers": [{"layer": i, "attention": attention.get(i), "mlp": mlp.get(i)} for i in range(geom["n_layers"])],

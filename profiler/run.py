@@ -16,6 +16,7 @@ from .config import ProfileConfig, PromptError
 from .corpus import PromptItem
 from .data import TOKEN_AXIS, Profile, combine_accum
 from .engine import Engine, call_stats, moe_block_stats
+from .experts import expert_token_stats
 from .hooks import as_tokens, capture
 from .store import Shard
 
@@ -56,15 +57,22 @@ def run_with_stats(
     def on_attention(call):
         stats["attn"][call.layer] = call_stats(call, ranges, spec, impl, block_q, tokens=ids)
 
+    routed: dict[int, dict] = {}  # MoE layer -> its tokens' neuron statistics, until its on_mlp
+
+    def on_route(layer, idx, w, acts):
+        if acts is not None and acts.shape[-1]:
+            sel = valid.reshape(-1).to(idx.device)
+            routed[layer] = expert_token_stats(idx[sel], acts[sel], top_k)
+
     def on_mlp(layer, x, y):
         x, y = as_tokens(x, valid), as_tokens(y, valid)
         sel = valid.to(y.device)
         if x is None:  # a mixture-of-experts block
-            stats["mlp"][layer] = moe_block_stats(y.detach()[sel], top_k)
+            stats["mlp"][layer] = moe_block_stats(y.detach()[sel], top_k, routed.pop(layer, None))
         else:
             stats["mlp"][layer] = down_proj_stats(x.detach()[sel], y.detach()[sel], top_k, impl)
 
-    with torch.no_grad(), capture(model, on_attention, on_mlp):
+    with torch.no_grad(), capture(model, on_attention, on_mlp, on_route, expert_neurons=True):
         output = model(**batch)
     if not stats["attn"]:
         raise UnsupportedModelError(

@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 from attnscope.kernels.stats import (
     DIST,
+    EXPERT_NEURON_ARGMAX,
+    EXPERT_NEURON_MAX,
+    EXPERT_NEURON_SUM,
+    EXPERT_NEURON_SUMSQ,
     EXPERT_TOKENS,
     EXPERT_WEIGHT,
     NEURON_ARGMAX,
@@ -374,6 +378,30 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
                 "share": share.reshape(-1),
                 "weight_sum": w[moe].reshape(-1),
                 "mean_weight": (w[moe] / np.maximum(tok[moe], 1)).reshape(-1),
+            }
+        )
+    out["expert_neurons"] = None
+    if EXPERT_NEURON_MAX.key in prof.arrays:  # each expert's neurons over the tokens routed to it
+        tok = prof.arrays[EXPERT_TOKENS.key]
+        moe = np.flatnonzero(tok.sum(1) > 0)
+        mx = prof.arrays[EXPERT_NEURON_MAX.key][moe]  # [Ly_moe, E, Fe]
+        _, E, Fe = mx.shape
+        n = np.maximum(tok[moe], 1)[:, :, None].astype(np.float64)
+        mean = prof.arrays[EXPERT_NEURON_SUM.key][moe] / n
+        hit = np.broadcast_to(tok[moe][:, :, None] > 0, mx.shape)
+        out["expert_neurons"] = pa.table(
+            {
+                "layer": np.repeat(moe, E * Fe),
+                "expert": np.tile(np.repeat(np.arange(E), Fe), len(moe)),
+                "neuron": np.tile(np.arange(Fe), len(moe) * E),
+                "tokens": np.broadcast_to(tok[moe][:, :, None], mx.shape).reshape(-1),
+                "max": pa.array(mx.reshape(-1), mask=~hit.reshape(-1)),
+                "argmax_token": pa.array(prof.arrays[EXPERT_NEURON_ARGMAX.key][moe].reshape(-1), mask=~hit.reshape(-1)),
+                "mean": pa.array(mean.reshape(-1), mask=~hit.reshape(-1)),
+                "std": pa.array(
+                    np.sqrt(np.maximum(prof.arrays[EXPERT_NEURON_SUMSQ.key][moe] / n - mean**2, 0)).reshape(-1),
+                    mask=~hit.reshape(-1),
+                ),
             }
         )
     return out

@@ -25,6 +25,8 @@ VIEWS = {
     "prompt_index.token_offset + position), mean, std over all tokens",
     "experts": "one row per (MoE layer, expert): tokens routed to it, share of the layer's routings, weight_sum, "
     "mean_weight (tokens' experts[] and expert_weights[] hold each token's routing)",
+    "expert_neurons": "one row per (MoE layer, expert, neuron): tokens routed to the expert, and the neuron's max, "
+    "argmax_token, mean, std over them (NULL: no token)",
     "prompt_index": "one row per prompt: prompt, prompt_id, sha256, n_tokens, token_offset, preview",
     "logit_lens": "one row per (token, layer) of a --logit-lens run: top_id, top_token, top_prob, entropy, "
     "target_prob, target_rank, final_prob",
@@ -117,8 +119,9 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
     con.register("heads", _heads_with_roles(run, t["heads"]))
     if t["neurons"] is not None:
         con.register("neurons", t["neurons"])
-    if t.get("experts") is not None:
-        con.register("experts", t["experts"])
+    for view in ("experts", "expert_neurons"):
+        if t.get(view) is not None:
+            con.register(view, t[view])
     con.execute("set lock_configuration = true")
     return con
 
