@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .blocks import decoder_layers, write_out_weight
+from .blocks import decoder_layers, expert_write_out, mlp_blocks, write_out_weight
 from .data import topk_fold
 from .hooks import down_proj_modules
 from .lens import lens_modules
@@ -95,6 +95,28 @@ def write_out_matrix(model: torch.nn.Module, layer: int) -> torch.Tensor:
     return write_out_weight(down_proj_modules(model)[layer])
 
 
+def _norm_gain(norm: torch.nn.Module, d: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The final norm's per-channel gain g as the module applies it (Gemma's ``1 + weight``, a LayerNorm's weight):
+    (norm(v) - norm(-v)) / 2v for v = +-1 alternating (unit RMS, zero mean for even d; a bias cancels)."""
+    if norm is None:
+        return None
+    v = torch.ones(d, dtype=like.dtype, device=like.device)
+    v[1::2] = -1
+    with torch.no_grad():
+        return ((norm(v[None]) - norm(-v[None]))[0] / (2 * v)).float()
+
+
+def _top_promoted(w_u: torch.Tensor, w_out: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k vocabulary entries of W_U w for each column w of w_out [d, F]: tokens [F, k] and logits [F, k]."""
+    tok_l, val_l = [], []
+    for n0 in range(0, w_out.shape[1], chunk):
+        contrib = w_u @ w_out[:, n0 : n0 + chunk]  # [V, chunk]
+        val, idx = contrib.topk(min(k, contrib.shape[0]), dim=0)  # [k, chunk]
+        tok_l.append(idx.T)
+        val_l.append(val.T)
+    return torch.cat(tok_l), torch.cat(val_l)
+
+
 def promoted_tokens(
     model: torch.nn.Module,
     k: int = 10,
@@ -105,8 +127,11 @@ def promoted_tokens(
 
     Returns ``{"token": [layers, d_ff, k] int64, "logit": [layers, d_ff, k] float32}``: the logit contribution per
     unit of activation, largest first (-1 / NaN for layers without a dense MLP, e.g. mixture-of-experts layers,
-    and past a narrower layer's d_ff). Memory O(vocab x chunk); with ``cache`` (a file path) the result is read
-    from there when present and written there otherwise.
+    and past a narrower layer's d_ff); for a model with mixture-of-experts blocks also ``"expert_token"`` /
+    ``"expert_logit"`` [layers, E, F_expert, k], of each routed expert's neurons (per unit of activation, before
+    the routing weight; -1 / NaN on dense layers). The direction through the final norm is its gain as the module
+    applies it (``_norm_gain``). Memory O(vocab x chunk); with ``cache`` (a file path) the result is read from
+    there when present and written there otherwise.
     """
     if cache is not None and Path(cache).is_file():
         from safetensors.numpy import load_file
@@ -116,29 +141,32 @@ def promoted_tokens(
             return got
     _, norm, head = lens_modules(model)
     w_u = head.weight.detach().float()  # [V, d]
-    gain = getattr(norm, "weight", None)
-    layers = sorted(down_proj_modules(model))
-    tokens, logits = {}, {}
-    with torch.no_grad():
-        for layer in layers:
-            w_out = write_out_matrix(model, layer).float()  # [d, F]
-            if gain is not None:
-                w_out = w_out * gain.detach().float()[:, None]
-            tok_l, val_l = [], []
-            for n0 in range(0, w_out.shape[1], chunk):
-                contrib = w_u @ w_out[:, n0 : n0 + chunk]  # [V, chunk]
-                val, idx = contrib.topk(min(k, contrib.shape[0]), dim=0)  # [k, chunk]
-                tok_l.append(idx.T)
-                val_l.append(val.T)
-            tokens[layer] = torch.cat(tok_l).cpu().numpy()
-            logits[layer] = torch.cat(val_l).cpu().numpy()
+    gain = _norm_gain(norm, w_u.shape[1], head.weight)
+    scale = (lambda w: w * gain[:, None]) if gain is not None else (lambda w: w)  # noqa: E731
     Ly = len(decoder_layers(model))
-    F = max((t.shape[0] for t in tokens.values()), default=0)
     kk = min(k, w_u.shape[0])
+    tokens, logits, experts = {}, {}, {}
+    with torch.no_grad():
+        for layer in sorted(down_proj_modules(model)):
+            tokens[layer], logits[layer] = _top_promoted(w_u, scale(write_out_matrix(model, layer).float()), k, chunk)
+        for layer, block in mlp_blocks(model).items():
+            if block.kind == "moe" and getattr(block.experts, "down_proj", None) is not None:
+                E = block.experts.down_proj.shape[0]
+                experts[layer] = [
+                    _top_promoted(w_u, scale(expert_write_out(block.experts, e).float()), k, chunk) for e in range(E)
+                ]
+    F = max((t.shape[0] for t in tokens.values()), default=0)
     out = {"token": np.full((Ly, F, kk), -1, np.int64), "logit": np.full((Ly, F, kk), np.nan, np.float32)}
     for layer, t in tokens.items():
-        out["token"][layer, : t.shape[0]] = t
-        out["logit"][layer, : t.shape[0]] = logits[layer]
+        out["token"][layer, : t.shape[0]] = t.cpu().numpy()
+        out["logit"][layer, : t.shape[0]] = logits[layer].cpu().numpy()
+    if experts:
+        E, Fe = len(next(iter(experts.values()))), next(iter(experts.values()))[0][0].shape[0]
+        out["expert_token"] = np.full((Ly, E, Fe, kk), -1, np.int64)
+        out["expert_logit"] = np.full((Ly, E, Fe, kk), np.nan, np.float32)
+        for layer, per_expert in experts.items():
+            for e, (t, v) in enumerate(per_expert):
+                out["expert_token"][layer, e], out["expert_logit"][layer, e] = t.cpu().numpy(), v.cpu().numpy()
     if cache is not None:
         from safetensors.numpy import save_file
 

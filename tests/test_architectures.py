@@ -360,23 +360,74 @@ def test_moe_run_answers_sql_on_experts_and_routing(tmp_path):
     weights = np.array([r[1] for r in got], dtype=np.float64).reshape(-1, NL, 2).transpose(1, 0, 2)
     assert np.allclose(weights, prof.arrays["mlp.expert_weights"][:], equal_nan=True)
     assert np.array_equal(prof.arrays["mlp.expert_tokens"][1:].sum(1), [100, 100, 100])
+    # each expert's neurons: one row per (MoE layer, expert, neuron), the expert's token count on every row
+    got = con.execute(
+        "select n.layer, n.expert, count(*), min(n.tokens), max(n.tokens), max(e.tokens), max(n.max) from "
+        "expert_neurons n join experts e using (layer, expert) group by n.layer, n.expert order by 1, 2"
+    ).fetchall()
+    mx = prof.arrays["mlp.expert_neuron_max"]
+    assert [(r[0], r[1], r[2]) for r in got] == [(i, e, 48) for i in (1, 2, 3) for e in range(4)]
+    for layer, e, _, lo, hi, want, top in got:
+        assert lo == hi == want
+        assert (top is None) if want == 0 else np.isclose(top, mx[layer, e].max())
+    con.close()
+    # rules of expert neurons, read back through SQL
+    assert main(["rules", str(run), "--top-neurons", "2"]) == 0
+    con = sql_connection(run)
+    rows = con.execute("select layer, expert, count(distinct neuron) from rules group by 1, 2 order by 1, 2").fetchall()
+    assert [r[0] for r in rows if r[1] == -1] == [0] and {r[0] for r in rows if r[1] >= 0} == {1, 2, 3}
 
 
 def test_ffn_memories_of_a_model_with_dense_and_moe_layers():
-    # Llama-4 alternates dense MLPs (layers 0, 2) and MoE blocks (1, 3): neuron contexts, promoted tokens and rules
-    # are of the dense layers, indexed by layer; the MoE layers have none
+    # Llama-4 alternates dense MLPs (layers 0, 2) and MoE blocks (1, 3): neuron contexts and promoted tokens of the
+    # dense layers' d_ff neurons, and of each routed expert's neurons on the MoE layers; rules cover both
     from attnscope.profiler import profile
     from attnscope.profiler.memories import promoted_tokens
-    from attnscope.render.memories import neuron_rules
+    from attnscope.render.memories import neuron_rules, rules_table
 
     model, tok = build_model("llama4_text"), word_tokenizer()
     prof = profile(model, tok, PROMPTS, neuron_contexts=3, progress=False)
     promoted = promoted_tokens(model, k=3)
     assert promoted["token"].shape[:2] == (NL, 128)
     assert (promoted["token"][[1, 3]] == -1).all() and (promoted["token"][[0, 2]] >= 0).all()
+    assert promoted["expert_token"].shape == (NL, 4, 48, 3)
+    assert (promoted["expert_token"][[0, 2]] == -1).all() and (promoted["expert_token"][[1, 3]] >= 0).all()
+    base = model.model
+    ex = base.layers[1].feed_forward.experts  # expert 2's neuron 5 writes down_proj[2][5, :] ([E, F, d] layout)
+    g = base.norm.weight.detach()
+    want = torch.topk(model.lm_head.weight.detach() @ (g * ex.down_proj[2, 5].detach()), 3)
+    assert np.array_equal(promoted["expert_token"][1, 2, 5], want.indices.numpy())
+    assert np.allclose(promoted["expert_logit"][1, 2, 5], want.values.numpy(), atol=1e-5)
     vocab = {i: tok.decode([i]) for i in range(128)}
     rules = neuron_rules(prof, promoted, vocab, top_neurons=2, window=3)
-    assert sorted({r["layer"] for r in rules}) == [0, 2]
+    assert sorted({(r["layer"], r["expert"] is None) for r in rules}) == [(0, True), (1, False), (2, True), (3, False)]
+    for r in rules:
+        if r["expert"] is not None:  # its trigger is a token routed to that expert, with the recorded activation
+            c = r["contexts"][0]
+            g_tok = prof.offsets[c["prompt"]] + c["position"]
+            assert r["expert"] in prof.arrays["mlp.experts"][r["layer"], g_tok]
+            assert np.isclose(
+                r["activation"],
+                prof.arrays["mlp.expert_neuron_max"][r["layer"], r["expert"], r["activation_neuron"]],
+                atol=1e-4,
+            )
+    table = rules_table(rules)
+    assert -1 in table["expert"] and max(table["expert"]) >= 0  # dense rows and expert rows
+
+
+def test_promoted_tokens_read_the_final_norm_as_the_model_applies_it():
+    # Gemma's RMSNorm scales by (1 + weight): the promoted direction is W_U ((1 + w) * W_out[:, n])
+    from attnscope.profiler.memories import promoted_tokens
+
+    model = build_model("gemma2")
+    with torch.no_grad():
+        model.model.norm.weight.normal_(0, 1.0)
+    got = promoted_tokens(model, k=4)
+    g = 1 + model.model.norm.weight.detach()
+    w_out = model.model.layers[2].mlp.down_proj.weight.detach()
+    want = torch.topk(model.lm_head.weight.detach() @ (g[:, None] * w_out), 4, dim=0)
+    assert np.array_equal(got["token"][2], want.indices.T.numpy())
+    assert np.allclose(got["logit"][2], want.values.T.numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", UNSUPPORTED)

@@ -94,7 +94,7 @@ def test_profile_expert_neurons_equal_a_float64_reduction(model_type):
     for text in PROMPTS:  # one prompt at a time, unpadded: the run's tokens in order
         ids = torch.tensor([tok(text)["input_ids"]])
         got, _ = _captured(model, ids)
-        for layer, (idx, w, acts) in got.items():
+        for layer, (idx, _, acts) in got.items():
             per_layer.setdefault(layer, []).append((idx, acts.double(), offset))
         offset += ids.shape[1]
     a = prof.arrays

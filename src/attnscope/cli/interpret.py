@@ -60,7 +60,7 @@ def cmd_rules(args) -> int:
 
     import numpy as np
 
-    from attnscope.kernels.stats import CTX_VALUE
+    from attnscope.kernels.stats import CTX_VALUE, EXPERT_CTX_VALUE
     from attnscope.profiler.engine import config_digest, weights_digest
     from attnscope.profiler.memories import promoted_tokens
     from attnscope.profiler.models import DEFAULT_MODEL, cache_dir, load_model
@@ -71,13 +71,7 @@ def cmd_rules(args) -> int:
         if v < 1:
             raise CLIError(f"{name} must be >= 1, got {v}")
     prof = load_profile(args.profile)
-    if CTX_VALUE.key not in prof.arrays:
-        kinds = {(lay or {}).get("mlp") for lay in prof.meta.get("layers") or []}
-        if kinds == {"moe"}:
-            raise CLIError(
-                f"{args.profile}: every MLP block of {prof.meta.get('model_type')} is a mixture of experts, whose "
-                "neurons attnscope does not record yet (no FFN memories to make rules of)"
-            )
+    if CTX_VALUE.key not in prof.arrays and EXPERT_CTX_VALUE.key not in prof.arrays:
         raise CLIError(f"{args.profile} kept no neuron contexts: profile again with --neuron-contexts K (K > 0)")
     out = writable(Path(args.out) if args.out else Path(args.profile), "rules.json and rules.parquet", bool(args.out))
     model_id = args.model or prof.meta.get("model_id")
@@ -89,9 +83,9 @@ def cmd_rules(args) -> int:
         prof.meta.get("weights_digest"),
     ):
         raise CLIError(f"{model_id} is not the model of {args.profile} (its config or weights differ); pass --model")
-    cache = cache_dir() / "promoted" / f"{prof.meta['weights_digest']}-k{args.promoted}.safetensors"
+    cache = cache_dir() / "promoted" / f"{prof.meta['weights_digest']}-k{args.promoted}-v2.safetensors"
     promoted = promoted_tokens(model, k=args.promoted, cache=cache)
-    ids = np.unique(promoted["token"][promoted["token"] >= 0])  # -1: no dense MLP in that layer
+    ids = np.unique(np.concatenate([v[v >= 0] for f, v in promoted.items() if f.endswith("token")]))  # -1: none
     vocab = dict(zip(ids.tolist(), tok.batch_decode([[int(i)] for i in ids])))
     rules = neuron_rules(prof, promoted, vocab, top_neurons=args.top_neurons, window=args.window)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,13 +132,20 @@ def register(sub) -> None:
     v = sub.add_parser(
         "rules",
         help="FFN key-value memories: each neuron's trigger contexts and the tokens it promotes, as rules.json",
-        description="For the most strongly firing MLP neurons of each layer, write rules.json (trigger context, "
-        "neuron, promoted tokens with the logit they gain) and rules.parquet (the `rules` SQL view). Loads the "
+        description="For the most strongly firing MLP neurons of each layer (a dense layer's, or on a "
+        "mixture-of-experts layer every routed expert's, with their contexts among the tokens routed to it), write "
+        "rules.json (trigger context, neuron, expert, promoted tokens with the logit they gain) and rules.parquet "
+        "(the `rules` SQL view). Loads the "
         "run's model once to project each neuron's output vector through the unembedding (cached).",
     )
     v.add_argument("profile", help="a profile or run directory (with neuron contexts, the default)")
     v.add_argument("--model", help="the model, when the run's model id does not load it (same weights)")
-    v.add_argument("--top-neurons", type=int, default=20, help="neurons per layer, by largest activation (default: 20)")
+    v.add_argument(
+        "--top-neurons",
+        type=int,
+        default=20,
+        help="neurons per layer (and per MoE layer over all its experts), by largest activation (default: 20)",
+    )
     v.add_argument("--promoted", type=int, default=10, help="promoted tokens per neuron (default: 10)")
     v.add_argument("--window", type=int, default=8, help="tokens of context shown up to the trigger (default: 8)")
     v.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")

@@ -30,7 +30,8 @@ VIEWS = {
     "prompt_index": "one row per prompt: prompt, prompt_id, sha256, n_tokens, token_offset, preview",
     "logit_lens": "one row per (token, layer) of a --logit-lens run: top_id, top_token, top_prob, entropy, "
     "target_prob, target_rank, final_prob",
-    "rules": "one row per (layer, neuron, context) written by `attnscope rules`: activation, trigger text and token, "
+    "rules": "one row per (layer, expert, neuron, context) written by `attnscope rules` (expert -1: a dense layer): "
+    "activation, trigger text and token, "
     "promoted tokens and their logits",
 }
 
