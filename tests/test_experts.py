@@ -128,3 +128,28 @@ def test_profile_expert_neurons_equal_a_float64_reduction(model_type):
             assert_verbose_allclose(a["mlp.expert_ctx_value"][layer, e, :n], v[:n], atol=1e-5, rtol=1e-5, name="ctx")
             assert np.array_equal(a["mlp.expert_ctx_token"][layer, e, :n], t[order[:n]].numpy())
             assert (a["mlp.expert_ctx_token"][layer, e, n:] == -1).all()
+
+
+def test_expert_neuron_accumulators_fold_alike_over_batches_and_merged_runs():
+    # one prompt a batch, both in one batch, and two one-prompt profiles combined: the same accumulators
+    from attnscope.profiler import profile
+    from attnscope.kernels.stats import ACCUM_KEYS
+    from attnscope.profiler.accum import Accumulator
+
+    torch.set_num_threads(1)
+    tok, model = word_tokenizer(), build_model("olmoe")
+    kw = dict(neuron_contexts=4, progress=False)
+    one = profile(model, tok, PROMPTS, batch_size=1, **kw)
+    both = profile(model, tok, PROMPTS, batch_size=2, **kw)
+    a = profile(model, tok, PROMPTS[:1], **kw)
+    b = profile(model, tok, PROMPTS[1:], **kw)
+    merged = Accumulator(dict(a.arrays)).combine(dict(b.arrays), a.n_tokens)
+    keys = [k for k in ACCUM_KEYS if k.startswith("mlp.expert_")]
+    assert len(keys) == 8 and all(k in one.arrays for k in keys)
+    for key in keys:
+        for other, name in ((both, "one batch"), (merged, "merged")):
+            x, y = np.asarray(one.arrays[key]), np.asarray(other[key] if name == "merged" else other.arrays[key])
+            if x.dtype.kind == "f":
+                assert np.allclose(x, y, atol=1e-5, rtol=1e-6), f"{key}: {name}"
+            else:
+                assert np.array_equal(x, y), f"{key}: {name}"
