@@ -42,6 +42,8 @@ def _args(model_dir, corpus, out):
         "--keep",
         "tables",
         "--no-progress",
+        "--threads",  # bit-equal sums need the same thread count in this process (whatever a test set) and the runs
+        "1",
     ]
 
 
