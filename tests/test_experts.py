@@ -132,8 +132,8 @@ def test_profile_expert_neurons_equal_a_float64_reduction(model_type):
 
 def test_expert_neuron_accumulators_fold_alike_over_batches_and_merged_runs():
     # one prompt a batch, both in one batch, and two one-prompt profiles combined: the same accumulators
-    from attnscope.profiler import profile
     from attnscope.kernels.stats import ACCUM_KEYS
+    from attnscope.profiler import profile
     from attnscope.profiler.accum import Accumulator
 
     torch.set_num_threads(1)
