@@ -229,9 +229,10 @@ def expert_activations(ex: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor) 
     time over the tokens routed to it (the experts run fused or batched inside the model; their intermediate
     activations are nowhere to hook)."""
     N, k = idx.shape
+    E = _n_experts(ex)
     out = None
     for e in torch.unique(idx).tolist():
-        if not 0 <= e < _n_experts(ex):  # an expert-parallel sentinel: no expert here
+        if not 0 <= e < E:  # an expert-parallel sentinel: no expert here
             continue
         tok, slot = torch.where(idx == e)
         a = _gate_up(ex, e, x[tok] if x.ndim == 2 else x[e, tok]).float()
