@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .stats import (
+    ARGMAX,
     DIAG,
     DUP,
     ENTROPY,
@@ -63,8 +64,8 @@ _F0, _F1, _F2, _F3, _F4, _F5, _F6, _F7 = (np.float32(1.0 / math.factorial(k)) fo
 prange = range  # numba.prange once the loop is compiled (Numba reads module globals when it compiles)
 # the slots of the [V, B, H, L] vector output (module globals: Numba freezes them as constants)
 _DIAG, _FINAL, _ENTROPY, _ROWMAX = DIAG.slot, FINAL.slot, ENTROPY.slot, ROWMAX.slot
-_RECV_SUM, _RECV_MAX, _SINK, _PREV, _DUP, _INDUCTION, _LEARNED_SINK = (
-    RECV_SUM.slot, RECV_MAX.slot, SINK.slot, PREV.slot, DUP.slot, INDUCTION.slot, LEARNED_SINK.slot
+_RECV_SUM, _RECV_MAX, _SINK, _PREV, _DUP, _INDUCTION, _LEARNED_SINK, _ARGMAX = (
+    RECV_SUM.slot, RECV_MAX.slot, SINK.slot, PREV.slot, DUP.slot, INDUCTION.slot, LEARNED_SINK.slot, ARGMAX.slot
 )  # fmt: skip
 _compiled = None
 _close_cells = None
@@ -185,14 +186,14 @@ def _fused_block_py(
     tokens,  # [B, L] int64
     prev_same,  # [B, L] int64 the previous position holding the same token (-1: none)
     n_before,  # [B, L] int64 how many earlier positions hold the same token
-    cell,  # [B, L] int64 thumbnail cell of each position (-1: padding)
+    cell,  # [B, L] int64 pooled cell of each position (-1: padding; ``contract.PoolLayout``)
     bins,
     log_min,
     vec,  # [V, B, H, L] float32, by slot
     hist,  # [H, 6, bins] int32: 4 linear copies, 2 log10 copies, summed over the batch rows
     mom,  # [B, H, 3] float64
     dist,  # [B, H, N_DIST_BUCKETS] float64
-    thumb,  # [B, H, R, R] float64
+    thumb,  # [B, H, P, P] float64 sums of p per pooled cell
     cell_recv,  # [B, H, L] float32 attention from the rows of the current row cell, per key, not yet in thumb/recv_sum
     open_cell,  # [B, H, 3] int64 that row cell and its span of keys [lo, hi) (-1: none)
     fscratch,  # [H, 2, >= Lk] float32
@@ -266,6 +267,8 @@ def _fused_block_py(
                 pdl = 0.0
                 sq = 0.0
                 mx = np.int32(0)
+                blo = a  # the first bucket that holds the row's max (buckets run in increasing j)
+                bhi = a
                 j = a
                 while j < e:
                     stop = min(e, i + 2 - (1 << kb))  # bucket kb: keys with i - j + 1 in [2^kb, 2^(kb+1))
@@ -286,9 +289,17 @@ def _fused_block_py(
                     pz += sp
                     pdl += spd
                     sq += spp
-                    mx = max(mx, smx)
+                    if smx > mx:
+                        mx = smx
+                        blo = j
+                        bhi = stop
                     kb -= 1
                     j = stop
+                arg = a  # the first key holding the max: one scan of that bucket
+                for t in range(blo - a, bhi - a):
+                    if psi[t] == mx:
+                        arg = a + t
+                        break
                 # -- attention received: per key, pooled over the rows of one thumbnail row cell (vectorised) --
                 rc = cel[i]
                 if rc != cur:
@@ -357,6 +368,7 @@ def _fused_block_py(
                 # -sum p' log p' of the normalised row p' = p / z, log p' = log p - log z
                 vec[_ENTROPY, b, h, i] = np.float32((np.log(z) * pz - pdl) * inv)
                 vec[_LEARNED_SINK, b, h, i] = np.float32(sk * inv)
+                vec[_ARGMAX, b, h, i] = np.float32(arg - st)
                 vec[_ROWMAX, b, h, i] = np.float32(bits.view(np.float32)[0] * inv)
                 vec[_DUP, b, h, i] = np.float32(dup * inv)
                 vec[_INDUCTION, b, h, i] = np.float32(ind * inv)

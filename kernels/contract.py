@@ -30,11 +30,12 @@ A query with no allowed key (padding) has every statistic equal to zero, never N
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .stats import N_DIST_BUCKETS, VECTOR_NAMES
+from .stats import LAST_SPAN, N_DIST_BUCKETS, VECTOR_NAMES, span_names
 
 __all__ = [
     "ATTN_VECTOR_STATS",
@@ -42,6 +43,13 @@ __all__ = [
     "AttnStatsSpec",
     "KeyRanges",
     "PLAIN",
+    "PoolLayout",
+    "Spans",
+    "pool_layout",
+    "pooled_thumbnail",
+    "span_attention",
+    "span_names",
+    "validate_spans",
     "ScoreMod",
     "linear_bin",
     "log_bin",
@@ -295,3 +303,148 @@ def previous_tokens(tokens: torch.Tensor, ranges: KeyRanges) -> torch.Tensor:
     """[B, L] token j - 1 at key j, or -1 where j - 1 is not a real token (ids are >= 0: -1 matches nothing)."""
     pos = torch.arange(tokens.shape[1], device=tokens.device)
     return torch.where(pos[None, :] > ranges.start.to(tokens.device)[:, None], tokens.roll(1, dims=1), -1)
+
+
+# -- span attention: the prompt's named spans cut it into cells, pooled like the thumbnail's --
+Spans = Mapping[str, Sequence[tuple[int, int]]]  # name -> pieces [s, e) of token positions within the prompt
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """The cells an implementation pools p into: the thumbnail's uniform cells, cut further at every boundary of
+    the prompt's named spans and before its final row (so each named span, ``last`` and each thumbnail cell is a
+    union of pooled cells). With no spans it is the thumbnail's own layout.
+
+    Attributes:
+        edges: [B, P + 1] int64 absolute cell edges (past the prompt's last cell, repeated).
+        cell: [B, L] int64 pooled cell of each position (-1 for padding).
+        P: cells a side of the pooled buffer [B, H, P, P] (the most of any row).
+        thumb_of: [B, P] int64 thumbnail cell of each pooled cell (its first position's; -1 past the last).
+        thumb_count: [B, r, r] float64 pairs in each thumbnail cell (1 where none), r = min(R, L).
+        spans: per batch row its named spans (``Spans``), or None when no row has any.
+    """
+
+    edges: torch.Tensor
+    cell: torch.Tensor
+    P: int
+    thumb_of: torch.Tensor
+    thumb_count: torch.Tensor
+    spans: tuple[Spans | None, ...] | None = None
+
+
+def validate_spans(spans: Spans, n: int, where: str = "the prompt") -> dict[str, tuple[tuple[int, int], ...]]:
+    """Named spans as sorted, merged token pieces within [0, n); ``ValueError`` naming ``where`` on an empty span,
+    a piece outside the prompt, or the reserved name ``last``."""
+    out = {}
+    for name, pieces in spans.items():
+        if not isinstance(name, str) or not name or name == LAST_SPAN:
+            raise ValueError(f"{where}: span name {name!r} is not allowed (a non-empty string other than 'last')")
+        ps = sorted((int(s), int(e)) for s, e in pieces)
+        merged: list[tuple[int, int]] = []
+        for s, e in ps:
+            if not 0 <= s < e <= n:
+                raise ValueError(f"{where}: span {name!r} piece [{s}, {e}) lies outside its {n} tokens or is empty")
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        if not merged:
+            raise ValueError(f"{where}: span {name!r} covers no token")
+        out[name] = tuple(merged)
+    return out
+
+
+def pool_layout(
+    ranges: KeyRanges, length: int, thumb_size: int, spans: Sequence[Spans | None] | None = None
+) -> PoolLayout:
+    """The ``PoolLayout`` of a padded batch: ``thumb_layout``'s cells, cut at the spans' piece boundaries (positions
+    within each prompt, as ``validate_spans`` returns them) and before each prompt's final row."""
+    edges, cell, count = thumb_layout(ranges, length, thumb_size)
+    r = min(thumb_size, length)
+    B = edges.shape[0]
+    if spans is None or all(not s for s in spans):
+        thumb_of = torch.arange(thumb_size).expand(B, -1).clone()
+        return PoolLayout(edges, cell, thumb_size, thumb_of, count[:, :r, :r], None)
+    if len(spans) != B:
+        raise ValueError(f"spans describe {len(spans)} rows, the batch has {B}")
+    lo = ranges.start.cpu().long()
+    n = (ranges.end.cpu().long() - lo).clamp_min(0)
+    rows_edges = []
+    for b in range(B):
+        cut = set(edges[b].tolist())
+        if n[b] > 0:
+            cut.add(int(lo[b] + n[b] - 1))
+        for pieces in (spans[b] or {}).values():
+            for s, e in pieces:
+                cut.update((int(lo[b]) + s, int(lo[b]) + e))
+        rows_edges.append(sorted(cut))
+    P = max(len(e) - 1 for e in rows_edges)
+    new_edges = torch.tensor([e + [e[-1]] * (P + 1 - len(e)) for e in rows_edges], dtype=torch.long)  # [B, P + 1]
+    pos = torch.arange(length)[None, :].expand(B, -1)
+    new_cell = torch.searchsorted(new_edges.contiguous(), pos.contiguous(), right=True) - 1  # [B, L]
+    new_cell = torch.where(cell >= 0, new_cell, -1)
+    first = new_edges[:, :-1]  # [B, P] first position of each pooled cell
+    th = cell.gather(1, first.clamp(0, length - 1))  # the thumbnail cell holding it
+    real = new_edges[:, 1:] > first
+    thumb_of = torch.where(real, th, -1)
+    return PoolLayout(new_edges, new_cell, P, thumb_of, count[:, :r, :r], tuple(spans))
+
+
+def pooled_thumbnail(sums: torch.Tensor, layout: PoolLayout) -> torch.Tensor:
+    """[B, H, r, r] float32 thumbnails (mean p per cell) from the pooled sums [B, H, P, P] float64."""
+    B, H = sums.shape[:2]
+    r = layout.thumb_count.shape[-1]
+    sums = sums.double().cpu()
+    if layout.spans is None:
+        t = sums[:, :, :r, :r]
+    else:
+        t = torch.zeros(B, H, r * r, dtype=torch.float64)
+        th = layout.thumb_of.clamp_min(0)
+        idx = (th[:, :, None] * r + th[:, None, :]).view(B, 1, -1).expand(B, H, -1)  # [B, H, P * P]
+        ok = ((layout.thumb_of[:, :, None] >= 0) & (layout.thumb_of[:, None, :] >= 0)).view(B, 1, -1)
+        t.scatter_add_(2, idx, torch.where(ok, sums.reshape(B, H, -1), 0.0))
+        t = t.view(B, H, r, r)
+    return (t / layout.thumb_count[:, None]).float()
+
+
+def span_attention(
+    sums: torch.Tensor,  # [B, H, P, P] float64 pooled sums of p
+    argmax: torch.Tensor,  # [B, H, L] float32 argmax key of each row, relative to start
+    ranges: KeyRanges,
+    layout: PoolLayout,
+) -> list[torch.Tensor | None]:
+    """Per batch row [H, Sq, Sk, 2] float64 (``stats.SPAN_FIELDS``: mass, top1) over its spans (``span_names``),
+    or None for a row without spans: mass(Q, K) = sum of the pooled cells of Q x K / Q's rows; top1(Q, K) = share of
+    Q's rows whose argmax key lies in K."""
+    out: list[torch.Tensor | None] = []
+    if layout.spans is None:
+        return [None] * sums.shape[0]
+    sums = sums.double().cpu()
+    argmax = argmax.cpu()
+    for b, spans in enumerate(layout.spans):
+        if not spans:
+            out.append(None)
+            continue
+        st, n = int(ranges.start[b]), int(ranges.end[b] - ranges.start[b])
+        edges = layout.edges[b]
+        pos_in = []  # per span: [n] bool membership of the prompt's positions
+        for pieces in spans.values():
+            m = torch.zeros(n, dtype=torch.bool)
+            for s, e in pieces:
+                m[s:e] = True
+            pos_in.append(m)
+        last = torch.zeros(n, dtype=torch.bool)
+        last[n - 1] = True
+        qmask = torch.stack(pos_in + [last])  # [Sq, n]
+        kmask = torch.stack(pos_in)  # [Sk, n]
+        # a pooled cell belongs to a span when its first position does (the spans' boundaries are cell edges)
+        first = (edges[:-1] - st).clamp(0, max(n - 1, 0))
+        real = (edges[1:] > edges[:-1]).double()  # [P]
+        qc = qmask[:, first].double() * real  # [Sq, P]
+        kc = kmask[:, first].double() * real  # [Sk, P]
+        mass = torch.einsum("qa,hac,kc->hqk", qc, sums[b], kc) / qmask.sum(1).double()[None, :, None]
+        am = argmax[b, :, st : st + n].long().clamp(0, max(n - 1, 0))  # [H, n]
+        hit = kmask.double().T[am]  # [H, n, Sk]: row i's argmax in K
+        top1 = torch.einsum("qi,hik->hqk", qmask.double() / qmask.sum(1, keepdim=True), hit)
+        out.append(torch.stack([mass, top1], -1))
+    return out

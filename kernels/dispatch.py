@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from ._cpu_fused import HAS_NUMBA
-from .contract import AttnStatsSpec, KeyRanges, ScoreMod, validate_lse
+from .contract import AttnStatsSpec, KeyRanges, ScoreMod, Spans, validate_lse
 from .reference import down_proj_stats_ref
 from .torch_path import attn_stats_torch
 
@@ -44,6 +45,7 @@ def attn_stats(
     lse: torch.Tensor | None = None,  # [B, H, L] float32 log-sum-exp of each row, from the forward attention
     softcap: float | None = None,  # the model's attention-logit softcapping: s -> softcap * tanh(s / softcap)
     sinks: torch.Tensor | None = None,  # [H] the model's learned sink logits (in the softmax's denominator)
+    spans: Sequence[Spans | None] | None = None,  # per batch row its named spans (``contract.validate_spans``)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract for one layer (outputs as ``reference.attn_stats_ref``).
 
@@ -58,8 +60,8 @@ def attn_stats(
     if _resolve(impl, q.device) == "triton":
         from .qk_stats import qk_stats
 
-        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens, lse=lse, mod=mod)
-    return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens, lse=lse, mod=mod)
+        return qk_stats(q, k, scaling, ranges, spec, tokens=tokens, lse=lse, mod=mod, spans=spans)
+    return attn_stats_torch(q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens, lse=lse, mod=mod, spans=spans)
 
 
 def down_proj_stats(

@@ -33,6 +33,8 @@ tile spans. GQA reads key head h // group; keys are never repeated. References: 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -44,9 +46,12 @@ from .contract import (
     AttnStatsSpec,
     KeyRanges,
     ScoreMod,
+    Spans,
+    pool_layout,
+    pooled_thumbnail,
     previous_tokens,
     resolve_tokens,
-    thumb_layout,
+    span_attention,
     validate_lse,
     validate_qk,
 )
@@ -76,7 +81,7 @@ def _qk_stats_fused_kernel(
     HIST_LOG,  # [B, H, NB] int32 (atomic add)
     MOM,  # [B, H, 2] float64: sum p, sum p^2 (atomic add)
     DIST,  # [B, H, N_DIST_BUCKETS] float64 (atomic add)
-    THUMB,  # [B, H, R, R] float32 sums of p per cell (atomic add)
+    THUMB,  # [B, H, R, R] float32 sums of p per pooled cell (atomic add; R: ``contract.PoolLayout.P``)
     VEC,  # [V, B, H, L] float32 vectors by slot: query-axis ones stored, key-axis ones zeroed (atomics, final row)
     stride_vs,  # B * H * L, between slots
     Q,
@@ -90,7 +95,7 @@ def _qk_stats_fused_kernel(
     LSE,  # [B, H, L] float32 natural log-sum-exp of each row (read when HAS_LSE)
     START,
     END,  # [B] int64 key ranges
-    CELL,  # [B, L] int32 thumbnail cell of each position (-1: padding)
+    CELL,  # [B, L] int32 pooled cell of each position (-1: padding)
     TOK,  # [B, L] int64 token ids
     TOKB,  # [B, L] int64 token j - 1 at key j (-1 where j - 1 is not a real token)
     SINKS,  # [H] float32 learned sink logits (read when HAS_SINKS)
@@ -179,7 +184,7 @@ def _qk_stats_fused_kernel(
 
     # -- pass 2: p tile by tile, reduced into every statistic --
     zm = tl.zeros([BLOCK_M], tl.float32)
-    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([N_DIST], tl.float32), 0, 0, zm, zm)
+    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([N_DIST], tl.float32), 0, 0, zm, zm, zm - 1.0, offs_m * 0)
     tq = tl.load(TOK + tok_row + offs_m, mask=offs_m < L, other=-2)  # [BM] query tokens
     rc = tl.load(CELL + tok_row + offs_m, mask=offs_m < L, other=-1)  # [BM] thumbnail row cells
     thumb_row = bh * R * R
@@ -205,10 +210,10 @@ def _qk_stats_fused_kernel(
             HIST_ALL, HIST_LOG, VEC, slot_stride, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, False,
         )  # fmt: skip
-    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax = acc
+    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg = acc
     store_rows(
         VEC, slot_stride, vec_row, offs_m, row_ok, L, lse2, sink2, ent, rowmax, s1, pt, pmax,
-        diag, prev, sink, dup, ind, HAS_LSE, HAS_SINKS,
+        diag, prev, sink, dup, ind, arg, start, HAS_LSE, HAS_SINKS,
     )  # fmt: skip
     tl.atomic_add(HIST_ALL + hist_row, n_ok - n_hi, sem="relaxed")  # linear bin 0: every pair not added above
     tl.atomic_add(MOM + bh * 2, tl.sum(s1, 0).to(tl.float64), sem="relaxed")
@@ -250,6 +255,7 @@ def qk_stats(
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
     lse: torch.Tensor | None = None,  # [B, H, L] float32 natural log-sum-exp of scaling * q.k over allowed keys
     mod: ScoreMod = PLAIN,  # the model's logit softcapping and learned sinks
+    spans: Sequence[Spans | None] | None = None,  # per batch row its named spans (``contract.validate_spans``)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (outputs as ``reference.attn_stats_ref``).
 
@@ -280,10 +286,9 @@ def qk_stats(
     hist_log = torch.zeros_like(hist_all)
     mom = torch.zeros(B, H, 2, device=dev, dtype=torch.float64)
     dist = torch.zeros(B, H, stats.N_DIST_BUCKETS, device=dev, dtype=torch.float64)
-    thumb = torch.zeros(B, H, R, R, **f32)
-
-    _, cell, count = thumb_layout(ranges, L, R)  # [B, L] cell of each position, [B, R, R] pairs per cell
-    cell = cell.to(torch.int32)
+    layout = pool_layout(ranges, L, R, spans)  # the thumbnail's cells, cut at the spans' boundaries
+    thumb = torch.zeros(B, H, layout.P, layout.P, **f32)  # sums of p per pooled cell
+    cell = layout.cell.to(torch.int32)  # [B, L] pooled cell of each position
     tok = resolve_tokens(tokens, B, L, dev).contiguous()  # [B, L]
     tok_before = previous_tokens(tok, ranges).contiguous()  # [B, L]
     lse = validate_lse(lse, q)  # [B, H, L] float32 or None
@@ -320,7 +325,7 @@ def qk_stats(
         H,
         H // k.shape[1],
         ranges.span or 0,
-        R,
+        layout.P,
         scaling * _LOG2E,
         scaling / (mod.softcap or 1.0),
         (mod.softcap or 1.0) * _LOG2E,
@@ -344,14 +349,15 @@ def qk_stats(
     _qk_stats_fused_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
     n = _pairs(ranges)  # [B]
-    r = min(R, L)  # no prompt has more thumbnail cells a side
     moments = torch.stack([n[:, None].expand(B, H).to(dev), mom[..., 0], mom[..., 1]], dim=-1)  # [B, H, 3]
     out = {
         stats.HIST_ALL.name: hist_all.long().sum(0).cpu(),
         stats.HIST_LOG.name: hist_log.long().sum(0).cpu(),
         stats.MOMENTS.name: moments.sum(0).cpu(),
         stats.DIST.name: dist.cpu(),
-        stats.THUMB.name: (thumb[:, :, :r, :r].double().cpu() / count[:, None, :r, :r]).float(),
     }
     out.update({s.name: vec[s.slot] for s in stats.VECTORS})  # [B, H, L] each
+    out[stats.THUMB.name] = pooled_thumbnail(thumb, layout)
+    if layout.spans is not None:
+        out[stats.SPAN.name] = span_attention(thumb, out[stats.ARGMAX.name], ranges, layout)
     return out

@@ -37,6 +37,7 @@ _FINAL = tl.constexpr(stats.FINAL.slot)
 _ENTROPY = tl.constexpr(stats.ENTROPY.slot)
 _ROWMAX = tl.constexpr(stats.ROWMAX.slot)
 _RECV_SUM = tl.constexpr(stats.RECV_SUM.slot)
+_ARGMAX = tl.constexpr(stats.ARGMAX.slot)
 _RECV_MAX = tl.constexpr(stats.RECV_MAX.slot)
 _SINK = tl.constexpr(stats.SINK.slot)
 _PREV = tl.constexpr(stats.PREV.slot)
@@ -169,7 +170,7 @@ def pass2_tile(
     MASKED: tl.constexpr,
 ):
     """Reduce one tile of p into every statistic; ``acc`` is the tuple of per-program accumulators."""
-    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax = acc
+    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg = acc
     lp2 = t - lse2[:, None]  # log2 p
     if MASKED:
         p = tl.where(allowed, tl.exp2(lp2), 0.0)
@@ -179,9 +180,15 @@ def pass2_tile(
     # -- moments, and the entropy and row max when pass 1 was skipped --
     s1 += tl.sum(p, 1)
     s2 += tl.sum(p * p, 1)
+    tile_max = tl.max(p, 1)  # [BM]
     if HAS_LSE:
         pt += tl.sum(p * lp2, 1)
-        pmax = tl.maximum(pmax, tl.max(p, 1))
+        pmax = tl.maximum(pmax, tile_max)
+    # -- argmax: the first key of the largest p (tiles come in no fixed order: a tie goes to the lower key) --
+    tile_arg = tl.argmax(p, 1) + tl.min(offs_n, 0)  # [BM] absolute key
+    take = (tile_max > best) | ((tile_max == best) & (tile_arg < arg))
+    best = tl.where(take, tile_max, best)
+    arg = tl.where(take, tile_arg, arg)
     # -- histograms: relaxed atomics; linear bin 0 is filled in from the counts at the end --
     col_max = tl.max(p, 0)  # [BN]
     lg = ((lp2 * _LOG10_2 - log_min) * (NB / -log_min)).to(tl.int32)  # truncation = floor for x >= 0
@@ -254,7 +261,7 @@ def pass2_tile(
             tl.atomic_add(THUMB + thumb_row + rc * R + c, cell_sum, mask=rc >= 0, sem="relaxed")
         else:
             tl.atomic_add(THUMB + thumb_row + rc * R + c, cell_sum, sem="relaxed")
-    return s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax
+    return s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg
 
 
 @triton.jit
@@ -316,7 +323,7 @@ def pass1_rows(m_i, l_i, a_i, row_ok, sink2, HAS_SINKS: tl.constexpr):
 @triton.jit
 def store_rows(
     VEC, slot_stride, vec_row, offs_m, row_ok, L, lse2, sink2, ent, rowmax, s1, pt, pmax, diag, prev, sink, dup, ind,
-    HAS_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    arg, start, HAS_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """Write every query-axis vector of the tile's rows (each element: the output is never pre-filled)."""
     zm = tl.zeros(offs_m.shape, tl.float32)
@@ -347,3 +354,5 @@ def store_rows(
     tl.store(slot_row(VEC, _ENTROPY, slot_stride, vec_row) + offs_m, ent, mask=rmask)
     tl.store(slot_row(VEC, _ROWMAX, slot_stride, vec_row) + offs_m, rowmax, mask=rmask)
     tl.store(slot_row(VEC, _LEARNED_SINK, slot_stride, vec_row) + offs_m, share, mask=rmask)
+    tl.store(slot_row(VEC, _ARGMAX, slot_stride, vec_row) + offs_m, tl.where(row_ok, arg - start, 0).to(tl.float32),
+             mask=rmask)  # fmt: skip

@@ -8,18 +8,21 @@ import them from here; nothing re-implements them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from .contract import (
     AttnStatsSpec,
     KeyRanges,
+    Spans,
     linear_bin,
     log_bin,
     resolve_tokens,
     thumb_edges,
 )
 from .stats import (
+    ARGMAX,
     DIAG,
     DIST,
     DUP,
@@ -36,6 +39,7 @@ from .stats import (
     RECV_SUM,
     ROWMAX,
     SINK,
+    SPAN,
     THUMB,
     VECTORS,
 )
@@ -100,6 +104,7 @@ def attn_stats_ref(
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,  # [H] learned sink logits
+    spans: Sequence[Spans | None] | None = None,  # per batch row its named spans (``contract.validate_spans``)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract, from the materialised probabilities.
 
@@ -107,10 +112,11 @@ def attn_stats_ref(
         ``hist_all``/``hist_log`` [H, bins] int64, ``moments`` [H, 3] float64 (n pairs, sum p, sum p^2),
         ``dist`` [B, H, 32] float64 (sum of p by floor(log2(i - j + 1))), ``thumb`` [B, H, r, r] with r = min(R, L)
         (average-pooled p; a prompt of n < r tokens fills its first n cells, the rest are zero), and each name of
-        ``stats.VECTORS`` as [B, H, L] (keyed by its name).
+        ``stats.VECTORS`` as [B, H, L] (keyed by its name); with ``spans``, ``span``: per row [H, Sq, Sk, 2] (mass,
+        top1 over ``contract.span_names``) or None.
     """
     p = attention_probs_ref(q, k, scaling, ranges, upcast, softcap, sinks).cpu()  # [B, H, L, L]
-    return attn_stats_from_probs_ref(p, ranges, spec, tokens, has_sinks=sinks is not None)
+    return attn_stats_from_probs_ref(p, ranges, spec, tokens, has_sinks=sinks is not None, spans=spans)
 
 
 def attn_stats_from_probs_ref(
@@ -119,6 +125,7 @@ def attn_stats_from_probs_ref(
     spec: AttnStatsSpec = AttnStatsSpec(),
     tokens: torch.Tensor | None = None,  # [B, L] token ids (None: no repeats)
     has_sinks: bool = False,  # the rows sum to 1 - their learned sink's share
+    spans: Sequence[Spans | None] | None = None,  # per batch row its named spans (``contract.validate_spans``)
 ) -> dict[str, torch.Tensor]:
     """The statistics of ``attn_stats_ref`` from already materialised probabilities."""
     B, H, L, _ = p.shape
@@ -167,6 +174,7 @@ def attn_stats_from_probs_ref(
         vec[RECV_SUM][b, :, lo:hi] = pb[:, lo:hi, lo:hi].sum(1)
         vec[RECV_MAX][b, :, lo:hi] = pb[:, lo:hi, lo:hi].amax(1)
         vec[SINK][b, :, lo:hi] = pb[:, lo:hi, lo]
+        vec[ARGMAX][b, :, lo:hi] = (pb[:, lo:hi].argmax(-1) - lo).to(p.dtype)  # the first maximum
         if hi - lo > 1:
             vec[PREV][b, :, lo + 1 : hi] = pb[:, rows[1:], rows[1:] - 1]
         # head-role masks [L, L] over (query i, key j), written from their definitions
@@ -191,6 +199,26 @@ def attn_stats_from_probs_ref(
                 cell = p[b, :, lo + e[a] : lo + e[a + 1], lo + e[c] : lo + e[c + 1]]  # [H, rows, cols]
                 thumb[b, :, a, c] = cell.mean(dim=(-1, -2))
     out[THUMB.name] = thumb[:, :, : min(R, L), : min(R, L)].contiguous()
+    if spans is not None:
+        out[SPAN.name] = [_span_ref(p[b], vec[ARGMAX][b], start[b], end[b], s) for b, s in enumerate(spans)]
+    return out
+
+
+def _span_ref(p: torch.Tensor, argmax: torch.Tensor, lo: int, hi: int, spans: Spans | None) -> torch.Tensor | None:
+    """[H, Sq, Sk, 2] mass and top1 of one prompt, from its [H, L, L] probabilities, span by span."""
+    if not spans:
+        return None
+    sets = {name: [lo + t for s, e in pieces for t in range(s, e)] for name, pieces in spans.items()}
+    queries = [*sets.values(), [hi - 1]]
+    out = torch.zeros(p.shape[0], len(queries), len(sets), 2, dtype=torch.float64)
+    for a, rows in enumerate(queries):
+        for c, keys in enumerate(sets.values()):
+            out[:, a, c, 0] = p[:, rows][:, :, keys].double().sum(-1).mean(-1)
+            rel = {t - lo for t in keys}
+            am = argmax[:, rows].long()  # [H, rows]
+            out[:, a, c, 1] = torch.tensor(
+                [[float(int(x) in rel) for x in row] for row in am], dtype=torch.float64
+            ).mean(-1)
     return out
 
 

@@ -13,13 +13,15 @@ store, SQL, summaries, views) follows from the declaration.
 Fields of a ``Stat``:
 
 - ``kind``: ``vector`` (one value per row or key, [B, H, L]), ``histogram`` ([H, bins] counts), ``moments``
-  ([H, 3]: n, sum, sum of squares), ``buckets`` ([B, H, N_DIST_BUCKETS]), ``pooled`` ([B, H, R, R]);
+  ([H, 3]: n, sum, sum of squares), ``buckets`` ([B, H, N_DIST_BUCKETS]), ``pooled`` ([B, H, R, R]), ``spans``
+  (per prompt [H, Sq, Sk, 2]: pooled over the cells its named spans cut, like the thumbnail over uniform cells);
 - ``axis``: ``query`` (indexed by the row i), ``key`` (indexed by the key j: a column statistic), ``pair`` (over
   every allowed (i, j) pair);
 - ``fold``: how partial results combine (query blocks, batches, shards, merged runs): ``sum``, ``max``, or
   ``store`` (each element is written by exactly one block);
-- ``tier``: ``vectors`` (per token or per prompt: kept in memory, and in a run with ``--keep vectors``) or
-  ``accum`` (per layer and head: always kept, additive over prompts);
+- ``tier``: ``vectors`` (per token or per prompt: kept in memory, and in a run with ``--keep vectors``),
+  ``prompt`` (per prompt, always kept: small; a ``score`` is one value per prompt, layer and head, a column of the
+  prompts table) or ``accum`` (per layer and head: always kept, additive over prompts);
 - ``label`` and ``unit``: how a figure, a table header or ``--help`` names it;
 - ``summary``: its column in the per-head summary (``HEAD_SUMMARY``: the tables, the report, the head roles), or
   None; the ``heads`` and ``prompts`` SQL views hold the mean over rows of every vector under its ``name``.
@@ -32,6 +34,19 @@ from dataclasses import dataclass, replace
 __all__ = [
     "ACCUMULATORS",
     "ACCUM_KEYS",
+    "ARGMAX",
+    "ANSWER_SPAN",
+    "FIRST_TOKEN",
+    "FIRST_TOKEN_ROWS",
+    "HEAD_SCORES",
+    "NEEDLE_SPAN",
+    "RETRIEVAL",
+    "SINK_RATE_THRESHOLD",
+    "LAST_SPAN",
+    "SPAN",
+    "SPAN_FIELDS",
+    "span_key",
+    "span_names",
     "PER_PROMPT_PREFIXES",
     "full_key",
     "renumber_key",
@@ -116,8 +131,10 @@ VECTORS = _vectors(
          "sum_j p_ij [tok_{j-1} = tok_i, start <= j - 1, j < i]"),
     Stat("learned_sink", "vector", "query", "store", "vectors", "learned sink's share of the row", "weight",
          "learned_sink", "exp(sink_h - lse_i) = 1 - sum_j p_ij (0 for a model without learned sinks)"),
+    Stat("argmax", "vector", "query", "store", "vectors", "key of the largest weight", "tokens", None,
+         "argmax_j p_ij - start: the first such key on ties (float32: exact below 2^24 tokens)"),
 )  # fmt: skip
-DIAG, FINAL, ENTROPY, ROWMAX, RECV_SUM, RECV_MAX, SINK, PREV, DUP, INDUCTION, LEARNED_SINK = VECTORS
+DIAG, FINAL, ENTROPY, ROWMAX, RECV_SUM, RECV_MAX, SINK, PREV, DUP, INDUCTION, LEARNED_SINK, ARGMAX = VECTORS
 VECTOR_NAMES = tuple(s.name for s in VECTORS)
 
 # -- per layer and head, over every allowed pair --
@@ -130,17 +147,44 @@ DIST = Stat("dist", "buckets", "pair", "sum", "accum", "mean attention distance 
             "tokens", "distance", "sum p by floor(log2(i - j + 1))")  # fmt: skip
 THUMB = Stat("thumb", "pooled", "pair", "sum", "vectors", "pooled attention", "weight",
              formula="mean p over the R x R cells of each prompt")  # fmt: skip
-LAYER_STATS = (HIST_ALL, HIST_LOG, MOMENTS, DIST, THUMB)
+SPAN = Stat("span", "spans", "pair", "sum", "prompt", "span-to-span attention", "weight",
+            formula="mass(Q, K) = mean over Q's rows of sum_{j in K} p_ij; top1(Q, K) = share of Q's rows whose "
+            "argmax key lies in K; over the prompt's named spans (queries: also `last`, the final row)")  # fmt: skip
+SPAN_FIELDS = ("mass", "top1")  # the last axis of a prompt's span array
+# -- per prompt, layer and head: scores of the literature, from the vectors (and the spans) of the prompt --
+RETRIEVAL = Stat("retrieval", "score", "prompt", "store", "prompt", "retrieval score (Wu et al. 2024)", "share",
+                 formula="teacher-forced: hits / answer tokens; row i (predicting answer token i + 1) hits when "
+                 "its argmax key j lies in the `needle` span and tok_j = tok_{i+1}; else NaN")  # fmt: skip
+FIRST_TOKEN = Stat("first_token", "score", "prompt", "store", "prompt", "first-token score (Gu et al. 2025)",
+                   "weight", formula="mean of p_{i, start} over the first 64 rows (a sink head: > 0.3)")  # fmt: skip
+HEAD_SCORES = (RETRIEVAL, FIRST_TOKEN)  # columns of the prompts table, in this order
+FIRST_TOKEN_ROWS = 64  # T of the first-token score
+SINK_RATE_THRESHOLD = 0.3  # a head whose first-token score exceeds it counts towards the sink rate
+NEEDLE_SPAN, ANSWER_SPAN = "needle", "answer"  # the spans the retrieval score reads
+LAST_SPAN = "last"  # the query span of the final token's row
+LAYER_STATS = (HIST_ALL, HIST_LOG, MOMENTS, DIST, THUMB, SPAN)
 
 
 FULL_PREFIX = "attn.full.p"  # attn.full.p<i>.l<layer>.h<head>: a kept full matrix of prompt i
 THUMB_PREFIX = THUMB.key + ".p"  # attn.thumb.p<i>: the thumbnails of prompt i
-PER_PROMPT_PREFIXES = (THUMB_PREFIX, FULL_PREFIX)  # the per-prompt arrays of a profile, numbered by prompt
+SPAN_PREFIX = SPAN.key + ".p"  # attn.span.p<i>: the span-to-span attention of prompt i
+PER_PROMPT_PREFIXES = (THUMB_PREFIX, SPAN_PREFIX, FULL_PREFIX)  # the per-prompt arrays of a profile, by prompt
 
 
 def thumb_key(prompt: int) -> str:
     """The ``Profile`` array of prompt ``prompt``'s thumbnails, [Ly, H, r, r]."""
     return f"{THUMB_PREFIX}{prompt}"
+
+
+def span_key(prompt: int) -> str:
+    """The ``Profile`` array of prompt ``prompt``'s span attention, [Ly, H, Sq, Sk, 2] (``SPAN_FIELDS``)."""
+    return f"{SPAN_PREFIX}{prompt}"
+
+
+def span_names(spans) -> tuple[list[str], list[str]]:
+    """The query spans (every named span, then ``last``) and the key spans (every named span) of a prompt's spans."""
+    names = list(spans)
+    return names + [LAST_SPAN], names
 
 
 def full_key(prompt: int, layer: int, head: int) -> str:

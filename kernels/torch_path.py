@@ -18,6 +18,7 @@ thumbnail as differences at cell edges.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -26,14 +27,19 @@ from .contract import (
     PLAIN,
     AttnStatsSpec,
     KeyRanges,
+    PoolLayout,
     ScoreMod,
+    Spans,
+    pool_layout,
+    pooled_thumbnail,
     previous_tokens,
     resolve_tokens,
-    thumb_layout,
+    span_attention,
     validate_lse,
     validate_qk,
 )
 from .stats import (
+    ARGMAX,
     DIAG,
     DIST,
     DUP,
@@ -50,6 +56,7 @@ from .stats import (
     RECV_SUM,
     ROWMAX,
     SINK,
+    SPAN,
     THUMB,
     VECTORS,
 )
@@ -78,6 +85,7 @@ def attn_stats_torch(
     tokens: torch.Tensor | None = None,  # [B, L] token ids for the head-role masses (None: no repeats)
     lse: torch.Tensor | None = None,  # [B, H, L] float32 log-sum-exp of each row, from the forward attention
     mod: ScoreMod = PLAIN,  # the model's logit softcapping and learned sinks
+    spans: Sequence[Spans | None] | None = None,  # per batch row its named spans (``contract.validate_spans``)
 ) -> dict[str, torch.Tensor]:
     """Every attention statistic of the contract (see ``reference.attn_stats_ref`` for the outputs).
 
@@ -92,7 +100,7 @@ def attn_stats_torch(
     if use_numba:
         if not HAS_NUMBA:
             raise RuntimeError("use_numba=True but numba is not installed")
-        return _attn_stats_fused(q, k, scaling, ranges, spec, block_q, tokens, lse, mod)
+        return _attn_stats_fused(q, k, scaling, ranges, spec, block_q, tokens, lse, mod, spans)
     B, H, L, D = q.shape
     tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
     tok_before = previous_tokens(tokens, ranges)  # [B, L]
@@ -111,10 +119,10 @@ def attn_stats_torch(
     hist_log = torch.zeros(H, spec.bins, dtype=torch.long)
     moments = torch.zeros(H, 3, dtype=torch.float64)
     dist = torch.zeros(B, H, N_DIST_BUCKETS, dtype=torch.float64, device=dev)
-    thumb = torch.zeros(B, H, R, R, dtype=torch.float64, device=dev)
-
-    edges, row_cell, cell_count = thumb_layout(ranges, L, R)  # [B, R + 1], [B, L], [B, R, R]
-    edges, row_cell = edges.to(dev), row_cell.to(dev)
+    layout = pool_layout(ranges, L, R, spans)  # the thumbnail's cells, cut at the spans' boundaries
+    P = layout.P
+    thumb = torch.zeros(B, H, P, P, dtype=torch.float64, device=dev)
+    edges, row_cell = layout.edges.to(dev), layout.cell.to(dev)  # [B, P + 1], [B, L]
     final_row = end - 1  # [B]
 
     kf = k.float()  # [B, Hkv, L, D]
@@ -185,6 +193,8 @@ def attn_stats_torch(
         sink_col = (start - kstart).clamp(0, Lk - 1)  # [B]
         sink = p.gather(-1, sink_col.view(B, 1, 1, 1).expand(B, H, i1 - i0, 1)).squeeze(-1)  # [B, H, R_blk]
         vec[SINK][:, :, i0:i1] = torch.where((start >= kstart)[:, None, None], sink, 0.0)
+        arg = p.argmax(-1) + (kstart - start)[:, None, None]  # [B, H, R_blk] the first maximum, from start
+        vec[ARGMAX][:, :, i0:i1] = torch.where(row_ok[:, None], arg.float(), 0.0)
         # -- head-role masses: p summed over the earlier keys holding the query's token (or after it) --
         tq = tokens[:, i0:i1, None]  # [B, R_blk, 1]
         earlier = cols[None, :] < rows[:, None]  # [R_blk, Lk]
@@ -210,8 +220,8 @@ def attn_stats_torch(
         at = _prefix(cs, dedge[None, None].expand(B, H, -1, -1))  # [B, H, R_blk, 33]
         dist += (at[..., :-1] - at[..., 1:]).sum(dim=2).double()  # [B, H, 32]
         tedge = (edges - kstart).clamp(0, Lk)  # [B, R + 1]
-        at = _prefix(cs, tedge[:, None, None, :].expand(B, H, i1 - i0, R + 1))  # [B, H, R_blk, R + 1]
-        colpool = (at[..., 1:] - at[..., :-1]).double()  # [B, H, R_blk, R] row sums per column cell
+        at = _prefix(cs, tedge[:, None, None, :].expand(B, H, i1 - i0, P + 1))  # [B, H, R_blk, P + 1]
+        colpool = (at[..., 1:] - at[..., :-1]).double()  # [B, H, R_blk, P] row sums per column cell
         rc = row_cell[:, i0:i1]  # [B, R_blk]
         for b in range(B):
             ok = rc[b] >= 0
@@ -219,10 +229,8 @@ def attn_stats_torch(
                 thumb[b].index_add_(1, rc[b][ok], colpool[b][:, ok])
 
     out = {HIST_ALL.name: hist_all, HIST_LOG.name: hist_log, MOMENTS.name: moments, DIST.name: dist.cpu()}
-    r = min(R, L)  # no prompt has more cells a side
-    out[THUMB.name] = (thumb[:, :, :r, :r].cpu() / cell_count[:, None, :r, :r]).float()
     out.update({s.name: v for s, v in vec.items()})
-    return out
+    return _pooled(out, thumb.cpu(), ranges, layout)
 
 
 def _hist_block(
@@ -263,6 +271,7 @@ def _attn_stats_fused(
     tokens: torch.Tensor | None,  # [B, L]
     lse: torch.Tensor | None,  # [B, H, L] float32
     mod: ScoreMod,
+    spans: Sequence[Spans | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The CPU path: per query block one matmul into a reused buffer, then one fused Numba pass."""
     B, H, L, D = q.shape
@@ -275,9 +284,9 @@ def _attn_stats_fused(
     tokens = resolve_tokens(tokens, B, L, q.device)  # [B, L]
     start = ranges.start.cpu().long()  # [B]
     end = ranges.end.cpu().long()  # [B]
-    _, row_cell, cell_count = thumb_layout(ranges, L, Rs)  # [B, L], [B, Rs, Rs]
-    row_cell = row_cell.contiguous().numpy()
-    state = FusedState(B, H, L, spec.bins, Rs)
+    layout = pool_layout(ranges, L, Rs, spans)  # the thumbnail's cells, cut at the spans' boundaries
+    row_cell = layout.cell.contiguous().numpy()  # [B, L]
+    state = FusedState(B, H, L, spec.bins, layout.P)
     tok = tokens.cpu().contiguous().numpy()  # [B, L] int64
     prev_same, n_before = previous_occurrence(tok)  # [B, L], [B, L]
     common = dict(
@@ -347,7 +356,14 @@ def _attn_stats_fused(
         HIST_LOG.name: hist[:, 1].contiguous(),
         MOMENTS.name: torch.from_numpy(state.mom).sum(0),
         DIST.name: torch.from_numpy(state.dist),
-        THUMB.name: (torch.from_numpy(state.thumb) / cell_count[:, None]).float(),
     }
     out.update({s.name: torch.from_numpy(state.vec[s.slot]) for s in VECTORS})
+    return _pooled(out, torch.from_numpy(state.thumb), ranges, layout)
+
+
+def _pooled(out: dict, sums: torch.Tensor, ranges: KeyRanges, layout: PoolLayout) -> dict:
+    """``out`` with the thumbnail and the span attention from the pooled sums [B, H, P, P]."""
+    out[THUMB.name] = pooled_thumbnail(sums, layout)
+    if layout.spans is not None:
+        out[SPAN.name] = span_attention(sums, out[ARGMAX.name], ranges, layout)
     return out

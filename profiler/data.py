@@ -9,6 +9,8 @@ Ly layers, H heads, T tokens of all prompts concatenated (prompt p owns ``offset
     attn.<vector>                   [Ly, H, T] float32    each per-row vector of ``stats.VECTORS`` (``Stat.key``)
     stats.thumb_key(i)              [Ly, H, R, R] float32 average-pooled p of prompt i (R = min(thumb, L_i))
     stats.full_key(i, l, h)         [L_i, L_i] float32    full matrices of the heads the user chose to keep
+    stats.span_key(i)               [Ly, H, Sq, Sk, 2]    span attention (mass, top1) of prompt i's named spans
+                                                          (``prompts[i]["spans"]``: name -> token pieces)
     mlp.in_norm, mlp.out_norm       [Ly, T] float32       L2 norm of the down_proj input and output per token
     mlp.topk_idx, mlp.topk_val      [Ly, T, k]            neurons of largest |x| per token
     tokens.ids                      [T] int64
@@ -32,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +44,12 @@ from attnscope.kernels.stats import (
     LAMINAR,
     PER_PROMPT_PREFIXES,
     ROW_SUMS,
+    SPAN_FIELDS,
     VECTOR_NAMES,
     VECTORS,
     renumber_key,
+    span_key,
+    span_names,
 )
 
 from .accum import combine_accum, topk_fold
@@ -51,6 +57,8 @@ from .columns import LENS_ARRAYS
 from .columns import TOKEN_AXIS as COLUMN_AXIS
 
 __all__ = [
+    "SPAN_COLUMNS",
+    "span_rows",
     "ACCUM_NAMES",
     "ATTN_VECTORS",
     "LENS_ARRAYS",
@@ -79,6 +87,34 @@ _IDENTITY_KEYS = ("model_id", "config_digest", "weights_digest", "spec", "top_k"
 
 class ProfileError(ValueError):
     """A profile directory is missing, corrupted, foreign, or incompatible with another profile."""
+
+
+SPAN_COLUMNS = ("prompt", "prompt_id", "layer", "head", "query_span", "key_span", *SPAN_FIELDS)
+
+
+def span_rows(
+    prompt0: int, prompt_ids: Sequence[str], spans: Sequence, arrays: Sequence, prompts: Sequence[int] | None = None
+) -> dict[str, list]:
+    """The ``spans`` table's columns (``SPAN_COLUMNS``) of prompts numbered from ``prompt0`` (or ``prompts``): one
+    row per (prompt, layer, head, query span, key span); prompts without spans hold none."""
+    cols: dict[str, list] = {c: [] for c in SPAN_COLUMNS}
+    for n, (pid, sp, a) in enumerate(zip(prompt_ids, spans, arrays)):
+        if sp is None or a is None:
+            continue
+        number = prompt0 + n if prompts is None else prompts[n]
+        queries, keys = span_names(sp)
+        Ly, H, Sq, Sk, _ = a.shape
+        grid = np.indices((Ly, H, Sq, Sk)).reshape(4, -1)
+        m = Ly * H * Sq * Sk
+        cols["prompt"] += [number] * m
+        cols["prompt_id"] += [pid] * m
+        cols["layer"] += grid[0].tolist()
+        cols["head"] += grid[1].tolist()
+        cols["query_span"] += [queries[q] for q in grid[2]]
+        cols["key_span"] += [keys[k] for k in grid[3]]
+        for f, col in enumerate(SPAN_FIELDS):
+            cols[col] += a[..., f].reshape(-1).tolist()
+    return cols
 
 
 def mean_distance(dist: np.ndarray) -> np.ndarray:
@@ -193,6 +229,18 @@ class Profile:
             sums = self.arrays[ROW_SUMS.key]  # [Ly, H, V]
             return {v: sums[..., i] / max(self.n_tokens, 1) for i, v in enumerate(names)}
         return {v: self.arrays[f"attn.{v}"].mean(-1).astype(np.float64) for v in names}
+
+    def span_attention(self) -> dict[str, list]:
+        """The span attention of every prompt with named spans, as columns (``SPAN_COLUMNS``: one row per prompt,
+        layer, head, query span, key span; what the run's ``span_attention`` SQL view holds)."""
+        idx = [i for i in range(len(self.prompts)) if self.prompts[i].get("spans")]
+        return span_rows(
+            0,
+            [str(i) for i in idx],
+            [self.prompts[i]["spans"] for i in idx],
+            [self.arrays[span_key(i)] for i in idx],
+            prompts=idx,
+        )
 
     # -- merge --
     def check_compatible(self, other: Profile) -> None:

@@ -25,6 +25,7 @@ from attnscope.kernels.stats import (
     DIST_ACC,
     EXPERT_TOKENS,
     EXPERT_WEIGHT,
+    HEAD_SCORES,
     HIST_ALL,
     HIST_ALL_ACC,
     HIST_LOG,
@@ -37,6 +38,7 @@ from attnscope.kernels.stats import (
     NEURON_SUM,
     NEURON_SUMSQ,
     ROW_SUMS,
+    SPAN,
     THUMB,
     THUMB_REL,
     THUMB_REL_COUNT,
@@ -51,9 +53,11 @@ from .corpus import PromptItem
 from .data import ATTN_VECTORS, SCHEMA_VERSION, mean_distance
 from .experts import expert_neuron_stats, expert_token_stats, fold_expert_neurons
 from .hooks import AttentionCall, as_tokens, capture
+from .hostmem import release_freed_memory
 from .lens import LensCollector, next_token_entropy, residual_hooks
 from .memories import top_contexts
 from .probe import describe_layers
+from .spans import fold_layer_spans, head_scores, token_spans
 from .store import Shard
 
 __all__ = [
@@ -87,9 +91,11 @@ class BatchStats:
     experts: dict = field(default_factory=dict)  # MoE layer -> ``expert_neuron_stats`` of the batch
     entropy: np.ndarray | None = None  # [T_batch] next-token entropy of the real tokens, row-major
     lens: dict | None = None  # logit-lens field -> [Ly, T_batch]
+    spans: list = field(default_factory=list)  # per prompt [Ly, H, Sq, Sk, 2] span attention, or None
+    scores: np.ndarray | None = None  # [B, Ly, H, len(HEAD_SCORES)] per-prompt head scores (``spans.head_scores``)
 
 
-def call_stats(call: AttentionCall, ranges: KeyRanges, spec, impl: str, block_q: int, tokens=None) -> dict:
+def call_stats(call: AttentionCall, ranges: KeyRanges, spec, impl: str, block_q: int, tokens=None, spans=None) -> dict:
     """``attn_stats`` of one captured attention layer: the layer's window or chunks on the batch's key ranges, the
     module's scaling, softcapping and learned sinks (with the kernel's lse where the call has one)."""
     return attn_stats(
@@ -104,6 +110,7 @@ def call_stats(call: AttentionCall, ranges: KeyRanges, spec, impl: str, block_q:
         lse=call.lse,
         softcap=call.softcap,
         sinks=call.sinks,
+        spans=spans,
     )
 
 
@@ -239,8 +246,9 @@ class Engine:
         return [np.sort(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
     # -- one forward pass --
-    def forward(self, batch_ids: list[np.ndarray]) -> BatchStats:
-        """Run the model on one padded batch and bring every statistic to the host (``BatchStats``)."""
+    def forward(self, batch_ids: list[np.ndarray], spans: list | None = None) -> BatchStats:
+        """Run the model on one padded batch (``spans``: per prompt its named spans in tokens, or None) and bring
+        every statistic to the host (``BatchStats``)."""
         cfg, Ly, H, R = self.cfg, self.Ly, self.H, self.cfg.spec.thumb_size
         B = len(batch_ids)
         lengths = np.array([len(x) for x in batch_ids])
@@ -259,7 +267,9 @@ class Engine:
             thumbs=[np.zeros((Ly, H, min(R, int(n)), min(R, int(n))), np.float32) for n in lengths]
             if cfg.keep_vectors
             else [None] * B,
+            spans=[None] * B,
         )
+        spans = spans if spans is not None and any(s is not None for s in spans) else None
         dev_ids = ids.to(self.device)
         # thumbnail cell t of a prompt of L tokens starts at position ceil(t L / r): its relative cell is that * R // L
         cells = []
@@ -272,7 +282,8 @@ class Engine:
 
         def on_attention(call: AttentionCall):
             layer, q, k = call.layer, call.query, call.key
-            st = call_stats(call, ranges, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids)
+            st = call_stats(call, ranges, cfg.spec, cfg.impl, cfg.block_q, tokens=dev_ids, spans=spans)
+            fold_layer_spans(r.spans, st.get(SPAN.name), layer, Ly)
             for stat in (HIST_ALL, HIST_LOG, MOMENTS):
                 r.sums.fold(ACCUM[stat.key], st[stat.name].cpu().numpy(), at=layer)
             r.dist[layer] = st[DIST.name].cpu().numpy()
@@ -343,6 +354,7 @@ class Engine:
                 r.entropy = r.lens["entropy"][-1].astype(np.float32)
             else:
                 r.entropy = next_token_entropy(self.model, hidden[sel], cfg.impl).float().cpu().numpy()
+        r.scores = head_scores(r.vec, ids.numpy(), lengths, spans)
         return r
 
     # -- a shard --
@@ -354,8 +366,9 @@ class Engine:
         cfg = self.cfg
         lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
         out = _ShardBuffers(self, len(items), lengths)
+        spans = token_spans(self.tok, items, self._tok_lock, token_lists)
         for sel in self.batches(lengths):
-            batch = self.forward([token_lists[i] for i in sel])
+            batch = self.forward([token_lists[i] for i in sel], [spans[i] for i in sel])
             out.add_attention(sel, batch)
             out.add_mlp(sel, batch)
             if bar is not None:
@@ -373,11 +386,14 @@ class Engine:
             per_token={TOKEN_IDS: token_ids, **out.per_token},
             row_means=out.row_means,
             distance=out.distance,
+            head_scores=out.scores,
             accum=dict(out.acc),
             vectors=out.vectors,
             thumbs=out.thumbs,
             full=out.full,
             lens_vocab=self._vocab(out.per_token[LENS_TOP_ID]) if cfg.logit_lens else None,
+            spans=spans if any(s is not None for s in spans) else None,
+            span_attn=out.span_attn if any(s is not None for s in spans) else None,
         )
 
     def _note(self, notes) -> None:
@@ -452,8 +468,10 @@ class _ShardBuffers:
         }
         self.row_means = np.zeros((P, Ly, H, len(VECTORS)), np.float32)
         self.distance = np.full((P, Ly, H), np.nan)
+        self.scores = np.full((P, Ly, H, len(HEAD_SCORES)), np.nan)
         self.acc = Accumulator().allocate(self.dims, *_ATTN_ACCUMS)
         self.full: dict = {}
+        self.span_attn: list = [None] * P
 
     def add_attention(self, sel: np.ndarray, r: BatchStats) -> None:
         """Fold one batch's attention statistics (prompts ``sel`` of the shard)."""
@@ -466,6 +484,7 @@ class _ShardBuffers:
         sums = np.moveaxis(r.vec.sum(-1, dtype=np.float64), 0, -1)  # [Ly, B, H, V]
         acc.fold(ROW_SUMS, sums.sum(1))
         self.row_means[sel] = (sums / blen[None, :, None, None]).transpose(1, 0, 2, 3)
+        self.scores[sel] = r.scores
         self.distance[sel] = mean_distance(r.dist).transpose(1, 0, 2)  # [Ly, B, H, 32] -> [B, Ly, H]
         # histograms and moments of the weights the laminar views draw (p_ii, the final rows), valid positions only
         for lam in LAMINAR.values():
@@ -486,6 +505,8 @@ class _ShardBuffers:
                 self.thumbs[i] = r.thumbs[b]
         for (b, layer, head), m in r.full.items():
             self.full[(int(sel[b]), layer, head)] = m
+        for b, i in enumerate(sel.tolist()):
+            self.span_attn[i] = r.spans[b]
 
     def add_mlp(self, sel: np.ndarray, r: BatchStats) -> None:
         """Fold one batch's down_proj statistics, next-token entropy and logit lens (row-major real tokens ->
@@ -521,39 +542,6 @@ class _ShardBuffers:
                 acc.allocate(dims, CTX_VALUE)
                 acc.fold(CTX_VALUE, st["ctx_value"], where[st["ctx_index"]], at=layer)
             acc.fold(NEURON_SUMSQ, st["neuron_sumsq"], at=layer)
-
-
-def _libc():
-    """glibc's ``malloc_trim`` and ``mallinfo2`` (None where there is no glibc >= 2.33)."""
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
-
-        class MallInfo2(ctypes.Structure):
-            names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-            _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = MallInfo2
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-_TRIM_ABOVE = 1 << 29  # free heap bytes worth giving back
-
-
-def release_freed_memory() -> None:
-    """Give the pages of freed heap blocks back to the OS once they add up to 512 MiB (glibc; a no-op elsewhere).
-
-    glibc keeps what a layer frees for the next one: ~0.4 GB at 2,048 tokens of SmolLM2 (reused, so trimming it only
-    makes the pages fault back in: ~1 s a profile at a 256 MiB threshold), but a pool of 1.2-1.7 GB at 8,192 tokens
-    that set the peak RSS (3.8 GiB without a trim, 2.56 GiB trimming past 1 GiB, 1.79 GiB past 512 MiB).
-    """
-    if _LIBC is not None and _LIBC.mallinfo2().fordblks > _TRIM_ABOVE:
-        _LIBC.malloc_trim(0)
 
 
 # What one more forward pass costs, in padded tokens: on the CPU mostly reading the weights once more (~0.2 s a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -9,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from attnscope.kernels import AttnStatsSpec, KeyRanges, down_proj_stats, set_cpu_threads
-from attnscope.kernels.stats import NEURON_MAX, full_key, thumb_key
+from attnscope.kernels.stats import HEAD_SCORES, NEURON_MAX, full_key, span_key, thumb_key
 
 from .blocks import UnsupportedModelError
 from .config import ProfileConfig, PromptError
-from .corpus import PromptItem
+from .corpus import PromptItem, check_char_spans
 from .data import TOKEN_AXIS, Profile, combine_accum
 from .engine import Engine, call_stats, moe_block_stats
 from .experts import expert_token_stats
@@ -82,8 +83,13 @@ def run_with_stats(
     return output, stats
 
 
-def prompt_items(prompts: Sequence[str | PromptItem], first_index: int = 0) -> list[PromptItem]:
-    """``PromptItem``s of texts, ids ``<index>:<sha256 prefix>`` (stable for the same corpus)."""
+def prompt_items(
+    prompts: Sequence[str | PromptItem], first_index: int = 0, spans: Sequence[dict | None] | None = None
+) -> list[PromptItem]:
+    """``PromptItem``s of texts, ids ``<index>:<sha256 prefix>`` (stable for the same corpus); ``spans``: per prompt
+    its named character spans (``{name: [(start, end), ...]}``, end exclusive), or None."""
+    if spans is not None and len(spans) != len(prompts):
+        raise PromptError(f"spans name {len(spans)} prompts' spans, there are {len(prompts)} prompts")
     out = []
     for i, t in enumerate(prompts, first_index):
         if isinstance(t, PromptItem):
@@ -92,6 +98,10 @@ def prompt_items(prompts: Sequence[str | PromptItem], first_index: int = 0) -> l
             if not isinstance(t, str) or not t.strip():
                 raise PromptError(f"prompt {i} is empty")
             out.append(PromptItem(f"{i}:{hashlib.sha256(t.encode()).hexdigest()[:16]}", t))
+        if spans is not None and spans[i - first_index] is not None:
+            out[-1] = dataclasses.replace(
+                out[-1], spans=check_char_spans(spans[i - first_index], out[-1].text, f"prompt {i}", PromptError)
+            )
     return out
 
 
@@ -214,6 +224,13 @@ def shards_to_profile(meta: dict, shards: Sequence[Shard]) -> Profile:
                     "tokens": sh.token_text[offs[i] : offs[i + 1]],
                 }
             )
+            if sh.head_scores is not None:  # name -> [Ly][H] (NaN: not defined for this prompt)
+                prompts[-1]["scores"] = {
+                    sc.name: sh.head_scores[i, ..., k].tolist() for k, sc in enumerate(HEAD_SCORES)
+                }
+            if sh.spans is not None and sh.spans[i] is not None:  # name -> token pieces, as JSON lists
+                prompts[-1]["spans"] = {k: [list(p) for p in v] for k, v in sh.spans[i].items()}
+                arrays[span_key(p0 + i)] = sh.span_attn[i]
         p0 += sh.n_prompts
     for name in list(arrays):
         if isinstance(arrays[name], list):
@@ -232,6 +249,7 @@ def profile(
     prompts: Sequence[str],
     config: ProfileConfig | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    spans: Sequence[dict | None] | None = None,
     **overrides,
 ) -> Profile:
     """Profile ``model`` on ``prompts`` and return the reduced statistics, in memory.
@@ -242,18 +260,18 @@ def profile(
         prompts: the texts; each is profiled on its own (batches are padded, padding never enters a statistic).
         config: a ``ProfileConfig``; keyword ``overrides`` replace single fields of it.
         on_batch: called with (prompts done, prompts total) after each shard.
+        spans: per prompt its named character spans ``{name: [start, end] | [[start, end], ...]}`` (end exclusive)
+            or None: the span attention between them (``Profile.span_attention``, ``stats.span_key``).
 
     Returns:
         A ``Profile``; merge profiles of the same model with ``Profile.merge``. For a corpus, stream it into a run
         directory instead (``attnscope profile --prompts``, or ``run_corpus`` with a ``store.RunWriter``).
     """
-    import dataclasses
-
     cfg = dataclasses.replace(config or ProfileConfig(), **overrides)
     prompts = list(prompts)
     if not prompts:
         raise PromptError("no prompts given")
-    items = prompt_items(prompts)
+    items = prompt_items(prompts, spans=spans)
     shards: list[Shard] = []
 
     def sink(sh: Shard) -> None:

@@ -124,7 +124,7 @@ def test_not_a_run_says_what_is_wrong(run_dir, tmp_path, capsys):
     no_manifest = shutil.copytree(run_dir, tmp_path / "gone")
     (no_manifest / "run.json").unlink()
     assert _error(capsys, ["render", str(no_manifest)]) == (
-        f"{no_manifest} is not a profile directory: it has a run's folders (accum/, index/, prompts/, tokens/, "
+        f"{no_manifest} is not a profile directory: it has a run's folders (accum/, index/, prompts/, spans/, tokens/, "
         "vectors/) but no run.json (the run never committed a shard, or its run.json was removed), so none of it "
         "can be read; profile again into a new --out"
     )

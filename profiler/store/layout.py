@@ -27,8 +27,10 @@ RUN_SCHEMA = 2  # 2: run.json carries its own digest and every shard file's size
 READ_SCHEMAS = (1, 2)  # 1: no checksums of the shard files (they are read unverified) and no digest
 LOCK_FILE = ".lock"
 STAGING = ".staging"  # shard files written ahead of their commit (by Ray actors)
-PARTS = ("accum", "index", "prompts", "tokens", "vectors")
-TABLES = ("index", "prompts", "tokens")
+PARTS = ("accum", "index", "prompts", "tokens", "vectors", "spans")
+TABLES = ("index", "prompts", "tokens")  # every shard has these
+OPTIONAL_TABLES = ("spans",)  # a shard of prompts with named spans has these too (one row per prompt, layer, head,
+# query span, key span: ``data.SPAN_COLUMNS``)
 _SHARD_NAME = re.compile(r"s[0-9]{6}")
 _ACCUM_FILE = re.compile(r"accum/a[0-9]{6}\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -76,6 +78,9 @@ class Shard:
     thumbs: list[np.ndarray] | None = None  # per prompt [Ly, H, r, r]
     full: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)  # (prompt, layer, head) -> [L, L]
     lens_vocab: dict[int, str] | None = None  # decoded text of every lens top-1 id of the shard
+    spans: list | None = None  # per prompt its named spans in tokens, or None (``profiler.spans``)
+    span_attn: list | None = None  # per prompt [Ly, H, Sq, Sk, 2] float32 span attention (mass, top1), or None
+    head_scores: np.ndarray | None = None  # [P, Ly, H, len(stats.HEAD_SCORES)] float64 (NaN: not defined)
 
     @property
     def n_prompts(self) -> int:
@@ -153,7 +158,7 @@ def doc_digest(doc: dict) -> str:
 
 def shard_files(name: str) -> set[str]:
     """The files a shard named ``name`` may have, relative to the run: nothing else is ever opened."""
-    return {f"{part}/{name}.parquet" for part in TABLES} | {f"vectors/{name}.safetensors"}
+    return {f"{part}/{name}.parquet" for part in TABLES + OPTIONAL_TABLES} | {f"vectors/{name}.safetensors"}
 
 
 def read_manifest(path: Path) -> dict:
@@ -385,15 +390,18 @@ def read_table(root: Path, doc: dict, rel: str, columns: Sequence[str] | None = 
     except (pa.ArrowException, OSError, ValueError) as e:
         raise damaged(root, rel, f"cannot be read as a table ({str(e).splitlines()[0] if str(e) else e})") from None
     want = table_rows(doc, rel)
-    if table.num_rows != want:
+    if want is not None and table.num_rows != want:
         raise damaged(root, rel, f"has {table.num_rows} rows, {want} were committed")
     return table
 
 
-def table_rows(doc: dict, rel: str) -> int:
+def table_rows(doc: dict, rel: str) -> int | None:
     """How many rows the committed table ``rel`` holds, by ``run.json``: a prompt a row in index, a token a row in
-    tokens, a (prompt, layer, head) a row in prompts."""
+    tokens, a (prompt, layer, head) a row in prompts; None for spans (their count depends on the spans; the file's
+    sha256 in ``run.json`` guards it)."""
     part, name = rel.split("/")[0], rel.split("/")[1].split(".")[0]
+    if part in OPTIONAL_TABLES:
+        return None
     s = next(s for s in doc["shards"] if s["name"] == name)
     if part == "tokens":
         return s["n_tokens"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..data import ProfileError
 from .layout import (
     LOCK_FILE,
+    OPTIONAL_TABLES,
     PARTS,
     RUN_FILE,
     STAGING,
@@ -80,7 +81,7 @@ def merge_runs(
                         continue
                     dst = staging / part / (name + rel[len(part) + 1 + len(sh["name"]) :])
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    if part in TABLES:
+                    if part in TABLES + OPTIONAL_TABLES:
                         t = read_table(src, d, rel)
                         t = t.set_column(
                             t.schema.get_field_index("prompt"),
@@ -125,7 +126,7 @@ def verify_run(path: str | os.PathLike) -> tuple[dict, list[Damage], list[str]]:
             f = checked_file(path, doc, rel)
             if rel.endswith(".parquet"):
                 rows, want = pq.ParquetFile(f).metadata.num_rows, table_rows(doc, rel)
-                if rows != want:
+                if want is not None and rows != want:
                     raise damaged(path, rel, f"has {rows} rows, {want} were committed")
             elif rel.startswith("vectors/"):
                 with open_arrays(path, doc, rel) as st:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,13 +22,17 @@ from attnscope.kernels.stats import (
     NEURON_SUMSQ,
     PER_PROMPT_PREFIXES,
     ROW_SUMS,
+    SPAN_FIELDS,
+    SPAN_PREFIX,
     THUMB_PREFIX,
     renumber_key,
+    span_key,
 )
 
 from ..columns import token_columns
 from ..data import Profile, ProfileError, mean_distance
 from .layout import (
+    OPTIONAL_TABLES,
     RUN_FILE,
     TABLES,
     check_present,
@@ -61,7 +66,7 @@ class _RunData:
             pa, _ = pyarrow_modules()
             tables = [read_table(self.path, self.doc, f"index/{s['name']}.parquet") for s in self.shards]
             try:
-                self._index = pa.concat_tables(tables) if tables else None
+                self._index = pa.concat_tables(tables, promote_options="default") if tables else None
             except pa.ArrowException as e:
                 raise ProfileError(f"{self.path}: the index tables do not fit together ({e})") from None
             n = np.zeros(0, np.int64) if self._index is None else self._index.column("n_tokens").to_numpy()
@@ -94,6 +99,31 @@ class _RunData:
         if isinstance(col.type, pa.FixedSizeListType):
             return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
         return col.to_numpy(zero_copy_only=False)
+
+    def prompt_spans(self, i: int) -> dict | None:
+        """Prompt ``i``'s named spans in tokens (name -> [[start, end], ...]), or None."""
+        idx = self.index()
+        if "spans" not in idx.column_names:
+            return None
+        v = idx.column("spans")[i].as_py()
+        return json.loads(v) if v else None
+
+    def span_keys(self) -> dict[str, int]:
+        """``stats.span_key`` of every prompt with spans -> its prompt number."""
+        idx = self.index()
+        if idx is None or "spans" not in idx.column_names:
+            return {}
+        return {span_key(i): i for i, v in enumerate(idx.column("spans").to_pylist()) if v}
+
+    def span_array(self, i: int) -> np.ndarray:
+        """Prompt ``i``'s [Ly, H, Sq, Sk, 2] span attention, from its shard's spans table."""
+        s = self.shard_of(i)
+        name = self.shards[s]["name"]
+        t = read_table(self.path, self.doc, f"spans/{name}.parquet", columns=["prompt", *SPAN_FIELDS])
+        rows = np.flatnonzero(t.column("prompt").to_numpy() == i)
+        Sk = len(self.prompt_spans(i))
+        a = np.stack([t.column(c).to_numpy()[rows] for c in SPAN_FIELDS], -1)
+        return a.astype(np.float32).reshape(int(self.meta["n_layers"]), int(self.meta["n_heads"]), Sk + 1, Sk, 2)
 
     def vector_keys(self) -> dict[str, tuple[int, str]]:
         """Per-prompt vectors-tier names (thumbnails, full matrices) with global prompt numbers -> (shard, name)."""
@@ -206,7 +236,10 @@ class _RunArrays(Mapping):
         self.token_names = [*self.columns, "prompts.offsets"]
 
     def _names(self) -> list[str]:
-        return list(self.accum) + self.token_names + self.vec_names + list(self.data.vector_keys())
+        return (
+            list(self.accum) + self.token_names + self.vec_names + list(self.data.vector_keys())
+            + list(self.data.span_keys())
+        )  # fmt: skip
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names())
@@ -217,6 +250,8 @@ class _RunArrays(Mapping):
     def __contains__(self, name) -> bool:
         if name in self.accum or name in self.token_names or name in self.vec_names:
             return True
+        if isinstance(name, str) and name.startswith(SPAN_PREFIX):
+            return name in self.data.span_keys()
         return isinstance(name, str) and name.startswith("attn.") and name in self.data.vector_keys()
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -249,6 +284,8 @@ class _RunArrays(Mapping):
             out = lazy(load, c.token_axis, shape, c.dtype)
         elif name in self.vec_names:
             out = lazy(lambda s: d.tensor(s, name), 2, (Ly, H, T), np.float32)
+        elif name.startswith(SPAN_PREFIX) and name in d.span_keys():
+            return d.span_array(d.span_keys()[name])  # per prompt: small, not cached
         elif name.startswith("attn.") and name in d.vector_keys():
             s, key = d.vector_keys()[name]
             return d.tensor(s, key)  # per prompt: small, not cached
@@ -297,13 +334,17 @@ class _RunPrompts(Sequence):
         tok = d.tokens(s)
         lo = int(d.offsets()[i]) - d.shards[s]["token0"]
         text = tok.column("token").slice(lo, row["n_tokens"]).to_pylist()
-        return {
+        out = {
             "id": row["prompt_id"],
             "sha256": row["sha256"],
             "n_tokens": row["n_tokens"],
             "preview": row["preview"],
             "tokens": text,
         }
+        spans = d.prompt_spans(i)
+        if spans is not None:
+            out["spans"] = spans
+        return out
 
     def __iter__(self):
         for i in range(len(self)):
@@ -337,12 +378,13 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
     doc = prof.arrays.data.doc
     Ly, H = prof.n_layers, prof.n_heads
     out: dict[str, object] = {}
-    for part in TABLES:  # every table is checked before DuckDB reads it (hashed once, then while unchanged)
+    for part in TABLES + OPTIONAL_TABLES:  # every table is checked before DuckDB reads it (hashed once, then while
+        # unchanged)
         rels = [rel for s in doc["shards"] for rel in s["files"] if rel.startswith(part + "/")]
         out[part] = [str(f) for f in checked_files(path, doc, rels, persist=True)]
         for rel, f in zip(rels, out[part]):
             rows = pq.ParquetFile(f).metadata.num_rows  # the footer only
-            if rows != table_rows(doc, rel):
+            if table_rows(doc, rel) is not None and rows != table_rows(doc, rel):
                 raise damaged(path, rel, f"has {rows} rows, {table_rows(doc, rel)} were committed")
     heads = {"layer": np.repeat(np.arange(Ly), H), "head": np.tile(np.arange(H), Ly)}
     if doc["shards"]:

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from attnscope.kernels.stats import DIST, NEURON_MAX, full_key, thumb_key
+from attnscope.kernels.stats import DIST, HEAD_SCORES, NEURON_MAX, SPAN_FIELDS, full_key, thumb_key
 
 from ..accum import combine_accum
 from ..columns import LENS_TOP_ID, token_columns
+from ..data import span_rows
 from .layout import (
     IDENTITY,
     LOCK_FILE,
@@ -52,6 +53,7 @@ def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence
     P, T = shard.n_prompts, shard.n_tokens
     prompt = np.arange(prompt0, prompt0 + P, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(shard.lengths)]).astype(np.int64)
+    spans = shard.spans or [None] * P
     index = pa.table(
         {
             "prompt": prompt,
@@ -59,6 +61,11 @@ def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence
             "sha256": pa.array(shard.sha256, pa.string()),
             "n_tokens": shard.lengths.astype(np.int64),
             "preview": pa.array(shard.previews, pa.string()),
+            # name -> token pieces [[start, end], ...] as JSON, or null: the query and key spans of its span table
+            "spans": pa.array(
+                [None if s is None else json.dumps({k: [list(p) for p in v] for k, v in s.items()}) for s in spans],
+                pa.string(),
+            ),  # fmt: skip
         }
     )
     n = P * Ly * H
@@ -73,6 +80,8 @@ def _shard_tables(shard: Shard, prompt0: int, Ly: int, H: int, vectors: Sequence
     for i, v in enumerate(vectors):
         cols[v] = np.ascontiguousarray(means[:, i])
     cols[DIST.summary] = shard.distance.reshape(n)
+    for k, sc in enumerate(HEAD_SCORES):
+        cols[sc.name] = shard.head_scores[..., k].reshape(n) if shard.head_scores is not None else np.full(n, np.nan)
     prompts = pa.table(cols)
     tokens = {"prompt": np.repeat(prompt, shard.lengths)}
     tokens["position"] = (np.arange(T) - np.repeat(offsets[:-1], shard.lengths)).astype(np.int32)
@@ -116,7 +125,14 @@ def write_shard_files(root: str | os.PathLike, name: str, shard: Shard, prompt0:
         shard, prompt0, Ly, H, meta["vectors"], bool(meta.get("logit_lens")), bool(meta.get("experts_per_token"))
     )
     files = []
-    for part, table in (("index", index), ("prompts", prompts), ("tokens", tokens)):
+    parts = [("index", index), ("prompts", prompts), ("tokens", tokens)]
+    if shard.spans is not None:
+        pa, _ = pyarrow_modules()
+        cols = span_rows(prompt0, shard.prompt_ids, shard.spans, shard.span_attn)
+        types = {"prompt": pa.int64(), "layer": pa.int32(), "head": pa.int32()}
+        types.update({f: pa.float32() for f in SPAN_FIELDS})
+        parts.append(("spans", pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in cols.items()})))
+    for part, table in parts:
         (root / part).mkdir(parents=True, exist_ok=True)
         write_parquet(table, root / part / f"{name}.parquet")
         files.append(f"{part}/{name}.parquet")

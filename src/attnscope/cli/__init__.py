@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, interpret, profile, run, verify, views
+from . import bench, interpret, profile, run, suite, verify, views
 from ._common import CLIError, CommandParser, os_error
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "without materialising attention matrices.",
     )
     sub = ap.add_subparsers(dest="command", required=True, parser_class=CommandParser)
-    for group in (profile, views, run, verify, interpret, bench):
+    for group in (profile, views, run, verify, interpret, bench, suite):
         group.register(sub)
     undeclared = [name for name, p in sub.choices.items() if p.get_default("user_errors") is None]
     if undeclared:

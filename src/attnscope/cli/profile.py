@@ -30,6 +30,7 @@ def _corpus(args):
         corpora=list(args.prompts or []),
         text_column=args.text_column,
         id_column=args.id_column,
+        spans_column=args.spans_column,
     )
 
 
@@ -205,6 +206,13 @@ def _add_options(p) -> None:
         "--id-column",
         default="id",
         help="id field: a stable prompt id for --resume where present (default: %(default)s; else index and text hash)",
+    )
+    p.add_argument(
+        "--spans-column",
+        default="spans",
+        help="named character spans of a row, where present: {name: [start, end] or [[start, end], ...]} (end "
+        "exclusive; JSON in a .csv/.tsv cell); their span-to-span attention goes to the span_attention SQL view "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--out",

@@ -27,9 +27,15 @@ VIEWS = {
     "mean_weight (tokens' experts[] and expert_weights[] hold each token's routing)",
     "expert_neurons": "one row per (MoE layer, expert, neuron): tokens routed to the expert, and the neuron's max, "
     "argmax_token, mean, std over them (NULL: no token)",
-    "prompt_index": "one row per prompt: prompt, prompt_id, sha256, n_tokens, token_offset, preview",
+    "prompt_index": "one row per prompt: prompt, prompt_id, sha256, n_tokens, token_offset, preview, spans (its named "
+    "spans in tokens, JSON)",
+    "span_attention": "one row per (prompt, layer, head, query span, key span) of prompts with named spans: mass (mean "
+    "over the query span's rows of their weight on the key span), top1 (share of those rows whose largest weight "
+    "lies in the key span); query spans: every named span and `last` (the final token's row)",
     "logit_lens": "one row per (token, layer) of a --logit-lens run: top_id, top_token, top_prob, entropy, "
     "target_prob, target_rank, final_prob",
+    "suite": "one row per prompt of an `attnscope suite` run: prompt_id, suite, its settings (length, depth; task, "
+    "dataset, ...), generated (the model's greedy answer), gold, correct; join span_attention and prompts by prompt_id",
     "rules": "one row per (layer, expert, neuron, context) written by `attnscope rules` (expert -1: a dense layer): "
     "activation, trigger text and token, "
     "promoted tokens and their logits",
@@ -70,17 +76,22 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
     ``spill_dir``: where DuckDB may spill a large sort or join (outside the run; default: no spilling)."""
     import duckdb
 
+    from attnscope.kernels.stats import SPAN_FIELDS
     from attnscope.profiler.columns import LENS_COLUMNS, lens_fields
     from attnscope.profiler.store import is_run, run_tables
 
     if not is_run(run):
         raise CLIError(f"{run} is not a run directory (no run.json of attnscope)")
     t = run_tables(run)
-    for part in ("index", "prompts", "tokens"):
+    for part in ("index", "prompts", "tokens", "spans"):
         t[part] = [os.path.abspath(f) for f in t[part]]
     rules = Path(os.path.abspath(Path(run) / "rules.parquet"))
     has_rules = rules.is_file() and not rules.is_symlink()
-    allowed = [f for part in ("index", "prompts", "tokens") for f in t[part]] + ([str(rules)] if has_rules else [])
+    suite = Path(os.path.abspath(Path(run) / "suite.parquet"))  # written by `attnscope suite`
+    has_suite = suite.is_file() and not suite.is_symlink()
+    allowed = [f for part in ("index", "prompts", "tokens", "spans") for f in t[part]]
+    allowed += [str(rules)] if has_rules else []
+    allowed += [str(suite)] if has_suite else []
     con = duckdb.connect(
         config={
             "autoinstall_known_extensions": False,
@@ -97,10 +108,12 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
         return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in t[part]) + "]"
 
     if t["index"]:
+        index = f"read_parquet({files('index')}, union_by_name = true)"
+        has_spans = "spans" in [d[0] for d in con.execute(f"select * from {index} limit 0").description]
         con.execute(  # token_offset: where the prompt's tokens start in the run (shards do not store it)
             "create view prompt_index as select prompt, prompt_id, sha256, n_tokens, "
-            "sum(n_tokens) over (order by prompt) - n_tokens as token_offset, preview "
-            f"from read_parquet({files('index')}, union_by_name = true)"
+            "sum(n_tokens) over (order by prompt) - n_tokens as token_offset, preview, "
+            f"{'spans' if has_spans else 'NULL::VARCHAR'} as spans from {index}"
         )
         con.execute(f"create view prompts_raw as select * from read_parquet({files('prompts')})")
         con.execute(
@@ -115,6 +128,16 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
                 "create view logit_lens as select prompt, position, token_id, token, "
                 f"unnest(range(len({first}))) as layer, {lists} from tokens"
             )
+    if t["spans"]:
+        con.execute(f"create view span_attention as select * from read_parquet({files('spans')})")
+    else:  # no prompt named spans: the view exists, empty
+        con.execute(
+            "create view span_attention as select * from (values (0::BIGINT, ''::VARCHAR, 0::INTEGER, 0::INTEGER, "
+            "''::VARCHAR, ''::VARCHAR, 0::FLOAT, 0::FLOAT)) t(prompt, prompt_id, layer, head, query_span, key_span, "
+            f"{', '.join(SPAN_FIELDS)}) where false"
+        )
+    if has_suite:
+        con.execute(f"create view suite as select * from read_parquet('{_quote(suite)}')")
     if has_rules:
         con.execute(f"create view rules as select * from read_parquet('{_quote(rules)}')")
     con.register("heads", _heads_with_roles(run, t["heads"]))

