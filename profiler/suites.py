@@ -72,8 +72,6 @@ def _sentence_start(text: str, pos: int) -> int:
     """The start of the sentence at or before character ``pos`` (0, or just after a '.', '!' or '?' and spaces)."""
     if pos <= 0:
         return 0
-    if pos >= len(text):
-        return len(text)
     best = 0
     for m in re.finditer(r"[.!?]\s+", text[:pos]):
         best = m.end()

@@ -143,3 +143,36 @@ def test_mass_rows_sum_to_one_over_a_partition():
     p = attention_probs_ref(q, k, D**-0.5, ranges)
     assert_verbose_allclose(s[:, 3, :, 0], torch.stack([p[0, :, -1, :11].sum(-1), p[0, :, -1, 11], p[0, :, -1, 12:]
                                                        .sum(-1)], -1), atol=1e-6, rtol=0)  # fmt: skip
+
+
+def test_head_scores_follow_their_definitions():
+    """Retrieval and first-token scores of random vectors, against a loop over the definitions."""
+    import numpy as np
+    from attnscope.kernels.stats import ARGMAX, SINK, VECTORS
+    from attnscope.profiler.spans import head_scores
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    Ly, B, H, L = 2, 3, 4, 90
+    vec = np.zeros((len(VECTORS), Ly, B, H, L), np.float32)
+    lengths = np.array([90, 70, 40])
+    ids = rng.integers(0, 5, (B, L))
+    for b, n in enumerate(lengths):
+        vec[SINK.slot, :, b, :, :n] = rng.random((Ly, H, n))
+        vec[ARGMAX.slot, :, b, :, :n] = rng.integers(0, np.arange(1, n + 1), (Ly, H, n))  # argmax <= row
+    spans = [{"needle": ((5, 30),), "answer": ((80, 90),)}, {"needle": ((0, 10), (20, 30)), "answer": ((60, 70),)},
+             {"needle": ((0, 5),)}]  # fmt: skip
+    got = head_scores(vec, ids, lengths, spans)
+    for b, n in enumerate(lengths):
+        for layer in range(Ly):
+            for h in range(H):
+                assert got[b, layer, h, 1] == pytest.approx(vec[SINK.slot, layer, b, h, : min(64, n)].mean(), rel=1e-6)
+                if "answer" not in spans[b]:
+                    assert np.isnan(got[b, layer, h, 0])
+                    continue
+                needle = {t for s, e in spans[b]["needle"] for t in range(s, e)}
+                answer = [t for s, e in spans[b]["answer"] for t in range(s, e)]
+                hits = 0
+                for t in answer:
+                    j = int(vec[ARGMAX.slot, layer, b, h, t - 1])
+                    hits += j in needle and ids[b, j] == ids[b, t]
+                assert got[b, layer, h, 0] == pytest.approx(hits / len(answer))
