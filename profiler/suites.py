@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .config import PromptError
 from .corpus import PromptItem
@@ -28,7 +27,9 @@ __all__ = [
     "SUITE_FILE",
     "SuiteItem",
     "default_haystack",
+    "SUITE_FORMATS",
     "generate_answers",
+    "jsonl_items",
     "niah_items",
     "score_answer",
     "write_suite_table",
@@ -52,6 +53,17 @@ class SuiteItem:
     columns: dict = field(default_factory=dict)
     generated: str | None = None
     correct: bool | None = None
+    golds: tuple[str, ...] = ()  # every accepted answer (``score``: all of them for ``all``, else any)
+    score: str = "substring"  # how ``score_answer`` compares (``substring``, ``all``, ``exact``, ``choice``)
+
+    def judge(self, generated: str) -> None:
+        """Record the model's answer and whether it is right."""
+        golds = self.golds or (self.gold,)
+        self.generated = generated
+        if self.score == "all":
+            self.correct = all(score_answer(generated, g) for g in golds)
+        else:
+            self.correct = any(score_answer(generated, g, self.score) for g in golds)
 
 
 def default_haystack() -> str:
@@ -130,6 +142,104 @@ def niah_items(
     return out
 
 
+SUITE_FORMATS = ("ruler", "longbench", "longbench-v2", "plain")
+
+
+def _item(pid: str, context: str, question: str, gold: str, columns: dict, golds=(), score="substring") -> SuiteItem:
+    """A suite prompt: context, then the question (and an ``Answer:`` cue); profiled with the gold answer after it,
+    spans ``context``, ``question`` and ``answer`` (character pieces)."""
+    prompt = context + question
+    text = prompt + " " + gold if gold.strip() else prompt
+    spans = {"question": [(len(context), len(prompt))], "answer": [(len(prompt) + 1, len(text))]}
+    if context.strip():
+        spans["context"] = [(0, len(context))]
+    if not gold.strip():
+        del spans["answer"]
+    return SuiteItem(PromptItem(pid, text, spans), prompt, gold, columns, golds=tuple(golds), score=score)
+
+
+def _row_fields(row: dict, where: str, names: Sequence[str]) -> list:
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise PromptError(f"{where}: missing field(s) {', '.join(map(repr, missing))} (has {', '.join(row)})")
+    return [row[n] for n in names]
+
+
+def _suite_row(row: dict, fmt: str, n: int, where: str, task: str) -> SuiteItem:
+    if fmt == "ruler":  # the input holds context and question; the question is its last paragraph
+        index, text, outputs = _row_fields(row, where, ("index", "input", "outputs"))
+        outputs = [str(o) for o in (outputs if isinstance(outputs, list) else [outputs])]
+        cut = text.rstrip().rfind("\n\n")
+        cut = cut + 2 if cut > 0 else 0
+        question = text[cut:] + str(row.get("answer_prefix") or "")
+        cols = {"task": task, "length": row.get("length")}
+        return _item(f"ruler-{task}-{index}", text[:cut], question, outputs[0], cols, outputs, "all")
+    if fmt == "longbench":
+        question, context, answers = _row_fields(row, where, ("input", "context", "answers"))
+        answers = [str(a) for a in (answers if isinstance(answers, list) else [answers])]
+        cols = {"task": row.get("dataset") or task, "dataset": row.get("dataset"), "length": row.get("length")}
+        pid = str(row.get("_id") or f"{task}-{n}")
+        return _item(pid, context, f"\n\nQuestion: {question}\nAnswer:", answers[0] if answers else "", cols, answers)
+    if fmt == "longbench-v2":
+        fields = ("question", "choice_A", "choice_B", "choice_C", "choice_D", "answer", "context")
+        question, a, b, c, d, answer, context = _row_fields(row, where, fields)
+        q = f"\n\nQuestion: {question}\n(A) {a}\n(B) {b}\n(C) {c}\n(D) {d}\nAnswer with the letter of the choice:"
+        cols = {"task": row.get("domain") or task, "domain": row.get("domain"), "difficulty": row.get("difficulty"),
+                "length": row.get("length")}  # fmt: skip
+        return _item(str(row.get("_id") or f"{task}-{n}"), context, q, str(answer).strip(), cols, (), "choice")
+    if fmt == "plain":
+        answer = row.get("answer", "")
+        answers = [str(x) for x in (answer if isinstance(answer, list) else [answer])]
+        if "prompt" in row:
+            context, question = "", str(row["prompt"])
+        else:
+            context, question = (str(x) for x in _row_fields(row, where, ("context", "question")))
+            question = f"\n\nQuestion: {question}\nAnswer:"
+        cols = {"task": row.get("task") or task, "length": row.get("length")}
+        return _item(str(row.get("id") or f"{task}-{n}"), context, question, answers[0], cols, answers)
+    raise PromptError(f"the suite format is one of {', '.join(SUITE_FORMATS)}, got {fmt!r}")
+
+
+def jsonl_items(path, fmt: str, task: str | None = None, limit: int | None = None) -> list[SuiteItem]:
+    """The ``SuiteItem`` of each row of a suite's own JSONL file (``SUITE_FORMATS``):
+
+    - ``ruler``: index, input (context, then the question as its last paragraph), outputs (all must appear),
+      length, answer_prefix;
+    - ``longbench``: input (the question), context, answers (any may appear), length, dataset, _id;
+    - ``longbench-v2``: question, choice_A..D, answer (the letter), context, domain, difficulty, length, _id;
+    - ``plain``: context and question, or prompt; answer (a string or a list; any may appear); id, task.
+
+    ``task`` (default: the file's name) names rows without a task of their own."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    task = task or p.stem
+    out: list[SuiteItem] = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptError(f"cannot read suite file {p}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise PromptError(f"{p}:{n}: expected an object")
+        out.append(_suite_row(row, fmt, len(out), f"{p}:{n}", task))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise PromptError(f"suite file {p} holds no row")
+    ids = [it.item.id for it in out]
+    if len(set(ids)) != len(ids):
+        raise PromptError(f"{p}: prompt ids repeat ({sorted({i for i in ids if ids.count(i) > 1})[:3]}...)")
+    return out
+
+
 def score_answer(generated: str, gold: str, kind: str = "substring") -> bool:
     """Whether ``generated`` answers ``gold``: ``substring`` (the gold answer appears in it, case and surrounding
     spaces ignored), ``exact`` (equal after stripping spaces and a final period), ``choice`` (its first letter A-D
@@ -148,6 +258,8 @@ def score_answer(generated: str, gold: str, kind: str = "substring") -> bool:
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 4,
                      bar=None) -> list[str]:  # fmt: skip
     """The model's greedy continuation of each prompt (``generate``, batched with left padding), decoded."""
+    import torch
+
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     side = tokenizer.padding_side

