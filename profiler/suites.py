@@ -31,6 +31,7 @@ __all__ = [
     "generate_answers",
     "jsonl_items",
     "niah_items",
+    "read_suite_answers",
     "score_answer",
     "write_suite_table",
 ]
@@ -299,3 +300,17 @@ def write_suite_table(run, items: Sequence[SuiteItem], suite: str) -> None:
     cols["gold"] = [it.gold for it in items]
     cols["correct"] = [it.correct for it in items]
     write_parquet(pa.table(cols), Path(run) / SUITE_FILE)
+
+
+def read_suite_answers(run) -> dict[str, str]:
+    """prompt_id -> the model's answer, from a run's ``suite.parquet`` ({} when it has none)."""
+    from pathlib import Path
+
+    from .store.layout import pyarrow_modules
+
+    f = Path(run) / SUITE_FILE
+    if not f.is_file():
+        return {}
+    _, pq = pyarrow_modules()
+    t = pq.read_table(f, columns=["prompt_id", "generated"])
+    return {i: g for i, g in zip(t.column(0).to_pylist(), t.column(1).to_pylist()) if g is not None}

@@ -64,8 +64,11 @@ def test_suite_niah_end_to_end(tiny_llama_dir, tmp_path, rng, capsys):
     assert len(got) == 6 and all(r["n"] == 2 * 4 and 0 < r["m"] < 1 for r in got)  # tiny llama: 2 layers, 4 heads
     ret = _sql(capsys, out, "select count(*) as n, count(retrieval) as r, avg(first_token) as f from prompts")[0]
     assert ret["n"] == ret["r"] == 6 * 8 and 0 < ret["f"] <= 1
-    # an existing run is not replaced without --force
-    assert main(argv[:-1] + ["--no-progress"]) == 2
+    # an existing run is not replaced without --force; --resume continues it with the answers it has
+    assert main(argv) == 2
+    (out / "suite.parquet").write_bytes((out / "suite.parquet").read_bytes())
+    assert main(argv + ["--resume"]) == 0
+    assert _sql(capsys, out, "select * from suite order by length, depth") == suite
 
 
 def _suite_rows(fmt, rng):

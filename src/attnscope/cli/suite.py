@@ -66,10 +66,12 @@ def _run_suite(args, name: str, build) -> tuple[Path, list, str]:
     from attnscope.profiler.models import DEFAULT_MODEL, load_model
     from attnscope.profiler.run import run_corpus, run_meta
     from attnscope.profiler.store import RunWriter
-    from attnscope.profiler.suites import generate_answers, write_suite_table
+    from attnscope.profiler.suites import generate_answers, read_suite_answers, write_suite_table
 
     out = Path(args.out or Path("runs") / f"{name}-{slug(args.model or DEFAULT_MODEL)}")
-    w = RunWriter(out, None, "force" if args.force else "new")
+    if args.resume and args.force:
+        raise CLIError("--resume and --force exclude each other")
+    w = RunWriter(out, None, "resume" if args.resume else "force" if args.force else "new")
     w.precheck()  # busy, foreign or finished --out: one line, before loading the model
     try:
         model, tok, model_id = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -85,14 +87,18 @@ def _run_suite(args, name: str, build) -> tuple[Path, list, str]:
     except BaseException:
         w.discard()
         raise
-    with tqdm(total=len(items), desc="generate", unit="prompt", disable=args.no_progress) as bar:
-        answers = generate_answers(model, tok, [it.prompt for it in items], args.max_new_tokens, args.gen_batch, bar)
-    for it, a in zip(items, answers):
-        it.judge(a)
+    done = read_suite_answers(out) if args.resume else {}  # a resumed suite keeps the answers it already has
+    todo = [it for it in items if it.item.id not in done]
+    with tqdm(total=len(todo), desc="generate", unit="prompt", disable=args.no_progress or not todo) as bar:
+        answers = generate_answers(model, tok, [it.prompt for it in todo], args.max_new_tokens, args.gen_batch, bar)
+    got = {it.item.id: a for it, a in zip(todo, answers)} | done
+    for it in items:
+        it.judge(got[it.item.id])
     with w:
+        write_suite_table(out, items, name)  # before the profile: a killed run resumes without generating again
         cfg = dataclasses.replace(cfg, keep_vectors=bool(w.meta["keep_vectors"]))
-        run_corpus(model, tok, [it.item for it in items], w.commit, cfg, total=len(items))
-    write_suite_table(out, items, name)
+        skip = w.prompts_to_skip(iter([it.item for it in items]))
+        run_corpus(model, tok, [it.item for it in items], w.commit, cfg, skip=skip, total=len(items))
     return out, items, model_id
 
 
@@ -143,6 +149,7 @@ def _common_options(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens the model may answer with (default: 16)")
     p.add_argument("--gen-batch", type=int, default=4, help="prompts per generate() batch (default: 4)")
     p.add_argument("--force", action="store_true", help="replace an existing run at --out")
+    p.add_argument("--resume", action="store_true", help="continue a killed suite run (its answers are kept)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: %(default)s)")
     p.add_argument("--bins", type=int, default=4096, help="histogram bins (default: %(default)s)")
