@@ -41,12 +41,14 @@ from .stats import (
     INDUCTION,
     LEARNED_SINK,
     N_DIST_BUCKETS,
+    OBS_WINDOW,
     PREV,
     RECV_MAX,
     RECV_SUM,
     ROWMAX,
     SINK,
     VECTORS,
+    WINDOW_RECV,
 )
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
@@ -67,6 +69,7 @@ _DIAG, _FINAL, _ENTROPY, _ROWMAX = DIAG.slot, FINAL.slot, ENTROPY.slot, ROWMAX.s
 _RECV_SUM, _RECV_MAX, _SINK, _PREV, _DUP, _INDUCTION, _LEARNED_SINK, _ARGMAX = (
     RECV_SUM.slot, RECV_MAX.slot, SINK.slot, PREV.slot, DUP.slot, INDUCTION.slot, LEARNED_SINK.slot, ARGMAX.slot
 )  # fmt: skip
+_WINDOW_RECV, _OBS_WINDOW = WINDOW_RECV.slot, OBS_WINDOW
 _compiled = None
 _close_cells = None
 _flush_cell = None  # the jitted _flush_cell_py once compiled (the kernels call it by this name)
@@ -356,6 +359,10 @@ def _fused_block_py(
                     fin_s = fin[a:e]
                     for t in range(m):
                         fin_s[t] = ps[t]
+                if i > fr - _OBS_WINDOW:  # the observation window: the prompt's last rows
+                    win_s = vec[_WINDOW_RECV, b, h, a:e]
+                    for t in range(m):
+                        win_s[t] += ps[t]
                 n += m
                 m1 += pz
                 m2 += sq

@@ -73,6 +73,7 @@ from .qk_tiles import (
 __all__ = ["qk_stats"]
 
 _LOG2E = 1.4426950408889634  # used by the launcher only
+OBS_WINDOW = tl.constexpr(stats.OBS_WINDOW)
 
 
 @triton.jit
@@ -190,6 +191,8 @@ def _qk_stats_fused_kernel(
     thumb_row = bh * R * R
     bucket_ids = tl.arange(0, N_DIST)
     is_final = offs_m == end - 1
+    in_win = row_ok & (offs_m >= end - OBS_WINDOW)  # [BM] rows of the observation window
+    has_win = (m_lo + BLOCK_M > end - OBS_WINDOW) & (m_lo < end)
     for it in range(0, n_masked):
         n0 = k_begin + it * BLOCK_N + (it >= n_first).to(tl.int32) * (u_hi - u_lo)
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -197,7 +200,7 @@ def _qk_stats_fused_kernel(
         allowed = row_ok[:, None] & (offs_n[None, :] >= lo_row[:, None]) & (offs_n[None, :] <= offs_m[:, None])
         acc = pass2_tile(
             acc, logits(qk, qk_scale, cap_in, cap_out, SOFTCAP), allowed, offs_m, offs_n, lse2, tq, rc,
-            bucket_ids, start, m_lo, is_final,
+            bucket_ids, start, m_lo, is_final, in_win, has_win,
             HIST_ALL, HIST_LOG, VEC, slot_stride, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, True,
         )  # fmt: skip
@@ -206,7 +209,7 @@ def _qk_stats_fused_kernel(
         qk = scores(q, k_base, stride_kn, offs_n, offs_d, L, HEAD_DIM, HEAD_DIM_PAD, IEEE, UPCAST, False)
         acc = pass2_tile(
             acc, logits(qk, qk_scale, cap_in, cap_out, SOFTCAP), row_ok[:, None], offs_m, offs_n, lse2, tq, rc,
-            bucket_ids, start, m_lo, is_final,
+            bucket_ids, start, m_lo, is_final, in_win, has_win,
             HIST_ALL, HIST_LOG, VEC, slot_stride, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, False,
         )  # fmt: skip

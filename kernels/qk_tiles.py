@@ -38,6 +38,7 @@ _ENTROPY = tl.constexpr(stats.ENTROPY.slot)
 _ROWMAX = tl.constexpr(stats.ROWMAX.slot)
 _RECV_SUM = tl.constexpr(stats.RECV_SUM.slot)
 _ARGMAX = tl.constexpr(stats.ARGMAX.slot)
+_WINDOW_RECV = tl.constexpr(stats.WINDOW_RECV.slot)
 _RECV_MAX = tl.constexpr(stats.RECV_MAX.slot)
 _SINK = tl.constexpr(stats.SINK.slot)
 _PREV = tl.constexpr(stats.PREV.slot)
@@ -148,6 +149,8 @@ def pass2_tile(
     start,
     m_lo,
     is_final,
+    in_win,
+    has_win,
     HIST_ALL,
     HIST_LOG,
     VEC,
@@ -214,6 +217,14 @@ def pass2_tile(
     else:
         tl.atomic_add(recv_sum, tl.sum(p, 0), sem="relaxed")
         tl.atomic_max(recv_max, col_max.to(tl.int32, bitcast=True), sem="relaxed")
+    # -- the observation window (the prompt's last rows): only the few tiles that hold such a row add --
+    if has_win:
+        win = slot_row(VEC, _WINDOW_RECV, slot_stride, vec_row) + offs_n
+        win_sum = tl.sum(tl.where(in_win[:, None], p, 0.0), 0)  # [BN]
+        if MASKED:
+            tl.atomic_add(win, win_sum, mask=key_ok, sem="relaxed")
+        else:
+            tl.atomic_add(win, win_sum, sem="relaxed")
     # -- head-role masses: earlier keys holding the query's token, or following it --
     if MASKED:
         tk = tl.load(TOK + tok_row + offs_n, mask=key_ok, other=-3)  # [BN]

@@ -34,6 +34,7 @@ from .stats import (
     LEARNED_SINK,
     MOMENTS,
     N_DIST_BUCKETS,
+    OBS_WINDOW,
     PREV,
     RECV_MAX,
     RECV_SUM,
@@ -42,6 +43,7 @@ from .stats import (
     SPAN,
     THUMB,
     VECTORS,
+    WINDOW_RECV,
 )
 
 __all__ = [
@@ -173,6 +175,7 @@ def attn_stats_from_probs_ref(
         vec[ROWMAX][b, :, lo:hi] = pb[:, lo:hi].amax(-1)
         vec[RECV_SUM][b, :, lo:hi] = pb[:, lo:hi, lo:hi].sum(1)
         vec[RECV_MAX][b, :, lo:hi] = pb[:, lo:hi, lo:hi].amax(1)
+        vec[WINDOW_RECV][b, :, lo:hi] = pb[:, max(lo, hi - OBS_WINDOW) : hi, lo:hi].sum(1)
         vec[SINK][b, :, lo:hi] = pb[:, lo:hi, lo]
         vec[ARGMAX][b, :, lo:hi] = (pb[:, lo:hi].argmax(-1) - lo).to(p.dtype)  # the first maximum
         if hi - lo > 1:

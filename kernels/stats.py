@@ -35,6 +35,8 @@ __all__ = [
     "ACCUMULATORS",
     "ACCUM_KEYS",
     "ARGMAX",
+    "OBS_WINDOW",
+    "WINDOW_RECV",
     "ANSWER_SPAN",
     "FIRST_TOKEN",
     "FIRST_TOKEN_ROWS",
@@ -133,8 +135,13 @@ VECTORS = _vectors(
          "learned_sink", "exp(sink_h - lse_i) = 1 - sum_j p_ij (0 for a model without learned sinks)"),
     Stat("argmax", "vector", "query", "store", "vectors", "key of the largest weight", "tokens", None,
          "argmax_j p_ij - start: the first such key on ties (float32: exact below 2^24 tokens)"),
+    Stat("window_recv", "vector", "key", "sum", "vectors", "attention from the last 32 rows (SnapKV)", "weight", None,
+         "sum_{i >= end - 32} p_ij, by key j: SnapKV's observation-window score"),
 )  # fmt: skip
-DIAG, FINAL, ENTROPY, ROWMAX, RECV_SUM, RECV_MAX, SINK, PREV, DUP, INDUCTION, LEARNED_SINK, ARGMAX = VECTORS
+DIAG, FINAL, ENTROPY, ROWMAX, RECV_SUM, RECV_MAX, SINK, PREV, DUP, INDUCTION, LEARNED_SINK, ARGMAX, WINDOW_RECV = (
+    VECTORS
+)
+OBS_WINDOW = 32  # the observation window of ``window_recv``: the last rows of each prompt (SnapKV's default)
 VECTOR_NAMES = tuple(s.name for s in VECTORS)
 
 # -- per layer and head, over every allowed pair --

@@ -51,6 +51,7 @@ from .stats import (
     LEARNED_SINK,
     MOMENTS,
     N_DIST_BUCKETS,
+    OBS_WINDOW,
     PREV,
     RECV_MAX,
     RECV_SUM,
@@ -59,6 +60,7 @@ from .stats import (
     SPAN,
     THUMB,
     VECTORS,
+    WINDOW_RECV,
 )
 
 __all__ = ["attn_stats_torch"]
@@ -205,8 +207,11 @@ def attn_stats_torch(
         for b in torch.nonzero((final_row >= i0) & (final_row < i1)).flatten().tolist():
             vec[FINAL][b, :, kstart:i1] = p[b, :, int(final_row[b]) - i0]
 
-        # -- column statistics (attention received) --
+        # -- column statistics (attention received; from the observation window of the last rows) --
         vec[RECV_SUM][:, :, kstart:i1] += p.sum(2)
+        win = row_ok & (rows[None, :] >= end[:, None] - OBS_WINDOW)  # [B, R_blk]
+        if bool(win.any()):
+            vec[WINDOW_RECV][:, :, kstart:i1] += (p * win[:, None, :, None]).sum(2)
         torch.maximum(vec[RECV_MAX][:, :, kstart:i1], p.amax(2), out=vec[RECV_MAX][:, :, kstart:i1])
 
         # -- histograms and moments --

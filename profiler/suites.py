@@ -100,8 +100,8 @@ def niah_items(
     question: str = DEFAULT_QUESTION,
     answer: str = DEFAULT_ANSWER,
 ) -> list[SuiteItem]:
-    """One ``SuiteItem`` per (length, depth): the haystack cut to about ``length`` tokens in all (prompt and gold
-    answer), the needle at the sentence boundary nearest before ``depth`` of it (0: first, 1: last), the question
+    """One ``SuiteItem`` per (length, depth): the haystack cut so that prompt and gold answer take at most ``length``
+    tokens (a few less), the needle at the sentence boundary nearest before ``depth`` of it (0: first, 1: last), the question
     after it. The haystack repeats when it is shorter than the longest length."""
     if not haystack.strip():
         raise PromptError("the haystack is empty")
@@ -110,7 +110,7 @@ def niah_items(
             raise PromptError(f"a depth lies in [0, 1], got {d}")
     tail = _QUESTION.format(q=question) + " " + answer
     overhead = len(tokenizer(" " + needle + " " + tail, add_special_tokens=True)["input_ids"])
-    need = max(lengths) - overhead
+    need = max(lengths) - overhead - 2
     if need < 8:
         raise PromptError(f"the shortest useful length is {overhead + 8} tokens (needle, question and answer)")
     hay = haystack.strip()
@@ -120,7 +120,7 @@ def niah_items(
     offsets = enc["offset_mapping"]
     out = []
     for length in lengths:
-        k = length - overhead
+        k = length - overhead - 2  # slack: tokens may merge or split where the needle joins the haystack
         if k < 8:
             raise PromptError(f"length {length} is too short: needle, question and answer take {overhead} tokens")
         context0 = hay[: offsets[k - 1][1]]
