@@ -33,7 +33,10 @@ import numpy as np
 import torch
 
 from .stats import (
+    A_LOCAL,
+    A_SINK_KEYS,
     ARGMAX,
+    ASHAPE,
     DIAG,
     DUP,
     ENTROPY,
@@ -70,6 +73,7 @@ _RECV_SUM, _RECV_MAX, _SINK, _PREV, _DUP, _INDUCTION, _LEARNED_SINK, _ARGMAX = (
     RECV_SUM.slot, RECV_MAX.slot, SINK.slot, PREV.slot, DUP.slot, INDUCTION.slot, LEARNED_SINK.slot, ARGMAX.slot
 )  # fmt: skip
 _WINDOW_RECV, _OBS_WINDOW = WINDOW_RECV.slot, OBS_WINDOW
+_ASHAPE, _A_SINK_KEYS, _A_LOCAL = ASHAPE.slot, A_SINK_KEYS, A_LOCAL
 _compiled = None
 _close_cells = None
 _flush_cell = None  # the jitted _flush_cell_py once compiled (the kernels call it by this name)
@@ -379,6 +383,15 @@ def _fused_block_py(
                 vec[_ROWMAX, b, h, i] = np.float32(bits.view(np.float32)[0] * inv)
                 vec[_DUP, b, h, i] = np.float32(dup * inv)
                 vec[_INDUCTION, b, h, i] = np.float32(ind * inv)
+                # A-shape coverage: the first keys, then the local window after them (two runs of the row)
+                s_hi = min(e, st + _A_SINK_KEYS)
+                l_lo = max(a, s_hi, i - _A_LOCAL + 1)
+                cov = 0.0
+                for t in range(0, max(s_hi - a, 0)):
+                    cov += np.float64(ps[t])
+                for t in range(l_lo - a, m):
+                    cov += np.float64(ps[t])
+                vec[_ASHAPE, b, h, i] = np.float32(cov * inv)
                 if a <= i:
                     vec[_DIAG, b, h, i] = np.float32(ps[i - a] * inv)
                 if a <= i - 1:

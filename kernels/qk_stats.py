@@ -185,7 +185,7 @@ def _qk_stats_fused_kernel(
 
     # -- pass 2: p tile by tile, reduced into every statistic --
     zm = tl.zeros([BLOCK_M], tl.float32)
-    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([N_DIST], tl.float32), 0, 0, zm, zm, zm - 1.0, offs_m * 0)
+    acc = (zm, zm, zm, zm, zm, zm, zm, tl.zeros([N_DIST], tl.float32), 0, 0, zm, zm, zm - 1.0, offs_m * 0, zm)
     tq = tl.load(TOK + tok_row + offs_m, mask=offs_m < L, other=-2)  # [BM] query tokens
     rc = tl.load(CELL + tok_row + offs_m, mask=offs_m < L, other=-1)  # [BM] thumbnail row cells
     thumb_row = bh * R * R
@@ -213,10 +213,10 @@ def _qk_stats_fused_kernel(
             HIST_ALL, HIST_LOG, VEC, slot_stride, THUMB, CELL, TOK, TOKB, tok_row, vec_row, hist_row,
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, False,
         )  # fmt: skip
-    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg = acc
+    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg, cov = acc
     store_rows(
         VEC, slot_stride, vec_row, offs_m, row_ok, L, lse2, sink2, ent, rowmax, s1, pt, pmax,
-        diag, prev, sink, dup, ind, arg, start, HAS_LSE, HAS_SINKS,
+        diag, prev, sink, dup, ind, arg, start, cov, HAS_LSE, HAS_SINKS,
     )  # fmt: skip
     tl.atomic_add(HIST_ALL + hist_row, n_ok - n_hi, sem="relaxed")  # linear bin 0: every pair not added above
     tl.atomic_add(MOM + bh * 2, tl.sum(s1, 0).to(tl.float64), sem="relaxed")

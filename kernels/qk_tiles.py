@@ -39,6 +39,9 @@ _ROWMAX = tl.constexpr(stats.ROWMAX.slot)
 _RECV_SUM = tl.constexpr(stats.RECV_SUM.slot)
 _ARGMAX = tl.constexpr(stats.ARGMAX.slot)
 _WINDOW_RECV = tl.constexpr(stats.WINDOW_RECV.slot)
+_ASHAPE = tl.constexpr(stats.ASHAPE.slot)
+_A_SINK_KEYS = tl.constexpr(stats.A_SINK_KEYS)
+_A_LOCAL = tl.constexpr(stats.A_LOCAL)
 _RECV_MAX = tl.constexpr(stats.RECV_MAX.slot)
 _SINK = tl.constexpr(stats.SINK.slot)
 _PREV = tl.constexpr(stats.PREV.slot)
@@ -173,7 +176,7 @@ def pass2_tile(
     MASKED: tl.constexpr,
 ):
     """Reduce one tile of p into every statistic; ``acc`` is the tuple of per-program accumulators."""
-    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg = acc
+    s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg, cov = acc
     lp2 = t - lse2[:, None]  # log2 p
     if MASKED:
         p = tl.where(allowed, tl.exp2(lp2), 0.0)
@@ -233,6 +236,10 @@ def pass2_tile(
         tk = tl.load(TOK + tok_row + offs_n)
         tkb = tl.load(TOKB + tok_row + offs_n)
     dj = offs_m[:, None] - offs_n[None, :]  # [BM, BN] distance i - j
+    # -- A-shape coverage: the first keys and the local window (a tile wholly outside both adds nothing) --
+    n_first = tl.min(offs_n, 0)
+    if (n_first < start + _A_SINK_KEYS) | (m_lo - (n_first + BLOCK_N - 1) < _A_LOCAL):
+        cov += tl.sum(tl.where((offs_n[None, :] < start + _A_SINK_KEYS) | (dj < _A_LOCAL), p, 0.0), 1)
     if MASKED:
         # -- values on fixed diagonals and columns: only on-band tiles hold them --
         diag += tl.sum(tl.where(dj == 0, p, 0.0), 1)
@@ -272,7 +279,7 @@ def pass2_tile(
             tl.atomic_add(THUMB + thumb_row + rc * R + c, cell_sum, mask=rc >= 0, sem="relaxed")
         else:
             tl.atomic_add(THUMB + thumb_row + rc * R + c, cell_sum, sem="relaxed")
-    return s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg
+    return s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg, cov
 
 
 @triton.jit
@@ -334,7 +341,7 @@ def pass1_rows(m_i, l_i, a_i, row_ok, sink2, HAS_SINKS: tl.constexpr):
 @triton.jit
 def store_rows(
     VEC, slot_stride, vec_row, offs_m, row_ok, L, lse2, sink2, ent, rowmax, s1, pt, pmax, diag, prev, sink, dup, ind,
-    arg, start, HAS_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    arg, start, cov, HAS_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """Write every query-axis vector of the tile's rows (each element: the output is never pre-filled)."""
     zm = tl.zeros(offs_m.shape, tl.float32)
@@ -354,6 +361,7 @@ def store_rows(
         sink = sink * inv
         dup = dup * inv
         ind = ind * inv
+        cov = cov * inv
         share = share * inv
 
     rmask = offs_m < L
@@ -361,6 +369,7 @@ def store_rows(
     tl.store(slot_row(VEC, _PREV, slot_stride, vec_row) + offs_m, prev, mask=rmask)
     tl.store(slot_row(VEC, _DUP, slot_stride, vec_row) + offs_m, dup, mask=rmask)
     tl.store(slot_row(VEC, _INDUCTION, slot_stride, vec_row) + offs_m, ind, mask=rmask)
+    tl.store(slot_row(VEC, _ASHAPE, slot_stride, vec_row) + offs_m, cov, mask=rmask)
     tl.store(slot_row(VEC, _SINK, slot_stride, vec_row) + offs_m, sink, mask=rmask)
     tl.store(slot_row(VEC, _ENTROPY, slot_stride, vec_row) + offs_m, ent, mask=rmask)
     tl.store(slot_row(VEC, _ROWMAX, slot_stride, vec_row) + offs_m, rowmax, mask=rmask)

@@ -22,7 +22,10 @@ from .contract import (
     thumb_edges,
 )
 from .stats import (
+    A_LOCAL,
+    A_SINK_KEYS,
     ARGMAX,
+    ASHAPE,
     DIAG,
     DIST,
     DUP,
@@ -188,6 +191,8 @@ def attn_stats_from_probs_ref(
         has_before = torch.arange(L) >= lo + 1
         ind = earlier & (t[:, None] == t_before[None, :]) & has_before[None, :]
         vec[DUP][b, :, lo:hi] = (pb * dup).sum(-1)[:, lo:hi]
+        ashape = (j < lo + A_SINK_KEYS) | (i - j < A_LOCAL)  # [L, L]; p is 0 off the allowed pairs
+        vec[ASHAPE][b, :, lo:hi] = (pb * ashape).sum(-1)[:, lo:hi]
         vec[INDUCTION][b, :, lo:hi] = (pb * ind).sum(-1)[:, lo:hi]
     vec[LEARNED_SINK] = sink_share_ref(p, ranges, has_sinks).to(p.dtype)
     out.update({s.name: v for s, v in vec.items()})

@@ -35,6 +35,9 @@ __all__ = [
     "ACCUMULATORS",
     "ACCUM_KEYS",
     "ARGMAX",
+    "ASHAPE",
+    "A_LOCAL",
+    "A_SINK_KEYS",
     "OBS_WINDOW",
     "WINDOW_RECV",
     "ANSWER_SPAN",
@@ -137,10 +140,12 @@ VECTORS = _vectors(
          "argmax_j p_ij - start: the first such key on ties (float32: exact below 2^24 tokens)"),
     Stat("window_recv", "vector", "key", "sum", "vectors", "attention from the last 32 rows (SnapKV)", "weight", None,
          "sum_{i >= end - 32} p_ij, by key j: SnapKV's observation-window score"),
+    Stat("ashape", "vector", "query", "store", "vectors", "A-shape coverage (128 sink keys + 1024 local)", "weight",
+         None, "sum_j p_ij [j < start + 128 or i - j < 1024]: the mass an A-shape (StreamingLLM) mask keeps"),
 )  # fmt: skip
-DIAG, FINAL, ENTROPY, ROWMAX, RECV_SUM, RECV_MAX, SINK, PREV, DUP, INDUCTION, LEARNED_SINK, ARGMAX, WINDOW_RECV = (
-    VECTORS
-)
+DIAG, FINAL, ENTROPY, ROWMAX, RECV_SUM, RECV_MAX, SINK, PREV, DUP, INDUCTION, LEARNED_SINK = VECTORS[:11]
+ARGMAX, WINDOW_RECV, ASHAPE = VECTORS[11:]
+A_SINK_KEYS, A_LOCAL = 128, 1024  # the A-shape of ``ashape``: the first keys and a local window (MInference's)
 OBS_WINDOW = 32  # the observation window of ``window_recv``: the last rows of each prompt (SnapKV's default)
 VECTOR_NAMES = tuple(s.name for s in VECTORS)
 

@@ -39,7 +39,10 @@ from .contract import (
     validate_qk,
 )
 from .stats import (
+    A_LOCAL,
+    A_SINK_KEYS,
     ARGMAX,
+    ASHAPE,
     DIAG,
     DIST,
     DUP,
@@ -204,6 +207,8 @@ def attn_stats_torch(
         vec[DUP][:, :, i0:i1] = (p * same[:, None]).sum(-1)
         after = (tq == tok_before[:, None, kstart:i1]) & earlier  # [B, R_blk, Lk]
         vec[INDUCTION][:, :, i0:i1] = (p * after[:, None]).sum(-1)
+        keep = (cols[None, None, :] < start[:, None, None] + A_SINK_KEYS) | (rows[:, None] - cols[None, :] < A_LOCAL)
+        vec[ASHAPE][:, :, i0:i1] = (p * keep[:, None]).sum(-1)  # keep: [B, R_blk, Lk]
         for b in torch.nonzero((final_row >= i0) & (final_row < i1)).flatten().tolist():
             vec[FINAL][b, :, kstart:i1] = p[b, :, int(final_row[b]) - i0]
 

@@ -176,3 +176,36 @@ def test_head_scores_follow_their_definitions():
                     j = int(vec[ARGMAX.slot, layer, b, h, t - 1])
                     hits += j in needle and ids[b, j] == ids[b, t]
                 assert got[b, layer, h, 0] == pytest.approx(hits / len(answer))
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_ashape_and_window_on_rows_longer_than_the_shape(impl, device):
+    """Rows longer than A-shape's 128 sink keys + 1024 local keys, padded: the coverage is below 1 and equals the
+    reference's; the observation window sums the last 32 rows only."""
+    from attnscope.kernels.stats import A_LOCAL, A_SINK_KEYS
+
+    B, H, L, D = 2, 2, 1300, 16
+    q, k = torch.randn(B, H, L, D), torch.randn(B, 1, L, D)
+    ranges = KeyRanges(torch.tensor([0, 7]), torch.tensor([L, L - 11]))
+    spec = AttnStatsSpec(bins=16, thumb_size=4)
+    if impl == "triton":
+        pytest.importorskip("triton")
+        from attnscope.kernels._settings import is_interpreter
+        from attnscope.kernels.qk_stats import qk_stats
+
+        if not (is_interpreter() or device.startswith("cuda")):
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        dev = "cpu" if is_interpreter() else device
+        out = qk_stats(q.to(dev), k.to(dev), D**-0.5, ranges, spec, block_m=128, block_n=128)
+    else:
+        out = attn_stats_torch(q, k, D**-0.5, ranges, spec, block_q=256, use_numba=impl == "numba")
+    p = attention_probs_ref(q, k, D**-0.5, ranges)
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    for b in range(B):
+        st, en = int(ranges.start[b]), int(ranges.end[b])
+        keep = (j < st + A_SINK_KEYS) | (i - j < A_LOCAL)
+        want = (p[b] * keep).sum(-1)[:, st:en]
+        assert_verbose_allclose(out["ashape"][b, :, st:en], want, atol=2e-5, rtol=1e-5, name=f"ashape {b}")
+        assert float(want[:, -1].max()) < 0.999  # the shape leaves mass out: the test can fail
+        win = p[b, :, en - 32 : en].sum(1)
+        assert_verbose_allclose(out["window_recv"][b], win, atol=2e-5, rtol=1e-5, name=f"window_recv {b}")
