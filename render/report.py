@@ -17,6 +17,7 @@ import numpy as np
 from attnscope.kernels.stats import LAMINAR, thumb_key
 
 from .base import Renderer
+from .suite import plot_span_heads
 from .summary import HEAD_COLUMNS, head_summary, high_entropy_positions, token_labels
 
 __all__ = ["ReportRenderer", "write_report"]
@@ -252,6 +253,19 @@ class ReportRenderer(Renderer):
                 _entropy_table(prof, self.prompt),
             )
         )
+        span_fig = plot_span_heads(prof, self.prompt)
+        if span_fig is not None:
+            sections.append(
+                (
+                    "spans",
+                    "Span attention",
+                    f"Prompt {self.prompt} names spans ({', '.join(prof.prompts[self.prompt]['spans'])}): per key "
+                    "span, each head's mean attention from the answer span (or the final token) to it, layers down, "
+                    "heads across. Bright cells are the heads that read that span; a retrieval head lights up on "
+                    "the needle. All prompts' values are in the span_attention SQL view.",
+                    _png(span_fig),
+                )
+            )
         if self.compare is not None:
             a, b = (html.escape(n) for n in self.names)
             sections.append(

@@ -56,3 +56,26 @@ def plot_niah(lengths, depths, correct: np.ndarray, needle_mass: np.ndarray, ret
     if heads:
         fig.colorbar(im, ax=list(axes[1:]), fraction=0.03, pad=0.02, label="mean attention mass on the needle")
     return fig, heads
+
+
+def plot_span_heads(prof, prompt: int = 0):
+    """Per key span, the [layers x heads] mass from the prompt's answer span (or its final row, ``last``) to it:
+    where each head's attention goes between the prompt's named spans. None for a prompt without spans."""
+    from attnscope.kernels.stats import ANSWER_SPAN, LAST_SPAN, span_key, span_names
+
+    spans = prof.prompts[prompt].get("spans")
+    if not spans:
+        return None
+    queries, keys = span_names(spans)
+    q = ANSWER_SPAN if ANSWER_SPAN in queries else LAST_SPAN
+    a = np.asarray(prof.arrays[span_key(prompt)])[:, :, queries.index(q), :, 0]  # [Ly, H, Sk]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys) + 1, 3.2), squeeze=False)
+    for ax, (c, name) in zip(axes[0], enumerate(keys)):
+        im = ax.imshow(a[:, :, c], cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
+        ax.set_title(f"{q} -> {name}", fontsize=9)
+        ax.set_xlabel("head", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("layer", fontsize=8)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.03, pad=0.02, label="mean attention mass")
+    return fig

@@ -94,6 +94,11 @@ def test_spans_of_a_corpus_run(model_dir, tmp_path, rng, capsys):
             np.testing.assert_allclose(mem.arrays[span_key(i)], prof.arrays[span_key(i)], atol=2e-6, err_msg=str(i))
     cols = mem.span_attention()
     assert len(cols["mass"]) == len(got)
+    from attnscope.render.report import write_report
+
+    html = write_report(mem, tmp_path / "rep.html", prompt=0).read_text()
+    assert 'id="spans"' in html and "answer span (or the final token)" in html
+    assert 'id="spans"' not in write_report(mem, tmp_path / "rep2.html", prompt=2).read_text()  # no spans there
 
 
 def test_spans_survive_merge_and_resume(model_dir, tmp_path, rng, capsys):
