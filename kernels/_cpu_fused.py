@@ -386,11 +386,14 @@ def _fused_block_py(
                 # A-shape coverage: the first keys, then the local window after them (two runs of the row)
                 s_hi = min(e, st + _A_SINK_KEYS)
                 l_lo = max(a, s_hi, i - _A_LOCAL + 1)
-                cov = 0.0
-                for t in range(0, max(s_hi - a, 0)):
-                    cov += np.float64(ps[t])
-                for t in range(l_lo - a, m):
-                    cov += np.float64(ps[t])
+                if l_lo <= max(s_hi, a):  # no gap between them: the whole row, already summed
+                    cov = pz
+                else:
+                    cov = 0.0
+                    for t in range(0, max(s_hi - a, 0)):
+                        cov += np.float64(ps[t])
+                    for t in range(l_lo - a, m):
+                        cov += np.float64(ps[t])
                 vec[_ASHAPE, b, h, i] = np.float32(cov * inv)
                 if a <= i:
                     vec[_DIAG, b, h, i] = np.float32(ps[i - a] * inv)

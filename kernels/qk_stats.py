@@ -74,6 +74,8 @@ __all__ = ["qk_stats"]
 
 _LOG2E = 1.4426950408889634  # used by the launcher only
 OBS_WINDOW = tl.constexpr(stats.OBS_WINDOW)
+_A_SINK_KEYS = tl.constexpr(stats.A_SINK_KEYS)
+_A_LOCAL = tl.constexpr(stats.A_LOCAL)
 
 
 @triton.jit
@@ -214,6 +216,8 @@ def _qk_stats_fused_kernel(
             thumb_row, R, L, NB, log_min, BLOCK_M, BLOCK_N, HAS_LSE, False,
         )  # fmt: skip
     s1, s2, diag, prev, sink, dup, ind, dist, n_ok, n_hi, pt, pmax, best, arg, cov = acc
+    if m_lo + BLOCK_M - _A_LOCAL <= start + _A_SINK_KEYS:  # no row of the tile has a key outside the A-shape
+        cov = s1
     store_rows(
         VEC, slot_stride, vec_row, offs_m, row_ok, L, lse2, sink2, ent, rowmax, s1, pt, pmax,
         diag, prev, sink, dup, ind, arg, start, cov, HAS_LSE, HAS_SINKS,

@@ -238,7 +238,8 @@ def pass2_tile(
     dj = offs_m[:, None] - offs_n[None, :]  # [BM, BN] distance i - j
     # -- A-shape coverage: the first keys and the local window (a tile wholly outside both adds nothing) --
     n_first = tl.min(offs_n, 0)
-    if (n_first < start + _A_SINK_KEYS) | (m_lo - (n_first + BLOCK_N - 1) < _A_LOCAL):
+    no_gap = m_lo + BLOCK_M - _A_LOCAL <= start + _A_SINK_KEYS  # every row keeps all its keys: cov = the row sum
+    if (~no_gap) & ((n_first < start + _A_SINK_KEYS) | (m_lo - (n_first + BLOCK_N - 1) < _A_LOCAL)):
         cov += tl.sum(tl.where((offs_n[None, :] < start + _A_SINK_KEYS) | (dj < _A_LOCAL), p, 0.0), 1)
     if MASKED:
         # -- values on fixed diagonals and columns: only on-band tiles hold them --
