@@ -224,13 +224,12 @@ def shards_to_profile(meta: dict, shards: Sequence[Shard]) -> Profile:
                     "tokens": sh.token_text[offs[i] : offs[i + 1]],
                 }
             )
-            if sh.head_scores is not None:  # name -> [Ly][H] (NaN: not defined for this prompt)
-                prompts[-1]["scores"] = {
-                    sc.name: sh.head_scores[i, ..., k].tolist() for k, sc in enumerate(HEAD_SCORES)
-                }
             if sh.spans is not None and sh.spans[i] is not None:  # name -> token pieces, as JSON lists
                 prompts[-1]["spans"] = {k: [list(p) for p in v] for k, v in sh.spans[i].items()}
                 arrays[span_key(p0 + i)] = sh.span_attn[i]
+                if sh.head_scores is not None:  # name -> [Ly][H] (NaN: not defined); a run keeps every prompt's
+                    scores = sh.head_scores[i]  # in its prompts table
+                    prompts[-1]["scores"] = {sc.name: scores[..., k].tolist() for k, sc in enumerate(HEAD_SCORES)}
         p0 += sh.n_prompts
     for name in list(arrays):
         if isinstance(arrays[name], list):

@@ -100,9 +100,9 @@ def niah_items(
     question: str = DEFAULT_QUESTION,
     answer: str = DEFAULT_ANSWER,
 ) -> list[SuiteItem]:
-    """One ``SuiteItem`` per (length, depth): the haystack cut so that prompt and gold answer take at most ``length``
-    tokens (a few less), the needle at the sentence boundary nearest before ``depth`` of it (0: first, 1: last), the question
-    after it. The haystack repeats when it is shorter than the longest length."""
+    """One ``SuiteItem`` per (length, depth): the haystack cut so that prompt and gold answer take at most
+    ``length`` tokens (a few less), the needle at the sentence boundary nearest before ``depth`` of it (0: first,
+    1: last), the question after it. The haystack repeats when it is shorter than the longest length."""
     if not haystack.strip():
         raise PromptError("the haystack is empty")
     for d in depths:

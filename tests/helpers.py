@@ -256,3 +256,13 @@ def word_tokenizer():
 
 def random_text(n_words: int, rng) -> str:
     return " ".join(rng.choice(WORDS, size=n_words))
+
+
+def profile_corpus(model_dir, corpus, out, *extra) -> int:
+    """``attnscope profile`` of a corpus file into ``out`` with small settings; one prompt per forward (the runs a
+    test compares cut the corpus into other batches, and padding changes float32 rounding). Its exit code."""
+    from attnscope.cli import main
+
+    argv = ["profile", str(model_dir), "--prompts", str(corpus), "--out", str(out), "--bins", "64"]
+    argv += ["--thumb-size", "8", "--top-k", "3", "--shard-size", "3", "--batch-size", "1", "--no-progress", *extra]
+    return main(argv)

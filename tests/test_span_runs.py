@@ -12,7 +12,7 @@ import pytest
 from attnscope.kernels.stats import span_key
 from attnscope.profiler import load
 from attnscope.profiler.corpus import Corpus, CorpusError
-from helpers import random_text
+from helpers import profile_corpus, random_text
 
 from attnscope.cli import main
 
@@ -22,10 +22,7 @@ def model_dir(tiny_llama_dir):
     return tiny_llama_dir
 
 
-def _profile(model_dir, corpus, out, *extra):
-    argv = ["profile", str(model_dir), "--prompts", str(corpus), "--out", str(out), "--bins", "64"]
-    argv += ["--thumb-size", "8", "--top-k", "3", "--shard-size", "3", "--batch-size", "1", "--no-progress", *extra]
-    return main(argv)
+_profile = profile_corpus
 
 
 def _rows(rng, n, prefix):

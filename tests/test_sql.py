@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from attnscope.profiler import load
 from attnscope.profiler.data import ACCUM_NAMES, ATTN_VECTORS
-from helpers import random_text
+from helpers import profile_corpus, random_text
 
 from attnscope.cli import main
 
@@ -24,10 +24,7 @@ def model_dir(tiny_llama_dir):
 
 
 def _profile(model_dir, corpus, out, *extra):
-    argv = ["profile", str(model_dir), "--prompts", str(corpus), "--out", str(out), "--bins", "64"]
-    # one prompt per forward: the runs cut the corpus into other batches, and padding changes float32 rounding
-    argv += ["--thumb-size", "8", "--top-k", "3", "--shard-size", "3", "--batch-size", "1", "--no-progress", *extra]
-    assert main(argv) == 0
+    assert profile_corpus(model_dir, corpus, out, *extra) == 0
 
 
 @pytest.mark.parametrize("keep", ["tables", "vectors"])

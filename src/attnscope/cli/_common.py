@@ -236,14 +236,16 @@ def figdir(args, what: str = "the figures") -> Path:
     return writable(Path(args.out) if chosen else Path(args.profile) / "figures", what, chosen)
 
 
-def int_list(text: str, what: str, unique: bool = False) -> list[int]:
-    """``"0,1,9"`` -> ``[0, 1, 9]``; empty is an error, and with ``unique`` so is a number given twice."""
+def int_list(text: str, what: str, unique: bool = False, kind: type = int) -> list:
+    """``"0,1,9"`` -> ``[0, 1, 9]`` (``kind=float``: numbers); empty is an error, and with ``unique`` so is a number
+    given twice."""
+    name = "integers" if kind is int else "numbers"
     try:
-        out = [int(x) for x in text.split(",") if x.strip()]
+        out = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise CLIError(f"{what} takes comma-separated integers, got {text!r}") from None
+        raise CLIError(f"{what} takes comma-separated {name}, got {text!r}") from None
     if not out:
-        raise CLIError(f"{what} is empty: give comma-separated integers")
+        raise CLIError(f"{what} is empty: give comma-separated {name}")
     if unique:
         twice = sorted({x for x in out if out.count(x) > 1})
         if twice:

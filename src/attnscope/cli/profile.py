@@ -165,7 +165,8 @@ def register(sub) -> None:
         "profile",
         help="profile a model on prompts and save the statistics",
         description="Profile MODEL on prompts and stream the statistics into a run directory (run.json, "
-        "accum/, index/, prompts/, tokens/ and, for few prompts or --keep vectors, vectors/), committed shard by "
+        "accum/, index/, prompts/, tokens/, spans/ for prompts with named spans and, for few prompts or --keep "
+        "vectors, vectors/), committed shard by "
         "shard: a killed run continues with --resume.",
         options=_add_options,  # read from ProfileConfig and AttnStatsSpec (torch) only for this command
     )

@@ -9,16 +9,6 @@ from ._common import DTYPES, USER_ERRORS, CLIError, CommandParser, int_list, mod
 __all__ = ["register"]
 
 
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CLIError(f"{what} takes comma-separated numbers, got {text!r}") from None
-    if not out:
-        raise CLIError(f"{what} is empty")
-    return out
-
-
 def _niah_arrays(out: Path, items, lengths, depths):
     """[depth, length] correct, and [depth, length, Ly, H] answer -> needle mass and retrieval score, from the run."""
     import numpy as np
@@ -112,7 +102,7 @@ def cmd_niah(args) -> int:
     from attnscope.render.views import save
 
     lengths = int_list(args.lengths, "--lengths", unique=True)
-    depths = _floats(args.depths, "--depths")
+    depths = int_list(args.depths, "--depths", unique=True, kind=float)
     haystack = read_text_file(args.haystack, "haystack file") if args.haystack else default_haystack()
 
     def build(tok):
