@@ -19,7 +19,7 @@ from pathlib import Path
 
 from attnscope.kernels.stats import LAST_SPAN
 
-__all__ = ["Corpus", "CorpusError", "PromptItem", "check_char_spans", "read_text_file"]
+__all__ = ["Corpus", "CorpusError", "PromptItem", "check_char_spans", "jsonl_rows", "read_text_file"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,18 @@ def _table_rows(p: Path, tc: str, ic: str, sc: str) -> Iterator[tuple[str | None
         raise CorpusError(f"{p}:{start}: not valid {p.suffix[1:].upper()} ({e})") from None
 
 
+def jsonl_rows(p: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file, streamed; ``CorpusError`` naming the
+    file and line for a line that is not UTF-8 or not JSON."""
+    for n, line in _lines(p):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+
+
 def _lines(p: Path, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line, decoded line by line so a bad byte is reported at its own line."""
     try:
@@ -198,13 +210,7 @@ class Corpus:
             for n, row in enumerate(ds):
                 yield (str(row[ic]) if has_id else None), row[tc], f"{p} row {n}", row[sc] if has_spans else None
         elif p.suffix == ".jsonl":
-            for n, line in _lines(p):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            for n, obj in jsonl_rows(p):
                 if isinstance(obj, dict):
                     if not isinstance(obj.get(tc), str):
                         raise CorpusError(f"{p}:{n}: expected a string field {tc!r}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import PromptError
-from .corpus import PromptItem
+from .corpus import PromptItem, jsonl_rows
 
 __all__ = [
     "DEFAULT_ANSWER",
@@ -211,23 +211,14 @@ def jsonl_items(path, fmt: str, task: str | None = None, limit: int | None = Non
     - ``plain``: context and question, or prompt; answer (a string or a list; any may appear); id, task.
 
     ``task`` (default: the file's name) names rows without a task of their own."""
-    import json
     from pathlib import Path
 
     p = Path(path)
     task = task or p.stem
     out: list[SuiteItem] = []
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PromptError(f"cannot read suite file {p}: {e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+    if not p.is_file():
+        raise PromptError(f"suite file {p} does not exist or is not a file")
+    for n, row in jsonl_rows(p):  # streamed, a bad line named by file and line
         if not isinstance(row, dict):
             raise PromptError(f"{p}:{n}: expected an object")
         out.append(_suite_row(row, fmt, len(out), f"{p}:{n}", task))
