@@ -336,9 +336,11 @@ def _attn_stats_fused(
         hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
 
         # -- scores s = (scaling q) . k (or log p = s - lse) into the reused buffer --
-        qb = qs[:, :, i0:i1].view(B, Hkv, group, Rb, De)  # [B, Hkv, G, R_blk, De]
-        d = buf[: B * H * Rb * Lk].view(B, Hkv, group, Rb, Lk)
-        torch.matmul(qb, kf[:, :, None, kstart:i1].transpose(-1, -2), out=d)  # [B, Hkv, G, R_blk, Lk]
+        # the G query heads of a key head stacked as rows of one plain batched matmul (a broadcast over G would
+        # make torch expand the keys G times: ~1/3 slower at 8k)
+        qb = qs[:, :, i0:i1].reshape(B, Hkv, group * Rb, De)  # [B, Hkv, G R_blk, De]
+        d = buf[: B * H * Rb * Lk].view(B, Hkv, group * Rb, Lk)
+        torch.matmul(qb, kf[:, :, kstart:i1].transpose(-1, -2), out=d)  # [B, Hkv, G R_blk, Lk]
         d = d.view(B, H, Rb, Lk)
         if not fold_lse:
             mod.cap(d)
