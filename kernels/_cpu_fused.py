@@ -74,6 +74,8 @@ _RECV_SUM, _RECV_MAX, _SINK, _PREV, _DUP, _INDUCTION, _LEARNED_SINK, _ARGMAX = (
 )  # fmt: skip
 _WINDOW_RECV, _OBS_WINDOW = WINDOW_RECV.slot, OBS_WINDOW
 _ASHAPE, _A_SINK_KEYS, _A_LOCAL = ASHAPE.slot, A_SINK_KEYS, A_LOCAL
+_A_LOCAL_BUCKETS = A_LOCAL.bit_length() - 1  # distance buckets 0 .. this - 1: keys i - j + 1 < A_LOCAL
+assert A_LOCAL == 1 << _A_LOCAL_BUCKETS, "the A-shape window is summed from whole distance buckets"
 _compiled = None
 _close_cells = None
 _flush_cell = None  # the jitted _flush_cell_py once compiled (the kernels call it by this name)
@@ -276,6 +278,7 @@ def _fused_block_py(
                 mx = np.int32(0)
                 blo = a  # the first bucket that holds the row's max (buckets run in increasing j)
                 bhi = a
+                near = 0.0  # the keys with i - j + 1 < A_LOCAL (the A-shape's local window less its far end)
                 j = a
                 while j < e:
                     stop = min(e, i + 2 - (1 << kb))  # bucket kb: keys with i - j + 1 in [2^kb, 2^(kb+1))
@@ -294,6 +297,8 @@ def _fused_block_py(
                         smx = max(smx, si_[t])
                     dst[kb] += sp
                     pz += sp
+                    if kb < _A_LOCAL_BUCKETS:
+                        near += sp
                     pdl += spd
                     sq += spp
                     if smx > mx:
@@ -383,16 +388,15 @@ def _fused_block_py(
                 vec[_ROWMAX, b, h, i] = np.float32(bits.view(np.float32)[0] * inv)
                 vec[_DUP, b, h, i] = np.float32(dup * inv)
                 vec[_INDUCTION, b, h, i] = np.float32(ind * inv)
-                # A-shape coverage: the first keys, then the local window after them (two runs of the row)
+                # A-shape coverage: the first keys, then the local window [i - A_LOCAL + 1, i] after them: that is
+                # the distance buckets summed above (``near``) and its far end, key i - A_LOCAL + 1
                 s_hi = min(e, st + _A_SINK_KEYS)
                 l_lo = max(a, s_hi, i - _A_LOCAL + 1)
                 if l_lo <= max(s_hi, a):  # no gap between them: the whole row, already summed
                     cov = pz
-                else:
-                    cov = 0.0
+                else:  # l_lo = i - A_LOCAL + 1 > a
+                    cov = near + np.float64(ps[l_lo - a])
                     for t in range(0, max(s_hi - a, 0)):
-                        cov += np.float64(ps[t])
-                    for t in range(l_lo - a, m):
                         cov += np.float64(ps[t])
                 vec[_ASHAPE, b, h, i] = np.float32(cov * inv)
                 if a <= i:
