@@ -79,11 +79,16 @@ def vocab_stats_torch(
             z += bias[v0:v1].float()
         if softcap is not None:
             z.div_(softcap).tanh_().mul_(softcap)
-        # -- top-1: a strictly larger chunk maximum replaces the earlier one (first index on ties) --
-        cmax, carg = z.max(dim=-1)  # [T]
+        # -- top-1: a strictly larger chunk maximum replaces the earlier one (first index on ties); the argmax only of
+        # the rows it replaces (after the first chunks, few: max with indices costs ~15x amax) --
+        cmax = z.amax(dim=-1)  # [T]
         take = cmax > best
+        if bool(take.all()):
+            best_id = z.argmax(dim=-1) + v0
+        elif bool(take.any()):
+            rows = take.nonzero().squeeze(1)
+            best_id[rows] = z.index_select(0, rows).argmax(dim=-1) + v0
         best = torch.where(take, cmax, best)
-        best_id = torch.where(take, carg + v0, best_id)
         # -- rank of the target: logits above it, the target itself excluded --
         if ranked:
             gt = z > z_t[:, None]  # [T, Vc]
@@ -94,8 +99,9 @@ def vocab_stats_torch(
         alpha = torch.exp(m - m_new)  # [T]; exp(-inf) = 0 on the first chunk
         z -= m_new[:, None]
         e = torch.exp(z, out=ebuf[: T * (v1 - v0)].view(T, v1 - v0))  # [T, Vc]
-        a = alpha * (a + (m - m_new).nan_to_num(0.0) * zs) + torch.linalg.vecdot(e, z)
-        zs = alpha * zs + e.sum(-1)
+        e_sum = e.sum(-1)
+        a = alpha * (a + (m - m_new).nan_to_num(0.0) * zs) + e.mul_(z).sum(-1)  # (a vecdot is ~3x slower)
+        zs = alpha * zs + e_sum
         m = m_new
     return finish(m, zs, a, best, best_id, above, z_t, target)
 
