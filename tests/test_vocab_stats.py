@@ -80,6 +80,22 @@ def test_rank_and_top_by_hand():
     assert_verbose_allclose(out["target_prob"], torch.stack([p[2], p[0]]), name="target_prob")
 
 
+def test_top_is_the_first_of_tied_maxima_across_chunks():
+    """Integer logits (exact in float32): the top is the first of its ties, when a later chunk ties it and when a
+    later chunk first beats and then an even later one ties the new maximum; rows in other orders alongside."""
+    logit = torch.tensor(
+        [
+            [5.0, 1, 2, 0, 5, 5, 1, 0, 5, 2],  # the first chunk holds the max, later chunks tie it
+            [1.0, 0, 0, 4, 2, 7, 0, 7, 1, 7],  # a later chunk beats the first, later ones tie it
+            [0.0, 0, 0, 0, 0, 0, 0, 0, 0, 9],  # the max in the last chunk only
+        ]
+    )  # [T, V] = h @ w.T with h = the identity rows, w = logit.T
+    w = logit.T.contiguous()  # [V, d = 3]
+    h = torch.eye(3)
+    out = vocab_stats_torch(h, w, torch.full((3,), -1), chunk=3)
+    assert out["top_id"].tolist() == [0, 5, 9]
+
+
 def test_bad_inputs():
     h, w, target, _ = _inputs(4, 8, 10, False, 1.0)
     with pytest.raises(ValueError, match="do not match"):
