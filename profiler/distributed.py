@@ -15,6 +15,7 @@ that does not see the run directory (no shared filesystem) sends the whole shard
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import uuid
@@ -63,10 +64,12 @@ class ShardActor:
         from .store import write_shard_files
 
         out: dict[str, list] = {"shard": [], "accum": [], "files": [], "n_tokens": [], "meta": []}
-        for first, name, prompt0, ids, texts in zip(
-            batch["first"], batch["name"], batch["prompt0"], batch["ids"], batch["texts"]
+        spans_of = batch.get("spans", [None] * len(batch["ids"]))  # per window its rows' spans as JSON ("": none)
+        for first, name, prompt0, ids, texts, spans in zip(
+            batch["first"], batch["name"], batch["prompt0"], batch["ids"], batch["texts"], spans_of
         ):
-            items = [PromptItem(str(i), str(t)) for i, t in zip(ids, texts)]
+            spans = [""] * len(ids) if spans is None else spans
+            items = [PromptItem(str(i), str(t), _loads_spans(str(sp))) for i, t, sp in zip(ids, texts, spans)]
             tokens = self.engine.tokenize(items, int(first))
             shard = self.engine.run_shard(items, tokens)
             meta = self.engine.meta()
@@ -82,6 +85,15 @@ class ShardActor:
             out["n_tokens"].append(shard.n_tokens)
             out["meta"].append(pickle.dumps(meta, protocol=5))
         return out
+
+
+def _dumps_spans(spans: dict | None) -> str:
+    """A prompt's named character spans as they travel to an actor: JSON, or "" for none."""
+    return json.dumps(spans) if spans else ""
+
+
+def _loads_spans(s: str) -> dict | None:
+    return {k: [tuple(p) for p in v] for k, v in json.loads(s).items()} if s else None
 
 
 def _config_kwargs(cfg) -> dict:
@@ -121,6 +133,7 @@ def profile_with_ray(args, corpus, cfg, writer, total: int, address: str | None 
                 rows.append(
                     {"first": first, "name": shard_name(seq), "prompt0": prompt0}
                     | {"ids": [it.id for it in todo], "texts": [it.text for it in todo]}
+                    | {"spans": [_dumps_spans(it.spans) for it in todo]}  # a suite's or a corpus's named spans
                 )
                 seq, prompt0 = seq + 1, prompt0 + len(todo)
         if not rows:  # a resumed run that had committed every prompt: only its status is left to write

@@ -27,7 +27,10 @@ def test_ray_run_equals_single_process(local_ray, tmp_path, rng, capsys):
     tiny_model("gpt_neox", vocab=200).save_pretrained(d)
     word_tokenizer().save_pretrained(d)
     c = tmp_path / "c.jsonl"
-    c.write_text("".join(json.dumps({"text": random_text(int(k), rng)}) + "\n" for k in rng.integers(2, 30, size=11)))
+    rows = [{"text": random_text(int(k), rng)} for k in rng.integers(2, 30, size=11)]
+    for r in rows[::3]:  # named spans travel to the actors with their prompts
+        r["spans"] = {"head": [0, 3], "tail": [[len(r["text"]) - 2, len(r["text"])]]}
+    c.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["profile", str(d), "--prompts", str(c), "--bins", "64", "--thumb-size", "8", "--top-k", "3"]
     common += ["--shard-size", "3", "--batch-size", "2", "--keep", "vectors", "--no-progress"]
     common += ["--threads", "1"]  # a float sum depends on how the threads split it: one thread here and in each actor
@@ -39,6 +42,8 @@ def test_ray_run_equals_single_process(local_ray, tmp_path, rng, capsys):
     assert sorted(a.arrays) == sorted(b.arrays)
     for name in a.arrays:  # same windows, same batches, same order of sums: equal number for number
         assert np.array_equal(a.arrays[name], b.arrays[name]), name
+    spans = a.span_attention()
+    assert len(set(spans["prompt"])) == 4 and spans == b.span_attention()
     doc_a = json.loads((tmp_path / "one/run.json").read_text())
     doc_b = json.loads((tmp_path / "ray/run.json").read_text())
     assert doc_a["shards"] == doc_b["shards"] and doc_b["status"] == "complete"
