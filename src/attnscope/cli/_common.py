@@ -115,6 +115,19 @@ def config_option(p: argparse.ArgumentParser, cls, name: str, **kw) -> argparse.
     return p.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=text, **kw)
 
 
+def ray_option(p: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``: profile on a Ray cluster (``profiler.distributed``)."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="profile on a Ray cluster (pip install 'attnscope[distributed]'): one actor per GPU (CPU actors "
+        "without GPUs); no ADDRESS starts a local cluster",
+    )
+
+
 def parse_heads(items: list[str] | None, what: str = "--keep-head") -> tuple[tuple[int, int], ...]:
     """``["0:3", "14:0"]`` -> ``((0, 3), (14, 0))``; ``what`` names the option in the error message."""
     out = []

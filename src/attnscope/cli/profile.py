@@ -6,7 +6,7 @@ import errno
 import sys
 from pathlib import Path
 
-from ._common import DTYPES, USER_ERRORS, CLIError, config_option, model_command, parse_heads, slug
+from ._common import DTYPES, USER_ERRORS, CLIError, config_option, model_command, parse_heads, ray_option, slug
 
 __all__ = ["CONFIG_OPTIONS", "cmd_profile", "register"]
 
@@ -266,13 +266,5 @@ def _add_options(p) -> None:
     p.add_argument(
         "--force", action="store_true", help="replace the run in --out (never a directory that is not a run)"
     )
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="profile on a Ray cluster (pip install 'attnscope[distributed]'): one actor per GPU (CPU actors "
-        "without GPUs); no ADDRESS starts a local cluster",
-    )
+    ray_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import DTYPES, USER_ERRORS, CLIError, CommandParser, int_list, model_command, slug
+from ._common import DTYPES, USER_ERRORS, CLIError, CommandParser, int_list, model_command, ray_option, slug
 
 __all__ = ["register"]
 
@@ -84,12 +84,31 @@ def _run_suite(args, name: str, build) -> tuple[Path, list, str]:
     got = {it.item.id: a for it, a in zip(todo, answers)} | done
     for it in items:
         it.judge(got[it.item.id])
+    if args.ray is not None:  # the actors load their own copies of the model: this one goes first
+        from attnscope.profiler.distributed import profile_with_ray
+
+        del model
+        _free_accelerator_memory()
+        w.acquire()
+        write_suite_table(out, items, name)  # before the profile: a killed run resumes without generating again
+        profile_with_ray(args, [it.item for it in items], cfg, w, len(items))
+        return out, items, model_id
     with w:
         write_suite_table(out, items, name)  # before the profile: a killed run resumes without generating again
         cfg = dataclasses.replace(cfg, keep_vectors=bool(w.meta["keep_vectors"]))
         skip = w.prompts_to_skip(iter([it.item for it in items]))
         run_corpus(model, tok, [it.item for it in items], w.commit, cfg, skip=skip, total=len(items))
     return out, items, model_id
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @model_command
@@ -145,6 +164,7 @@ def _common_options(p) -> None:
     p.add_argument("--bins", type=int, default=4096, help="histogram bins (default: %(default)s)")
     p.add_argument("--thumb-size", type=int, default=64, help="thumbnail cells a side (default: %(default)s)")
     p.add_argument("--allow-long", action="store_true", help="allow prompts past the model's positions")
+    ray_option(p)  # the answers are generated here first, then the prompts are profiled on the cluster
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
