@@ -125,6 +125,39 @@ def _sql(capsys, run, q) -> str:
     return capsys.readouterr().out
 
 
+def test_key_scores_view_holds_the_per_key_vectors(model_dir, tmp_path, rng, capsys):
+    """key_scores (built from the vectors tier, over several shards): every (prompt, layer, head, key) once, snapkv
+    and h2o equal to the run's window_recv and recv_sum vectors; a run without the vectors says so in one line."""
+    from attnscope.kernels.stats import RECV_SUM, WINDOW_RECV
+
+    c = tmp_path / "c.txt"
+    c.write_text("\n".join(random_text(int(k), rng) for k in rng.integers(2, 20, size=5)) + "\n")
+    out = tmp_path / "r"
+    _profile(model_dir, c, out, "--keep", "vectors", "--shard-size", "2")
+    prof = load(out)
+    capsys.readouterr()
+    assert main(["sql", str(out), "select * from key_scores", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == prof.n_tokens * prof.n_layers * prof.n_heads
+    assert len({(r["prompt"], r["layer"], r["head"], r["position"]) for r in rows}) == len(rows)
+    off = prof.arrays["prompts.offsets"]
+    snap, h2o = prof.arrays[WINDOW_RECV.key], prof.arrays[RECV_SUM.key]
+    for r in rows:
+        t = off[r["prompt"]] + r["position"]
+        assert r["snapkv"] == pytest.approx(float(snap[r["layer"], r["head"], t]), rel=1e-6)
+        assert r["h2o"] == pytest.approx(float(h2o[r["layer"], r["head"], t]), rel=1e-6)
+    q = "select position from key_scores where prompt = 3 and layer = 1 and head = 0 order by snapkv desc limit 3"
+    assert main(["sql", str(out), q, "--json"]) == 0
+    top = [r["position"] for r in json.loads(capsys.readouterr().out)]
+    sl = prof.prompt_slice(3)
+    assert top == list(np.argsort(-snap[1, 0, sl], kind="stable")[:3])
+    tables = tmp_path / "t"
+    _profile(model_dir, c, tables, "--keep", "tables")
+    capsys.readouterr()
+    assert main(["sql", str(tables), "select count(*) from key_scores"]) == 2
+    assert "did not keep (the vectors tier" in capsys.readouterr().err
+
+
 def test_per_prompt_distance_with_several_prompts_per_batch(model_dir, tmp_path, rng, capsys):
     c = tmp_path / "c.txt"
     c.write_text("\n".join(random_text(int(k), rng) for k in rng.integers(2, 30, size=7)) + "\n")

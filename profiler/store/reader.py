@@ -21,10 +21,12 @@ from attnscope.kernels.stats import (
     NEURON_SUM,
     NEURON_SUMSQ,
     PER_PROMPT_PREFIXES,
+    RECV_SUM,
     ROW_SUMS,
     SPAN_FIELDS,
     SPAN_PREFIX,
     THUMB_PREFIX,
+    WINDOW_RECV,
     renumber_key,
     span_key,
 )
@@ -447,3 +449,42 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
             }
         )
     return out
+
+
+def key_score_table(path: str | os.PathLike):
+    """The rows of the ``key_scores`` SQL view (pyarrow), from the vectors tier: one per (prompt, layer, head, key
+    position), with ``snapkv``, the attention the prompt's last ``OBS_WINDOW`` rows give the key (SnapKV's and
+    PyramidKV's observation-window score, Li et al. 2024), and ``h2o``, the attention all its rows give it (H2O's
+    accumulated score, Zhang et al. 2023). ``ProfileError`` for a run that did not keep the vectors."""
+    pa, _ = pyarrow_modules()
+    prof = load_run(path)
+    d = prof.arrays.data
+    if not d.doc.get("keep_vectors"):
+        raise ProfileError(
+            f"{path}: key_scores reads the per-key vectors, which this run did not keep (the vectors tier: profile "
+            "with --keep vectors)"
+        )
+    Ly, H = prof.n_layers, prof.n_heads
+    off = d.offsets()
+    parts = []
+    for s, sh in enumerate(d.shards):
+        p0, p1 = int(sh["prompt0"]), int(sh["prompt0"]) + int(sh["n_prompts"])
+        n = np.diff(off[p0 : p1 + 1])  # tokens of each prompt
+        T = int(n.sum())
+        prompt = np.repeat(np.arange(p0, p1), n)  # [T_s]
+        position = np.arange(T) - np.repeat(off[p0:p1] - off[p0], n)
+        cols = {
+            "prompt": np.repeat(prompt, Ly * H),
+            "layer": np.tile(np.repeat(np.arange(Ly, dtype=np.int32), H), T),
+            "head": np.tile(np.arange(H, dtype=np.int32), T * Ly),
+            "position": np.repeat(position, Ly * H).astype(np.int32),
+        }
+        for col, key in (("snapkv", WINDOW_RECV.key), ("h2o", RECV_SUM.key)):
+            cols[col] = d.tensor(s, key).transpose(2, 0, 1).reshape(-1)  # [Ly, H, T_s] -> (token, layer, head)
+        parts.append(pa.table(cols))
+    if not parts:
+        i32, f32 = pa.int32(), pa.float32()
+        schema = pa.schema([("prompt", pa.int64()), ("layer", i32), ("head", i32), ("position", i32),
+                            ("snapkv", f32), ("h2o", f32)])  # fmt: skip
+        return schema.empty_table()
+    return pa.concat_tables(parts)

@@ -32,6 +32,9 @@ VIEWS = {
     "span_attention": "one row per (prompt, layer, head, query span, key span) of prompts with named spans: mass (mean "
     "over the query span's rows of their weight on the key span), top1 (share of those rows whose largest weight "
     "lies in the key span); query spans: every named span and `last` (the final token's row)",
+    "key_scores": "one row per (prompt, layer, head, key position) of a run with the vectors tier: snapkv (the "
+    "attention the prompt's last 32 rows give the key: SnapKV's observation-window score), h2o (the attention all "
+    "rows give it: H2O's accumulated score); built from the vectors when a query names it",
     "logit_lens": "one row per (token, layer) of a --logit-lens run: top_id, top_token, top_prob, entropy, "
     "target_prob, target_rank, final_prob",
     "suite": "one row per prompt of an `attnscope suite` run: prompt_id, suite, its settings (length, depth; task, "
@@ -67,18 +70,20 @@ _READ_ONLY = {"SELECT"}
 _EXPORT_HINT = "sql only reads; to save a result give --out FILE (.csv, .parquet or .json)"
 
 
-def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
+def sql_connection(run: str | Path, spill_dir: str | Path | None = None, key_scores: bool = False):
     """A DuckDB connection with the run's views (``VIEWS``) over its Parquet files, read in place, confined to them.
 
     Before it is returned the connection can open no file but the run's verified table files (and its
     ``rules.parquet``): external access is off (no COPY, ATTACH, read_csv/read_text/read_blob/glob of other files),
     extensions are neither installed nor loaded, Python variables are not scanned, and the configuration is locked.
-    ``spill_dir``: where DuckDB may spill a large sort or join (outside the run; default: no spilling)."""
+    ``spill_dir``: where DuckDB may spill a large sort or join (outside the run; default: no spilling).
+    ``key_scores``: also the ``key_scores`` view, built in memory from the run's vectors (``store.key_score_table``)."""
     import duckdb
 
     from attnscope.kernels.stats import SPAN_FIELDS
     from attnscope.profiler.columns import LENS_COLUMNS, lens_fields
-    from attnscope.profiler.store import is_run, run_tables
+    from attnscope.profiler.data import ProfileError
+    from attnscope.profiler.store import is_run, key_score_table, run_tables
 
     if not is_run(run):
         raise CLIError(f"{run} is not a run directory (no run.json of attnscope)")
@@ -141,6 +146,11 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None):
     if has_rules:
         con.execute(f"create view rules as select * from read_parquet('{_quote(rules)}')")
     con.register("heads", _heads_with_roles(run, t["heads"]))
+    if key_scores:
+        try:
+            con.register("key_scores", key_score_table(run))
+        except ProfileError as e:
+            raise CLIError(str(e)) from None
     if t["neurons"] is not None:
         con.register("neurons", t["neurons"])
     for view in ("experts", "expert_neurons"):
@@ -297,7 +307,8 @@ def cmd_sql(args) -> int:
     spill = tempfile.mkdtemp(prefix="attnscope-sql-")  # DuckDB's spill files: never in the run, nor the cwd
     con = None
     try:
-        con = sql_connection(args.run, spill_dir=Path(spill) / "spill")
+        named = re.search(r"\bkey_scores\b", args.query, re.IGNORECASE) is not None  # built only for a query naming it
+        con = sql_connection(args.run, spill_dir=Path(spill) / "spill", key_scores=named)
         read_only_statement(con, args.query)  # one statement, and one that only reads: run as given
         try:
             if out_path is not None:
