@@ -106,6 +106,10 @@ def test_suite_jsonl_formats(tiny_llama_dir, tmp_path, rng, capsys, fmt):
          "'context' group by 1, 2, 3 order by 4 desc limit 3")  # fmt: skip
     top = _sql(capsys, out, q)
     assert len(top) == 3 and top[0]["context_mass"] >= top[-1]["context_mass"] > 0
+    if fmt == "plain":  # --keep-vectors: the per-key scores of the suite's prompts
+        assert main(argv + ["--force", "--keep-vectors"]) == 0
+        n = _sql(capsys, out, "select count(distinct prompt) as n from key_scores where h2o > 0")
+        assert n == [{"n": 3}]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside ray.data

@@ -68,7 +68,7 @@ def _run_suite(args, name: str, build) -> tuple[Path, list, str]:
         items = build(tok)
         cfg = ProfileConfig(
             spec=AttnStatsSpec(bins=args.bins, thumb_size=args.thumb_size),
-            keep_vectors=False,
+            keep_vectors=args.keep_vectors,
             progress=not args.no_progress,
             model_id=model_id,
             allow_long=args.allow_long,
@@ -164,6 +164,8 @@ def _common_options(p) -> None:
     p.add_argument("--bins", type=int, default=4096, help="histogram bins (default: %(default)s)")
     p.add_argument("--thumb-size", type=int, default=64, help="thumbnail cells a side (default: %(default)s)")
     p.add_argument("--allow-long", action="store_true", help="allow prompts past the model's positions")
+    p.add_argument("--keep-vectors", action="store_true", help="keep the per-token per-head vectors too (the "
+                   "key_scores SQL view; ~15 KB per token for SmolLM2)")  # fmt: skip
     ray_option(p)  # the answers are generated here first, then the prompts are profiled on the cluster
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
