@@ -12,7 +12,7 @@ store that could alias a load it has to check at run time):
 - attention received: one add (and max) per pair into a per-key sum over the rows of the current thumbnail row cell,
   moved into ``recv_sum`` and that thumbnail row when the rows reach the next cell (so the thumbnail costs no pass);
 - histograms: the linear and log10 bins of the row in two vector loops, then one scalar loop that counts them
-  (the only scatter, about 2/3 of the pass);
+  (the only scatter, about half the pass);
 - duplicate/induction masses: a token with few earlier copies follows links to them (``previous_occurrence``); a
   frequent one compares every key.
 
