@@ -138,8 +138,23 @@ SWEEP: dict[str, dict] = {
         mlp_only_layers=[],
     ),
 }
-# their attention code does not call transformers' attention interface
-UNSUPPORTED = ("falcon", "bloom", "mpt")
+
+
+def _calls_interface(model_type: str) -> bool:
+    """Whether the installed transformers' modeling code of ``model_type`` calls its attention interface."""
+    import importlib
+    import inspect
+
+    return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(
+        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    )
+
+
+# attention code that did not call transformers' attention interface (Falcon's calls it from transformers 5.25 on:
+# then it is swept like the others)
+_NO_INTERFACE = ("falcon", "bloom", "mpt")
+UNSUPPORTED = tuple(m for m in _NO_INTERFACE if not _calls_interface(m))
+SWEEP.update({m: {} for m in _NO_INTERFACE if m not in UNSUPPORTED})
 # the layers' attention pattern the model defines, where it is not full causal on every layer
 _EVERY_LAYER_SLIDING = ("mistral", "mixtral", "phi3", "starcoder2", "qwen3_moe")
 _NO_HEAD_DIM = ("opt", "bloom", "falcon", "gpt2", "gptj", "codegen", "mpt", "gpt_neox", "phi")

@@ -69,3 +69,16 @@ def test_render_package_does_not_import_torch():
         "import sys; import attnscope.render.kde, attnscope.render.laminar, attnscope.profiler.data; "
         "assert 'torch' not in sys.modules and 'triton' not in sys.modules, sorted(sys.modules)"
     )
+
+
+def test_checkout_folders_are_not_top_level_modules():
+    """In the test session (run from the repository root) kernels/, profiler/ and render/ are not importable as
+    top-level names: transformers >= 5.25 would take our kernels/ for the Hub's ``kernels`` package."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("kernels", "profiler", "render"):
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        assert origin is None or root not in origin.parents, f"{name} resolves to the checkout's {origin}"
