@@ -50,7 +50,6 @@ WORK=$(mktemp -d /tmp/attnscope-gpu-check.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/pkg/attnscope"
 for f in "$REPO"/src/attnscope/*; do ln -s "$f" "$WORK/pkg/attnscope/"; done
-for d in kernels profiler render; do ln -s "$REPO/$d" "$WORK/pkg/attnscope/$d"; done
 for m in gguf duckdb plotly ray datasets; do
   mkdir -p "$WORK/hide/$m"
   echo "raise ImportError('$m is hidden by benchmarks/gpu_check.sh: the GPU image has none')" >"$WORK/hide/$m/__init__.py"

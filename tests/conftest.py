@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import os
 import random
-import sys
-from pathlib import Path
 
-# The checkout's package folders (kernels/, profiler/, render/) are attnscope.kernels and so on only: with the
-# repository root on sys.path (``python -m pytest`` puts the working directory there) they would also be top-level
-# ``kernels``, ``profiler`` and ``render``, and transformers >= 5.25 takes a top-level ``kernels`` for the Hub's
-# package of that name. The tests import the installed attnscope, as a user does.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 
 def pytest_addoption(parser):

@@ -16,10 +16,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import assert_verbose_allclose, word_tokenizer
+
 from attnscope.kernels import AttnStatsSpec, KeyRanges
 from attnscope.kernels.reference import attn_stats_from_probs_ref
 from attnscope.kernels.stats import VECTORS
-from helpers import assert_verbose_allclose, word_tokenizer
 
 NL, W = 4, 8  # layers; window and chunk size
 ALT = ["sliding_attention", "full_attention"] * (NL // 2)
@@ -210,7 +211,7 @@ def mlp_block_outputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
 
         def hook(module, args, output, i=i):
             y = output[0] if isinstance(output, tuple) else output
-            out[i] = y.reshape(-1, y.shape[-1])
+            out[i] = y.reshape(-1, y.shape[-1]).clone()  # Falcon adds the attention output into it in place
 
         handles.append(block.register_forward_hook(hook))
     _run_hooked(model, ids, handles)
@@ -352,10 +353,9 @@ def test_moe_run_answers_sql_on_experts_and_routing(tmp_path):
     # a run of a MoE model on disk: the experts view (load per layer and expert) and the tokens' routing columns,
     # read back equal to the in-memory profile
     pytest.importorskip("duckdb")
-    from attnscope.profiler import load
-
     from attnscope.cli import main
     from attnscope.cli.run import sql_connection
+    from attnscope.profiler import load
 
     model, tok = build_model("qwen2_moe"), word_tokenizer()
     model.save_pretrained(tmp_path / "m")
@@ -447,8 +447,9 @@ def test_promoted_tokens_read_the_final_norm_as_the_model_applies_it():
 
 @pytest.mark.parametrize("model_type", UNSUPPORTED)
 def test_unsupported_architecture_says_why_before_any_work(model_type):
-    from attnscope.profiler import UnsupportedModelError, profile
     from transformers import AutoModelForCausalLM
+
+    from attnscope.profiler import UnsupportedModelError, profile
 
     model = AutoModelForCausalLM.from_config(build_config(model_type))
     with pytest.raises(UnsupportedModelError, match=rf"'{model_type}'.*attention interface") as err:
@@ -458,8 +459,9 @@ def test_unsupported_architecture_says_why_before_any_work(model_type):
 
 def test_attention_with_a_position_bias_is_refused_in_one_line():
     # Inkling adds relative-position logits (an L x L bias) to q . k: not expressible as two integers per row
-    from attnscope.profiler import UnsupportedModelError, profile
     from transformers import AutoModelForCausalLM
+
+    from attnscope.profiler import UnsupportedModelError, profile
 
     model = AutoModelForCausalLM.from_config(build_config("inkling_text"))
     with pytest.raises(UnsupportedModelError, match="layer 0 adds a position_bias") as err:

@@ -21,7 +21,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "kernels" / "_compile_check.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "src" / "attnscope" / "kernels" / "_compile_check.py"
 SIDE_TRITON = "3.6.0"  # the GPU image's triton
 
 # (arch, configuration names of _compile_check.CONFIGS): one or two per kernel keep the suite fast

@@ -31,8 +31,6 @@ def _modules() -> dict[str, Path]:
             parts = list(f.relative_to(ROOT / d).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            if pkg == "attnscope" and parts and parts[0] in LAYERS and parts[0] != "cli":
-                continue  # src/attnscope has no such folders; never count a module twice
             mods[".".join([pkg, *parts])] = f
     return mods
 

@@ -72,8 +72,9 @@ def test_render_package_does_not_import_torch():
 
 
 def test_checkout_folders_are_not_top_level_modules():
-    """In the test session (run from the repository root) kernels/, profiler/ and render/ are not importable as
-    top-level names: transformers >= 5.25 would take our kernels/ for the Hub's ``kernels`` package."""
+    """In the test session (run from the repository root, which ``python -m pytest`` puts on sys.path) no
+    kernels, profiler or render of the checkout is importable as a top-level name: transformers >= 5.25 would take a
+    top-level ``kernels`` for the Hub's package of that name."""
     import importlib.util
     from pathlib import Path
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from attnscope.kernels.stats import (
     EXPERT_CTX_VALUE,
     EXPERT_NEURON_MAX,

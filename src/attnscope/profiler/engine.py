@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from attnscope.kernels import KeyRanges, attn_stats, down_proj_stats
 from attnscope.kernels.reference import attention_probs_ref
 from attnscope.kernels.stats import (

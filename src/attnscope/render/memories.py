@@ -4,6 +4,7 @@ running top-k contexts per neuron and the tokens each neuron's output vector pro
 from __future__ import annotations
 
 import numpy as np
+
 from attnscope.kernels.stats import CTX_TOKEN, CTX_VALUE, EXPERT_CTX_TOKEN, EXPERT_CTX_VALUE
 
 __all__ = ["RULE_COLUMNS", "neuron_rules", "rules_table"]

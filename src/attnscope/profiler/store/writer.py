@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from attnscope.kernels.stats import DIST, HEAD_SCORES, NEURON_MAX, SPAN_FIELDS, full_key, thumb_key
 
 from ..accum import combine_accum

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from attnscope.kernels.stats import ACCUMULATORS, ROW_SUMS
 
 from ..columns import TOKEN_IDS

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from attnscope.kernels.stats import DIST, ENTROPY, LAMINAR, PREV, SINK, THUMB_REL, THUMB_REL_COUNT
 
 from .base import floor_cmap, pyplot

@@ -5,9 +5,9 @@ pipeline (TTIR, TTGIR, LLVM IR, PTX, and ptxas from the triton wheel to a cubin)
 compiled at the configurations its launcher picks, so a compile error, a register spill or a bloated inner loop shows
 up in CI long before a GPU runs it.
 
-Run it as ``python kernels/_compile_check.py --arch 90 [--only NAME] [--json]`` with ``TRITON_INTERPRET`` unset (the
-interpreter replaces ``@triton.jit`` functions). It loads this folder as a package by its path, so any Python that
-has torch and triton can run it, e.g. a side environment holding another triton version.
+Run it as ``python src/attnscope/kernels/_compile_check.py --arch 90 [--only NAME] [--json]`` with
+``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit`` functions). It loads this folder as a package by
+its path, so any Python that has torch and triton can run it, e.g. a side environment holding another triton version.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
 from attnscope.kernels.stats import HIST_LOG, LAMINAR
 
 from .base import Renderer, floor_cmap

@@ -162,10 +162,10 @@ def _make_ids(tok, n_tokens: int):
 def _child(spec: dict) -> dict:
     """One measurement (runs in its own process): load, burn in, time ``repeats`` runs, report peak memory."""
     import torch
-    from attnscope.kernels import set_cpu_threads
-    from attnscope.profiler.models import load_model
 
     import attnscope
+    from attnscope.kernels import set_cpu_threads
+    from attnscope.profiler.models import load_model
 
     set_cpu_threads(spec["threads"])
     mode, L = spec["mode"], spec["length"]

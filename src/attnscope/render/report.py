@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
 from attnscope.kernels.stats import LAMINAR, thumb_key
 
 from .base import Renderer

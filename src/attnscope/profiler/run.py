@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
 from attnscope.kernels import AttnStatsSpec, KeyRanges, down_proj_stats, set_cpu_threads
 from attnscope.kernels.stats import HEAD_SCORES, NEURON_MAX, full_key, span_key, thumb_key
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from attnscope.kernels.stats import DIST, FINAL, HEAD_SUMMARY, RECV_MAX, RECV_SUM, full_key, thumb_key
 from attnscope.profiler.data import mean_distance
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from attnscope.kernels.stats import (
     ACCUM_KEYS,
     LAMINAR,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from attnscope.kernels.stats import DIST, DUP, ENTROPY, INDUCTION, MIXED_COLOUR, PREV, SINK
 from attnscope.kernels.stats import ROLES as DECLARED_ROLES
 

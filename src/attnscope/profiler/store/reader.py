@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from attnscope.kernels.stats import (
     DIST,
     EXPERT_NEURON_ARGMAX,

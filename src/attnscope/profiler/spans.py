@@ -14,6 +14,7 @@ import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
 from attnscope.kernels.contract import validate_spans
 from attnscope.kernels.stats import ANSWER_SPAN, ARGMAX, FIRST_TOKEN_ROWS, HEAD_SCORES, NEEDLE_SPAN, SINK
 

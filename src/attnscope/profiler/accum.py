@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+
 from attnscope.kernels.stats import ACCUM_KEYS, ACCUMULATORS, Accum
 
 __all__ = ["ACCUM", "Accumulator", "combine_accum", "topk_fold"]
