@@ -57,6 +57,7 @@ def corpus(kind: str, scale: float) -> list[str]:
 
 def forward_tokens_per_s(texts: list[str], batch: int = 16) -> tuple[float, int]:
     import torch
+
     from attnscope.profiler.models import load_model
 
     model, tok, _ = load_model(None, device="cpu", dtype="float32")

@@ -189,10 +189,10 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.perf_counter()
 
-    from attnscope.profiler import hooks
     from transformers import GPTNeoXForCausalLM
 
     import attnscope
+    from attnscope.profiler import hooks
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+
+import attnscope
 from attnscope.kernels import KeyRanges, attn_stats_torch
 from attnscope.profiler import capture
 from attnscope.profiler.bench import machine_info
 from attnscope.profiler.config import ProfileConfig
 from attnscope.profiler.models import load_model
-
-import attnscope
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

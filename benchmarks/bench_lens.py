@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 
 import torch
-from attnscope.profiler.bench import machine_info
-from attnscope.profiler.models import load_model
 from bench_head_roles import median_time
 
 import attnscope
+from attnscope.profiler.bench import machine_info
+from attnscope.profiler.models import load_model
 
 
 def main() -> None:

@@ -70,6 +70,7 @@ def sdpa_choice(dev, dtype, heads: int = 32, length: int = 2048, head_dim: int =
     """torch's SDPA kernel for causal attention of this shape, the lse op attnscope takes, and (``check``) whether
     that op's output is bit-identical to the plain call's."""
     import torch
+
     from attnscope.profiler import hooks
 
     q, k, v = (torch.randn(1, heads, length, head_dim, device=dev, dtype=dtype) for _ in range(3))

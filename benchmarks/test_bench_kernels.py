@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats, down_proj_stats
 
 GEOMETRIES = {  # name: (heads, kv heads, head_dim, d_ff, d_model)

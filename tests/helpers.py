@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from attnscope.kernels import ATTN_VECTOR_STATS, KeyRanges
 from attnscope.kernels.reference import attention_probs_ref
 

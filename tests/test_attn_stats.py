@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_verbose_allclose, attn_inputs, check_attn_stats, masked_lse, random_tokens
+
 from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges, ScoreMod, attn_stats, attn_stats_torch
 from attnscope.kernels._cpu_fused import HAS_NUMBA
 from attnscope.kernels.reference import attention_probs_ref, attn_stats_ref
 from attnscope.kernels.stats import LEARNED_SINK
-from helpers import assert_verbose_allclose, attn_inputs, check_attn_stats, masked_lse, random_tokens
 
 # (batch, heads, kv heads, L, d_head, window, padded, block_q)
 SHAPES = [

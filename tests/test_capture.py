@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_KINDS, assert_hist_close, assert_verbose_allclose, near_edge_count, tiny_model
+
 from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges
 from attnscope.kernels.reference import attn_stats_from_probs_ref, down_proj_stats_ref
 from attnscope.profiler import UnsupportedModelError, capture, down_proj_modules, run_with_stats
-from helpers import TINY_KINDS, assert_hist_close, assert_verbose_allclose, near_edge_count, tiny_model
 
 SPEC = AttnStatsSpec(bins=128, thumb_size=8)
 
@@ -163,8 +164,9 @@ def test_unsupported_architecture_is_named():
 
 
 def test_padded_batch_equals_one_prompt_at_a_time(rng):
-    from attnscope.profiler import profile
     from helpers import random_text, word_tokenizer
+
+    from attnscope.profiler import profile
 
     model = tiny_model("llama", vocab=200)
     tok = word_tokenizer()
@@ -183,8 +185,9 @@ def test_padded_batch_equals_one_prompt_at_a_time(rng):
 
 
 def test_threads_setting_is_used_and_restored(rng):
-    from attnscope.profiler import profile
     from helpers import random_text, word_tokenizer
+
+    from attnscope.profiler import profile
 
     model = tiny_model("llama", vocab=200)
     before = torch.get_num_threads()
@@ -297,8 +300,9 @@ CUDA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
 @pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_lse_ops_are_bit_identical_to_the_plain_call(device, backend, D):
-    from attnscope.profiler import hooks
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attnscope.profiler import hooks
 
     if not device.startswith("cuda"):
         pytest.skip("a CUDA test: pytest --device cuda")
@@ -339,8 +343,9 @@ def test_cuda_capture_keeps_the_logits(device, kind):
 @pytest.mark.parametrize("size", [1, 3, 8, 4096])
 def test_mask_functions_are_classified_by_their_pattern(size):
     # transformers' own mask functions, as masking_utils composes them for each layer type
-    from attnscope.profiler.hooks import classify_mask_function
     from transformers import masking_utils as mu
+
+    from attnscope.profiler.hooks import classify_mask_function
 
     zeros = torch.zeros(2, dtype=torch.long)
     assert classify_mask_function(mu.causal_mask_function, None) == ("full", None, None)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from attnscope.profiler import load
 from helpers import random_text, tiny_model, word_tokenizer
 
 from attnscope.cli import main
+from attnscope.profiler import load
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import os
 import shutil
 
 import pytest
-from attnscope.profiler import load
 from helpers import random_text
 
 from attnscope.cli import main
+from attnscope.profiler import load
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +275,9 @@ def test_truncated_gguf_data(smollm2, tmp_path, capsys):
 
 
 def test_loading_shows_no_progress_bar_of_transformers(model_dir, capfd):
-    from attnscope.profiler.models import load_model
     from transformers.utils import logging as tf_logging
+
+    from attnscope.profiler.models import load_model
 
     assert tf_logging.is_progress_bar_enabled()
     load_model(str(model_dir), device="cpu")

@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import random_text, tiny_model, word_tokenizer
+
 from attnscope.profiler.config import ProfileConfig
 from attnscope.profiler.corpus import Corpus, CorpusError
 from attnscope.profiler.engine import Engine as _Engine
-from helpers import random_text, tiny_model, word_tokenizer
 
 
 def test_readers_and_ids(tmp_path, rng):

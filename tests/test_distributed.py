@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from attnscope.profiler import load
 from helpers import random_text, tiny_model, word_tokenizer
 
 from attnscope.cli import main
+from attnscope.profiler import load
 
 ray = pytest.importorskip("ray")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from attnscope.profiler import load
-from attnscope.profiler.data import ProfileError
-from attnscope.profiler.store import doc_digest
 from helpers import random_text
 
 from attnscope.cli import main
+from attnscope.profiler import load
+from attnscope.profiler.data import ProfileError
+from attnscope.profiler.store import doc_digest
 
 ARGS = ["--bins", "64", "--thumb-size", "8", "--top-k", "3", "--batch-size", "4", "--no-progress"]
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from attnscope.profiler.lens import logit_lens
 from helpers import random_text, tiny_model, word_tokenizer
 
 import attnscope
 from attnscope.cli import main
+from attnscope.profiler.lens import logit_lens
 
 
 @pytest.fixture(scope="module")

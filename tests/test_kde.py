@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from attnscope.render.kde import HAS_NUMBA, BinnedKDE, ExactKDE, KDEWarning
 
 scipy_stats = pytest.importorskip("scipy.stats")

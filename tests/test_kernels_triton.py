@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close_fa, assert_verbose_allclose, attn_inputs, check_attn_stats, masked_lse, random_tokens
+
 from attnscope.kernels import AttnStatsSpec, attn_stats, attn_stats_torch
 from attnscope.kernels.reference import attention_probs_ref, attn_stats_ref, down_proj_stats_ref
-from helpers import assert_close_fa, assert_verbose_allclose, attn_inputs, check_attn_stats, masked_lse, random_tokens
 
 triton = pytest.importorskip("triton")
 from attnscope.kernels._settings import is_interpreter  # noqa: E402
@@ -147,8 +148,9 @@ def test_kernel_limits_are_clear():
 def test_profile_with_triton_equals_torch_path(kdev, rng):
     # the profiler's two implementations stay in sync end to end (tiny GPT-NeoX: d_head 80, partial rotary)
     import numpy as np
-    from attnscope.profiler import profile
     from helpers import random_text, tiny_model, word_tokenizer
+
+    from attnscope.profiler import profile
 
     model, tok = tiny_model("gpt_neox", vocab=200).to(kdev), word_tokenizer()
     prompts = [random_text(int(n), rng) for n in (17, 9)]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TINY_KINDS, assert_verbose_allclose, tiny_model
+
 from attnscope.kernels.reference import vocab_stats_ref
 from attnscope.profiler.lens import LENS_FIELDS, lens_modules, logit_lens, next_token_targets
-from helpers import TINY_KINDS, assert_verbose_allclose, tiny_model
 
 
 def _batch(vocab=128, B=2, L=19):

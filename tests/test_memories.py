@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
+
 from attnscope.profiler.lens import lens_modules
 from attnscope.profiler.memories import NeuronTopK, promoted_tokens, top_contexts, write_out_matrix
-from helpers import tiny_model
 
 
 def _fold_all(acts, k, first=0):

@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers import random_text, tiny_model, word_tokenizer
+
 from attnscope.kernels import AttnStatsSpec
 from attnscope.profiler import Profile, ProfileError, load, profile
-from helpers import random_text, tiny_model, word_tokenizer
 
 SPEC = AttnStatsSpec(bins=256, thumb_size=8)
 

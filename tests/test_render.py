@@ -11,12 +11,12 @@ import subprocess
 
 import numpy as np
 import pytest
-from attnscope.kernels import AttnStatsSpec
-from attnscope.profiler import ProfileError, load, profile
-from attnscope.render import summary, views
 from helpers import random_text, tiny_model, word_tokenizer
 
 from attnscope.cli import main
+from attnscope.kernels import AttnStatsSpec
+from attnscope.profiler import ProfileError, load, profile
+from attnscope.render import summary, views
 
 SPEC = AttnStatsSpec(bins=256, thumb_size=16)
 

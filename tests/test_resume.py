@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from attnscope.profiler import load
-from attnscope.profiler.data import ACCUM_NAMES
 from helpers import random_text
 
 from attnscope.cli import main
+from attnscope.profiler import load
+from attnscope.profiler.data import ACCUM_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from attnscope.kernels import KeyRanges
-from attnscope.kernels.reference import attn_stats_from_probs_ref
-from attnscope.render.roles import ROLE_THRESHOLDS, ROLES, head_roles, role_summary
 from helpers import random_text, tiny_model, word_tokenizer
 
 from attnscope.cli import main
+from attnscope.kernels import KeyRanges
+from attnscope.kernels.reference import attn_stats_from_probs_ref
+from attnscope.render.roles import ROLE_THRESHOLDS, ROLES, head_roles, role_summary
 
 SCORES = {"induction": "induction", "dup": "dup", "prev": "prev", "sink": "sink", "self": "diag"}
 

@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges
-from attnscope.kernels.reference import attn_stats_from_probs_ref
-from attnscope.kernels.stats import ARGMAX, span_key
 from helpers import assert_argmax, assert_verbose_allclose
 
 import attnscope
+from attnscope.kernels import ATTN_VECTOR_STATS, AttnStatsSpec, KeyRanges
+from attnscope.kernels.reference import attn_stats_from_probs_ref
+from attnscope.kernels.stats import ARGMAX, span_key
 
 TEXT = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is"
 

@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 import pytest
-from attnscope.kernels.stats import span_key
-from attnscope.profiler import load
-from attnscope.profiler.corpus import Corpus, CorpusError
 from helpers import profile_corpus, random_text
 
 from attnscope.cli import main
+from attnscope.kernels.stats import span_key
+from attnscope.profiler import load
+from attnscope.profiler.corpus import Corpus, CorpusError
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_verbose_allclose, attn_inputs, random_tokens
+
 from attnscope.kernels import AttnStatsSpec, KeyRanges, attn_stats_torch
 from attnscope.kernels._cpu_fused import HAS_NUMBA
 from attnscope.kernels.contract import pool_layout, span_names, validate_spans
 from attnscope.kernels.reference import attention_probs_ref, attn_stats_ref
-from helpers import assert_verbose_allclose, attn_inputs, random_tokens
 
 IMPLS = [pytest.param("numba", marks=pytest.mark.skipif(not HAS_NUMBA, reason="numba missing")), "torch"]
 
@@ -148,6 +149,7 @@ def test_mass_rows_sum_to_one_over_a_partition():
 def test_head_scores_follow_their_definitions():
     """Retrieval and first-token scores of random vectors, against a loop over the definitions."""
     import numpy as np
+
     from attnscope.kernels.stats import ARGMAX, SINK, VECTORS
     from attnscope.profiler.spans import head_scores
 

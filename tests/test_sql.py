@@ -11,11 +11,11 @@ import shutil
 
 import numpy as np
 import pytest
-from attnscope.profiler import load
-from attnscope.profiler.data import ACCUM_NAMES, ATTN_VECTORS
 from helpers import profile_corpus, random_text
 
 from attnscope.cli import main
+from attnscope.profiler import load
+from attnscope.profiler.data import ACCUM_NAMES, ATTN_VECTORS
 
 
 @pytest.fixture(scope="module")

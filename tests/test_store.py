@@ -11,14 +11,14 @@ import time
 
 import numpy as np
 import pytest
+from helpers import random_text, tiny_model, word_tokenizer
+
+from attnscope.cli import main
 from attnscope.kernels import AttnStatsSpec
 from attnscope.profiler import load, profile
 from attnscope.profiler.data import ACCUM_NAMES, ATTN_VECTORS
 from attnscope.profiler.run import ProfileConfig, prompt_items, run_corpus
 from attnscope.profiler.store import RunError, RunWriter
-from helpers import random_text, tiny_model, word_tokenizer
-
-from attnscope.cli import main
 
 SPEC = AttnStatsSpec(bins=64, thumb_size=8)
 
@@ -111,6 +111,7 @@ def test_accumulators_equal_their_definitions(setup, rng):
 def test_tables_tier_serves_the_views(setup, rng, tmp_path):
     """Without the vectors tier: laminar from the histograms, head means from row sums, clear errors otherwise."""
     import pyarrow.parquet as pq
+
     from attnscope.profiler import ProfileError
 
     model, tok = setup

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from attnscope.profiler.suites import niah_items, score_answer
 from helpers import random_text, word_tokenizer
 
 from attnscope.cli import main
+from attnscope.profiler.suites import niah_items, score_answer
 
 
 def _sql(capsys, run, q):

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import random_text
+
+from attnscope.cli import main
 from attnscope.kernels._cpu_fused import HAS_NUMBA
 from attnscope.kernels.reference import down_proj_stats_ref
 from attnscope.profiler import load
 from attnscope.profiler.data import combine_accum, topk_fold
 from attnscope.profiler.memories import top_contexts
-from helpers import random_text
-
-from attnscope.cli import main
 
 K = 4  # contexts kept per neuron
 IMPLS = ["reference", pytest.param("numba", marks=pytest.mark.skipif(not HAS_NUMBA, reason="numba missing"))]

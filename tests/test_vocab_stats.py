@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_verbose_allclose
+
 from attnscope.kernels.reference import vocab_stats_ref
 from attnscope.kernels.vocab_stats_torch import vocab_stats_torch
-from helpers import assert_verbose_allclose
 
 # (rows, d, vocab, chunk, bias, scale): odd sizes, a vocabulary not a multiple of the chunk, peaked and flat rows
 SHAPES = [
