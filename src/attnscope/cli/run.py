@@ -77,17 +77,16 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None, key_sco
     ``rules.parquet``): external access is off (no COPY, ATTACH, read_csv/read_text/read_blob/glob of other files),
     extensions are neither installed nor loaded, Python variables are not scanned, and the configuration is locked.
     ``spill_dir``: where DuckDB may spill a large sort or join (outside the run; default: no spilling).
-    ``key_scores``: also the ``key_scores`` view, built in memory from the run's vectors (``store.key_score_table``)."""
+    ``key_scores``: also the ``key_scores`` view, built in memory from the run's vectors (``store.run_tables``)."""
     import duckdb
 
     from attnscope.kernels.stats import SPAN_FIELDS
     from attnscope.profiler.columns import LENS_COLUMNS, lens_fields
-    from attnscope.profiler.data import ProfileError
-    from attnscope.profiler.store import is_run, key_score_table, run_tables
+    from attnscope.profiler.store import is_run, run_tables
 
     if not is_run(run):
         raise CLIError(f"{run} is not a run directory (no run.json of attnscope)")
-    t = run_tables(run)
+    t = run_tables(run, key_scores=key_scores)  # a run without the vectors: ProfileError, one line
     for part in ("index", "prompts", "tokens", "spans"):
         t[part] = [os.path.abspath(f) for f in t[part]]
     rules = Path(os.path.abspath(Path(run) / "rules.parquet"))
@@ -146,11 +145,8 @@ def sql_connection(run: str | Path, spill_dir: str | Path | None = None, key_sco
     if has_rules:
         con.execute(f"create view rules as select * from read_parquet('{_quote(rules)}')")
     con.register("heads", _heads_with_roles(run, t["heads"]))
-    if key_scores:
-        try:
-            con.register("key_scores", key_score_table(run))
-        except ProfileError as e:
-            raise CLIError(str(e)) from None
+    if t["key_scores"] is not None:
+        con.register("key_scores", t["key_scores"])
     if t["neurons"] is not None:
         con.register("neurons", t["neurons"])
     for view in ("experts", "expert_neurons"):

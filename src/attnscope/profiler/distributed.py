@@ -64,11 +64,11 @@ class ShardActor:
         from .store import write_shard_files
 
         out: dict[str, list] = {"shard": [], "accum": [], "files": [], "n_tokens": [], "meta": []}
-        spans_of = batch.get("spans", [None] * len(batch["ids"]))  # per window its rows' spans as JSON ("": none)
+        # per window its rows' spans as JSON ("": none; a batch without the field: no spans)
+        spans_of = batch["spans"] if "spans" in batch else [[""] * len(ids) for ids in batch["ids"]]
         for first, name, prompt0, ids, texts, spans in zip(
             batch["first"], batch["name"], batch["prompt0"], batch["ids"], batch["texts"], spans_of
         ):
-            spans = [""] * len(ids) if spans is None else spans
             items = [PromptItem(str(i), str(t), _loads_spans(str(sp))) for i, t, sp in zip(ids, texts, spans)]
             tokens = self.engine.tokenize(items, int(first))
             shard = self.engine.run_shard(items, tokens)

@@ -44,7 +44,7 @@ from .layout import (
     shard_files,
 )
 from .maintenance import Damage, merge_runs, repair_run, verify_run
-from .reader import LazyTokenArray, TokenMeansOnly, key_score_table, load_run, run_tables
+from .reader import LazyTokenArray, TokenMeansOnly, load_run, run_tables
 from .writer import RunWriter, next_seq, shard_name, write_shard_files
 
 __all__ = [
@@ -72,7 +72,6 @@ __all__ = [
     "read_manifest",
     "repair_run",
     "run_tables",
-    "key_score_table",
     "shard_files",
     "shard_name",
     "verify_run",

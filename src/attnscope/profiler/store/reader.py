@@ -372,9 +372,9 @@ def load_run(path: str | os.PathLike) -> Profile:
     return Profile(meta=meta, prompts=_RunPrompts(data), arrays=_RunArrays(data, accum))
 
 
-def run_tables(path: str | os.PathLike) -> dict[str, object]:
+def run_tables(path: str | os.PathLike, key_scores: bool = False) -> dict[str, object]:
     """Where the tables of a run are, for SQL: Parquet globs of index/prompts/tokens, and the heads and neurons
-    tables (pyarrow, from the accumulators)."""
+    tables (pyarrow, from the accumulators); with ``key_scores`` also that table (``_key_score_table``)."""
     pa, pq = pyarrow_modules()
     path = Path(path)
     prof = load_run(path)
@@ -449,16 +449,16 @@ def run_tables(path: str | os.PathLike) -> dict[str, object]:
                 ),
             }
         )
+    out["key_scores"] = _key_score_table(prof, path) if key_scores else None
     return out
 
 
-def key_score_table(path: str | os.PathLike):
+def _key_score_table(prof: Profile, path: Path):
     """The rows of the ``key_scores`` SQL view (pyarrow), from the vectors tier: one per (prompt, layer, head, key
     position), with ``snapkv``, the attention the prompt's last ``OBS_WINDOW`` rows give the key (SnapKV's and
     PyramidKV's observation-window score, Li et al. 2024), and ``h2o``, the attention all its rows give it (H2O's
     accumulated score, Zhang et al. 2023). ``ProfileError`` for a run that did not keep the vectors."""
     pa, _ = pyarrow_modules()
-    prof = load_run(path)
     d = prof.arrays.data
     if not d.doc.get("keep_vectors"):
         raise ProfileError(
