@@ -201,6 +201,30 @@ def test_bin_edges_of_the_contract():
     assert lb.tolist() == [0, 0, 0, 6, 11, 11]
 
 
+@pytest.mark.parametrize("bins, log_min", [(4096, -12.0), (10, -10.0), (64, -3.0), (7, -1.5)])
+def test_union_cells_give_both_bins(bins, log_min):
+    """The CPU pass counts one cell a + b per pair (linear bin a, log10 bin b) and sums both histograms from the
+    cells: every (a, b) that a p in [0, 1] can have must be the cell's own. (10, -10): the edges at p = 0.1 tie."""
+    from attnscope.kernels import linear_bin, log_bin
+    from attnscope.kernels._cpu_fused import union_cells
+
+    lin, log = union_cells(bins, log_min)
+    assert len(lin) == 2 * bins - 1 and (lin + log == torch.arange(2 * bins - 1).numpy()).all()
+    assert (lin[1:] >= lin[:-1]).all() and (log[1:] >= log[:-1]).all()
+    g = torch.Generator().manual_seed(bins)
+    p = torch.cat([
+        10.0 ** (torch.rand(50_000, generator=g, dtype=torch.float64) * (2 - log_min) - 2 + log_min),
+        torch.rand(50_000, generator=g, dtype=torch.float64),
+        torch.arange(bins + 1, dtype=torch.float64) / bins,  # every linear edge, and 0 and 1
+        10.0 ** (log_min - log_min * (torch.arange(bins, dtype=torch.float64) + 0.5) / bins),  # each log10 bin
+    ])  # fmt: skip
+    a = linear_bin(p, bins)
+    b = log_bin(torch.log10(p), bins, log_min)
+    cell = (a + b).numpy()
+    assert (lin[cell] == a.numpy()).all() and (log[cell] == b.numpy()).all()
+    assert set(lin[cell]) == set(range(bins)) and set(log[cell]) == set(range(bins))
+
+
 def test_bad_inputs():
     q, k, ranges = attn_inputs(1, 3, 2, 8, 16, None, False)
     with pytest.raises(ValueError, match="multiple of H_kv"):

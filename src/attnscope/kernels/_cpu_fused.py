@@ -11,8 +11,9 @@ store that could alias a load it has to check at run time):
   p >= 0 orders like its bits) -> entropy, row max, moments, distance buckets;
 - attention received: one add (and max) per pair into a per-key sum over the rows of the current thumbnail row cell,
   moved into ``recv_sum`` and that thumbnail row when the rows reach the next cell (so the thumbnail costs no pass);
-- histograms: the linear and log10 bins of the row in two vector loops, then one scalar loop that counts them
-  (the only scatter, about half the pass);
+- histograms: one counter per pair, not one per view: the linear bin a and the log10 bin b of a pair add up to its
+  cell a + b of the common refinement of the two binnings (``union_cells``), counted in one scalar loop (the only
+  scatter, about a third of the pass); both histograms are summed from those cells exactly when the counts fold;
 - duplicate/induction masses: a token with few earlier copies follows links to them (``previous_occurrence``); a
   frequent one compares every key.
 
@@ -133,17 +134,40 @@ def numba_threads():
             torch.set_num_threads(n)
 
 
+def union_cells(bins: int, log_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """The common refinement of the linear binning of p (``bins`` bins on [0, 1]) and the log10 one (``bins`` bins of
+    log10 p on [log_min, 0], smaller p in bin 0): the linear bin and the log10 bin of each of its 2 bins - 1 cells.
+
+    Both bins are nondecreasing in p, so as p grows from 0 to 1 the pair (a, b) steps through the cells one edge at
+    a time (both at once where two edges coincide) and a + b numbers them: a pair's cell is a + b, counted once, and
+    each histogram is a sum over whole runs of cells. Exact: a pair is counted in the bins it was given (a pair whose
+    a and b straddle a tie of two edges by rounding counts in the neighbouring bin, as it could in either binning).
+    """
+    lin_edges = np.arange(1, bins) / bins  # inner edges, p = k / bins
+    log_edges = 10.0 ** (log_min + np.arange(1, bins) * (-log_min / bins))
+    edges = np.concatenate([lin_edges, log_edges])
+    is_lin = np.arange(2 * bins - 2) < bins - 1
+    order = np.argsort(edges, kind="stable")  # a tie: the linear edge first
+    lin = np.concatenate([[0], np.cumsum(is_lin[order])])  # [2 bins - 1]
+    return lin, np.arange(2 * bins - 1) - lin
+
+
 class FusedState:
     """Accumulators of one layer, filled block by block: per (batch row, head), and the histograms per head; each
     head is one task (its batch rows in turn), so nothing is written by two threads."""
 
-    def __init__(self, B: int, H: int, L: int, bins: int, R: int):
+    def __init__(self, B: int, H: int, L: int, bins: int, R: int, log_min: float):
         self.vec = np.zeros((len(VECTORS), B, H, L), np.float32)  # [V, B, H, L], slot order
         self.hist = np.zeros((H, 2, bins), np.int64)  # linear, log10, summed over the batch rows
-        # the loop counts into int32 copies (half the cache footprint of int64): 4 linear + 2 log10 per (b, h), since
-        # neighbouring keys often share a bin (most p of a long row sit in bin 0) and spreading the increments
+        # the loop counts the 2 bins - 1 cells of both binnings (``union_cells``) into int32 (half the cache
+        # footprint of int64), two copies by key parity: neighbouring keys often share a cell and alternating copies
         # breaks the store-to-load chain on one counter; they are folded into ``hist`` before they can overflow
-        self.hist32 = np.zeros((H, 6, bins), np.int32)  # per head, not per (b, h): short prompts come in big batches
+        self.hist32 = np.zeros(
+            (H, 2, 2 * bins), np.int32
+        )  # per head, not per (b, h): short prompts come in big batches
+        lin, log = union_cells(bins, log_min)  # [2 bins - 1] each, nondecreasing, every bin present
+        self._lin_starts = np.searchsorted(lin, np.arange(bins))  # the first cell of each linear bin
+        self._log_starts = np.searchsorted(log, np.arange(bins))
         self.pending = 0  # pairs counted into hist32 of one head since the last fold
 
         self.mom = np.zeros((B, H, 3), np.float64)  # n, sum p, sum p^2
@@ -154,7 +178,7 @@ class FusedState:
         self.cell_recv = np.zeros((B, H, L), np.float32)
         self.open_cell = np.full((B, H, 3), -1, np.int64)  # that cell and its span of keys [lo, hi)
         self.fscratch = np.empty((H, 2, L), np.float32)  # per head: p and 2^n of one row
-        self.iscratch = np.empty((H, 3, L), np.int32)  # per head: the two bins of one row, a bit pattern
+        self.iscratch = np.empty((H, 2, L), np.int32)  # per head: the cells of one row, a bit pattern
 
     def close(self, cell: np.ndarray) -> None:
         """End of the layer: flush the open row cells (``cell`` [B, L] as given to ``fused_block``), fold the
@@ -166,9 +190,9 @@ class FusedState:
 
     def fold(self) -> None:
         """Move the int32 counts into the int64 histograms."""
-        h = self.hist32.astype(np.int64)
-        self.hist[:, 0] += h[:, :4].sum(1)
-        self.hist[:, 1] += h[:, 4:].sum(1)
+        h = self.hist32.sum(1, dtype=np.int64)[:, : 2 * self.hist.shape[2] - 1]  # [H, cells]
+        self.hist[:, 0] += np.add.reduceat(h, self._lin_starts, axis=1)  # a bin's cells are contiguous
+        self.hist[:, 1] += np.add.reduceat(h, self._log_starts, axis=1)
         self.hist32[:] = 0
         self.pending = 0
 
@@ -199,28 +223,28 @@ def _fused_block_py(
     bins,
     log_min,
     vec,  # [V, B, H, L] float32, by slot
-    hist,  # [H, 6, bins] int32: 4 linear copies, 2 log10 copies, summed over the batch rows
+    hist,  # [H, 2, 2 bins] int32: counts per cell a + b of the two binnings (``union_cells``), 2 copies
     mom,  # [B, H, 3] float64
     dist,  # [B, H, N_DIST_BUCKETS] float64
     thumb,  # [B, H, P, P] float64 sums of p per pooled cell
     cell_recv,  # [B, H, L] float32 attention from the rows of the current row cell, per key, not yet in thumb/recv_sum
     open_cell,  # [B, H, 3] int64 that row cell and its span of keys [lo, hi) (-1: none)
     fscratch,  # [H, 2, >= Lk] float32
-    iscratch,  # [H, 3, >= Lk] int32
+    iscratch,  # [H, 2, >= Lk] int32
 ):  # pragma: no cover - jitted
     B, H, RB, Lk = dd.shape
     scale = np.float32(bins / (-log_min) / _LN10)  # natural log p -> log10 bin units
     fbins = np.float32(bins)
     zero = np.float32(0.0)
     nbm1 = np.int32(bins - 1)
+    nc = hist.shape[2]  # the stride of a copy of the cell counts
     for h in prange(H):  # one task per head: its histogram copies are its own, whatever the batch size
-        hf = hist[h].reshape(6 * bins)
+        hf = hist[h].reshape(2 * nc)
         # this head's scratch rows (preallocated: an array allocated inside a prange body is never freed)
         p_row = fscratch[h, 0]  # p = exp(log p) of one row's allowed keys
         two_n = fscratch[h, 1]  # 2^n of exp's range reduction, built from its bits
-        bin_lin = iscratch[h, 0]  # the bins of one row's p
-        bin_log = iscratch[h, 1]
-        bits = iscratch[h, 2, :1]
+        cells = iscratch[h, 0]  # the histogram cells of one row's p
+        bits = iscratch[h, 1, :1]
         for b in range(B):
             st = start[b]
             fr = final_row[b]
@@ -326,16 +350,13 @@ def _fused_block_py(
                 for t in range(m):
                     acc_s[t] += ps[t]
                     rmax_s[t] = max(rmax_s[t], psi[t])
-                # -- histograms: bins computed vectorised (one loop each), then counted; copies by key parity
-                # break the store-to-load chains on one counter --
-                for t in range(m):
-                    bin_lin[t] = min(np.int32(ps[t] * fbins), nbm1)
+                # -- histograms: each pair's cell (its linear bin + its log10 bin) computed vectorised, then
+                # counted; copies by key parity break the store-to-load chains on one counter --
                 for t in range(m):
                     x = ds[t] * scale + fbins  # log10-bin coordinate (log10 p - log_min) * bins / -log_min
-                    bin_log[t] = min(np.int32(x if x > zero else zero), nbm1)
+                    cells[t] = min(np.int32(ps[t] * fbins), nbm1) + min(np.int32(x if x > zero else zero), nbm1)
                 for t in range(m):
-                    hf[(t & 3) * bins + bin_lin[t]] += 1
-                    hf[(4 + (t & 1)) * bins + bin_log[t]] += 1
+                    hf[(t & 1) * nc + cells[t]] += 1
                 # -- head-role masses: earlier keys j != i with token[j] == token[i] (duplicate) and
                 # token[j - 1] == token[i] (induction) --
                 tq = tok[i]

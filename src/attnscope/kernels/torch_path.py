@@ -296,7 +296,7 @@ def _attn_stats_fused(
     end = ranges.end.cpu().long()  # [B]
     layout = pool_layout(ranges, L, Rs, spans)  # the thumbnail's cells, cut at the spans' boundaries
     row_cell = layout.cell.contiguous().numpy()  # [B, L]
-    state = FusedState(B, H, L, spec.bins, layout.P)
+    state = FusedState(B, H, L, spec.bins, layout.P, spec.log_min)
     tok = tokens.cpu().contiguous().numpy()  # [B, L] int64
     prev_same, n_before = previous_occurrence(tok)  # [B, L], [B, L]
     common = dict(
