@@ -23,6 +23,7 @@ def test_bench_cli_writes_json_and_plot(model_dir, tmp_path):
     result = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 1000
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"] and result["machine"]["torch"]
+    assert result["machine"]["cpu_capability"] and isinstance(result["machine"]["cpu_flags"], list)
     assert result["model"]["n_layers"] == 2 and result["memory_metric"] == "peak RSS of the process"
     assert [r["tokens"] for r in result["runs"]] == [24]
     for row in result["runs"]:

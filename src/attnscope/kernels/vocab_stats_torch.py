@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._cpu_gemm import linear
+
 __all__ = ["finish", "target_logits", "validate_vocab_inputs", "vocab_stats_torch"]
 
 
@@ -74,9 +76,7 @@ def vocab_stats_torch(
     ebuf = torch.empty(T * min(chunk, V), device=dev)  # exp of one chunk (reused)
     for v0 in range(0, V, chunk):
         v1 = min(V, v0 + chunk)
-        z = hf @ weight[v0:v1].float().T  # [T, Vc]
-        if bias is not None:
-            z += bias[v0:v1].float()
+        z = linear(hf, weight[v0:v1].float(), None if bias is None else bias[v0:v1].float())  # [T, Vc]
         if softcap is not None:
             z.div_(softcap).tanh_().mul_(softcap)
         # -- top-1: a strictly larger chunk maximum replaces the earlier one (first index on ties); the argmax only of

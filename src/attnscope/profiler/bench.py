@@ -63,16 +63,22 @@ def machine_info(device: str = "cpu") -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "amx")))
+                if flags and cpu:
                     break
     except OSError:
         pass
     info = {
         "cpu": cpu,
+        "cpu_flags": flags,  # the vector extensions the CPU reports
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch chose for it
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_bytes": _total_memory(),
@@ -339,7 +345,10 @@ def plot_bench(result: dict, path: Path) -> Path:
         ax.legend()
         ax.grid(alpha=0.3)
     m = result["machine"]
-    fig.suptitle(f"{result['model'].get('model_id')} on {m.get('gpu') or m['cpu']} ({m['cores']} cores)", fontsize=9)
+    isa = "" if m.get("gpu") or not m.get("cpu_capability") else f", {m['cpu_capability']}"
+    fig.suptitle(
+        f"{result['model'].get('model_id')} on {m.get('gpu') or m['cpu']} ({m['cores']} cores{isa})", fontsize=9
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
