@@ -1,7 +1,9 @@
 """The post-matmul work of one query block on the CPU in a single Numba pass, parallel over heads.
 
 Before it, torch forms log p over the block (``torch_path._attn_stats_fused``): with the forward's lse,
-log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmul; without it, torch finds lse
+log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmuls, one per (batch row, key head)
+(``_cpu_gemm.linear``), which the pass reads where they lie (a typed list of arrays: no copy into one buffer, 57 ms a
+layer at 8,192 tokens; the list's first use in a process compiles for ~0.4 s); without it, torch finds lse
 (``torch.logsumexp`` over the masked scores) and subtracts it. The Numba pass then takes each row i over its allowed
 keys j in [lo, hi), forms p = exp(log p) in a vectorised float32 exp of its own (Numba has no vector exp), and reduces
 the row to every statistic of the contract, in loops that LLVM vectorises (each over one contiguous run of keys, with no
@@ -208,7 +210,8 @@ def _flush_cell_py(acc, rsum, thb, cel, rc, lo, hi):  # pragma: no cover - jitte
 
 
 def _fused_block_py(
-    dd,  # [B, H, R_blk, Lk] float32 log p = s - lse of the block (garbage outside the allowed keys)
+    blocks,  # B Hkv arrays [G R_blk, Lk] float32 log p = s - lse of the block's rows per (batch row, key head), the G
+    # query heads of that key head one after the other (garbage outside the allowed keys)
     lo,  # [B, R_blk] int64 first allowed key (absolute)
     hi,  # [B, R_blk] int64 one past the last allowed key (absolute; hi <= lo: no key)
     sink_share,  # [B, H, R_blk] float32 exp(sink - lse) of each row (0: no learned sink)
@@ -232,7 +235,9 @@ def _fused_block_py(
     fscratch,  # [H, 2, >= Lk] float32
     iscratch,  # [H, 2, >= Lk] int32
 ):  # pragma: no cover - jitted
-    B, H, RB, Lk = dd.shape
+    B, RB = lo.shape
+    H = sink_share.shape[1]
+    G = H // (len(blocks) // B)  # query heads per key head
     scale = np.float32(bins / (-log_min) / _LN10)  # natural log p -> log10 bin units
     fbins = np.float32(bins)
     zero = np.float32(0.0)
@@ -269,7 +274,8 @@ def _fused_block_py(
                     continue
                 m = e - a
                 c0 = a - kstart
-                ds = dd[b, h, r, c0 : c0 + m]  # log p of the allowed keys; every loop below runs over t in [0, m)
+                ds = blocks[b * (H // G) + h // G][(h % G) * RB + r, c0 : c0 + m]  # log p of the allowed keys; every
+                # loop below runs over t in [0, m)
                 ps = p_row[:m]
                 psi = ps.view(np.int32)
                 # -- p = exp(log p), vectorised: log p = n ln 2 + f (Cody-Waite), e^f by its Taylor series to f^7
@@ -463,7 +469,7 @@ def _kernel():
 
 def fused_block(
     state: FusedState,
-    d: torch.Tensor,  # [B, H, R_blk, Lk] float32 log p (s - lse)
+    blocks: list[torch.Tensor],  # B Hkv contiguous [G R_blk, Lk] float32 log p (s - lse), batch row major
     lo: torch.Tensor,  # [B, R_blk] int64
     hi: torch.Tensor,  # [B, R_blk] int64
     sink_share: torch.Tensor | None,  # [B, H, R_blk] float32 exp(sink - lse) of each row, or None (no sinks)
@@ -480,20 +486,27 @@ def fused_block(
 ) -> None:
     """Reduce one block of log p into ``state`` (see the module docstring)."""
     import numba
+    from numba.typed import List
 
-    pairs = d.shape[0] * d.shape[2] * d.shape[3]  # at most this many pairs of one head in this block
+    B, RB = lo.shape
+    H = state.vec.shape[2]
+    G = H * B // max(len(blocks), 1)  # query heads per key head
+    Lk = blocks[0].shape[1] if blocks else 0
+    if len(blocks) * G != H * B or any(y.shape != (G * RB, Lk) or not y.is_contiguous() for y in blocks):
+        raise ValueError(f"expected B Hkv contiguous [G R_blk, Lk] blocks, got {[tuple(y.shape) for y in blocks]}")
+    pairs = B * RB * Lk  # at most this many pairs of one head in this block
     if state.pending + pairs >= 2**31:
         state.fold()
     state.pending += pairs
     fn = _kernel()
     if sink_share is None:
-        sink_share = torch.zeros(d.shape[:3], dtype=torch.float32)
+        sink_share = torch.zeros((B, H, RB), dtype=torch.float32)
     chunk = numba.get_parallel_chunksize()
     numba.set_parallel_chunksize(1)  # head tasks taken one at a time: a thread descheduled by other load stalls less
     try:
         with numba_threads():
             fn(
-                d.numpy(),
+                List([y.numpy() for y in blocks]),
                 lo.contiguous().numpy(),
                 hi.contiguous().numpy(),
                 sink_share.contiguous().numpy(),

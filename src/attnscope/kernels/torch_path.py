@@ -325,8 +325,6 @@ def _attn_stats_fused(
     kspan = L if W is None else min(L, block_q + W - 1)  # widest key range of a block
     if min(block_q, L) * kspan >= 2**31:  # the Numba pass counts pairs of one head in int32 between folds
         raise ValueError(f"block_q * keys per block must stay under 2^31, got {min(block_q, L)} x {kspan}")
-    size = B * H * min(block_q, L) * kspan
-    buf = torch.empty(size, dtype=torch.float32)  # log p of one block (reused)
     for i0 in range(0, L, block_q):
         i1 = min(L, i0 + block_q)
         kstart = 0 if W is None else max(0, i0 - W + 1)
@@ -336,16 +334,14 @@ def _attn_stats_fused(
         lo = ranges.lo(rows)  # [B, R_blk]
         hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
 
-        # -- scores s = (scaling q) . k (or log p = s - lse) into the reused buffer --
+        # -- scores s = (scaling q) . k (or log p = s - lse) --
         # the G query heads of a key head stacked as rows of one matmul per (batch row, key head) (a broadcast over G
-        # would make torch expand the keys G times: ~1/3 slower at 8k), through oneDNN where it is there
+        # would make torch expand the keys G times: ~1/3 slower at 8k), through oneDNN where it is there; the Numba
+        # pass reads each product where it lies
         qb = qs[:, :, i0:i1].reshape(B, Hkv, group * Rb, De)  # [B, Hkv, G R_blk, De]
-        d = buf[: B * H * Rb * Lk].view(B, Hkv, group * Rb, Lk)
-        for b in range(B):
-            for g in range(Hkv):
-                d[b, g].copy_(linear(qb[b, g], kf[b, g, kstart:i1]))  # [G R_blk, Lk]
-        d = d.view(B, H, Rb, Lk)
-        if not fold_lse:
+        blocks = [linear(qb[b, g], kf[b, g, kstart:i1]) for b in range(B) for g in range(Hkv)]  # [G R_blk, Lk] each
+        if not fold_lse:  # the scores become log p in torch, as one [B, H, R_blk, Lk]
+            d = torch.stack(blocks).view(B, H, Rb, Lk)
             mod.cap(d)
             if lse is not None:
                 row_lse = lse[:, :, i0:i1, None]  # [B, H, R_blk, 1]
@@ -357,12 +353,13 @@ def _attn_stats_fused(
                 if sink is not None:
                     row_lse = torch.logaddexp(row_lse, sink.view(1, H, 1, 1))
             d.sub_(row_lse)  # [B, H, R_blk, Lk] log p, in place
+            blocks = list(d.view(B * Hkv, group * Rb, Lk))
         elif sink is not None:
             row_lse = lse[:, :, i0:i1, None]
         share = None  # the learned sink's share of each row
         if sink is not None:
             share = torch.where(row_ok[:, None], torch.exp(sink.view(1, H, 1) - row_lse[..., 0]), 0.0)
-        fused_block(state, d, lo, hi, share, i0, kstart, **common)
+        fused_block(state, blocks, lo, hi, share, i0, kstart, **common)
 
     state.close(row_cell)
     hist = torch.from_numpy(state.hist)  # [H, 2, bins]
