@@ -86,6 +86,27 @@ def test_model_defined_attention_matches_reference(
         assert not share.any()
 
 
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba missing")
+@pytest.mark.parametrize("with_lse", [False, True], ids=["own-lse", "forward-lse"])
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["plain", "softcap"])
+@pytest.mark.parametrize("B, H, Hkv, L, D, window, padded, block_q", [SHAPES[2], SHAPES[4], SHAPES[5]])
+def test_separate_products_match_reference(monkeypatch, B, H, Hkv, L, D, window, padded, block_q, softcap, with_lse):
+    """Long rows take one score product per (batch row, key head), which the Numba pass reads where it lies (or
+    stacked, when torch still makes the scores log p); forced here for rows of every length."""
+    from attnscope.kernels import torch_path
+
+    monkeypatch.setattr(torch_path, "_SEPARATE_PRODUCTS_KEYS", 1)
+    q, k, ranges = attn_inputs(B, H, Hkv, L, D, window, padded, scale=3.0)
+    spec = AttnStatsSpec(bins=256, thumb_size=8)
+    scaling, tokens = D**-0.5, random_tokens(B, L)
+    lse = masked_lse(q, k, scaling, ranges, softcap) if with_lse else None
+    out = attn_stats_torch(
+        q, k, scaling, ranges, spec, block_q=block_q, tokens=tokens, lse=lse, mod=ScoreMod(softcap, None)
+    )
+    ref = attn_stats_ref(q, k, scaling, ranges, spec, tokens=tokens, softcap=softcap)
+    check_attn_stats(out, ref, spec, q, k, scaling, ranges, mom_rtol=1e-5 if with_lse else 1e-6, softcap=softcap)
+
+
 def test_reference_windows_and_chunks_are_the_definitions():
     # the dense reference mask against the contract's definitions, written independently
     r = KeyRanges(torch.tensor([0, 2]), torch.tensor([11, 9]), chunk=4)

@@ -69,6 +69,7 @@ from .stats import (
 
 __all__ = ["attn_stats_torch"]
 
+_SEPARATE_PRODUCTS_KEYS = 512  # from this many keys a block row's products are made one per (batch row, key head)
 _NEG = -1.0e30  # finite "minus infinity": p = exp(_NEG - lse) == 0 and p * log p == 0, never NaN
 _POW2 = torch.tensor([2**k for k in range(N_DIST_BUCKETS + 1)], dtype=torch.long)  # [33]
 _LN10 = math.log(10.0)
@@ -335,13 +336,17 @@ def _attn_stats_fused(
         hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
 
         # -- scores s = (scaling q) . k (or log p = s - lse) --
-        # the G query heads of a key head stacked as rows of one matmul per (batch row, key head) (a broadcast over G
-        # would make torch expand the keys G times: ~1/3 slower at 8k), through oneDNN where it is there; the Numba
-        # pass reads each product where it lies
+        # the G query heads of a key head stacked as the rows of one product (a broadcast over G would make torch
+        # expand the keys G times: ~1/3 slower at 8k); long rows: one oneDNN product per (batch row, key head), which
+        # the Numba pass reads where it lies; short ones (a batch of short prompts): one batched matmul, one call
         qb = qs[:, :, i0:i1].reshape(B, Hkv, group * Rb, De)  # [B, Hkv, G R_blk, De]
-        blocks = [linear(qb[b, g], kf[b, g, kstart:i1]) for b in range(B) for g in range(Hkv)]  # [G R_blk, Lk] each
-        if not fold_lse:  # the scores become log p in torch, as one [B, H, R_blk, Lk]
-            d = torch.stack(blocks).view(B, H, Rb, Lk)
+        if Lk >= _SEPARATE_PRODUCTS_KEYS:
+            blocks = [linear(qb[b, g], kf[b, g, kstart:i1]) for b in range(B) for g in range(Hkv)]  # [G R_blk, Lk]
+            blocks = blocks if fold_lse else torch.stack(blocks)
+        else:
+            blocks = torch.matmul(qb, kf[:, :, kstart:i1].transpose(-1, -2)).view(B * Hkv, group * Rb, Lk)
+        if not fold_lse:  # the scores become log p in torch, in place, as one [B, H, R_blk, Lk]
+            d = blocks.view(B, H, Rb, Lk)
             mod.cap(d)
             if lse is not None:
                 row_lse = lse[:, :, i0:i1, None]  # [B, H, R_blk, 1]
@@ -353,7 +358,6 @@ def _attn_stats_fused(
                 if sink is not None:
                     row_lse = torch.logaddexp(row_lse, sink.view(1, H, 1, 1))
             d.sub_(row_lse)  # [B, H, R_blk, Lk] log p, in place
-            blocks = list(d.view(B * Hkv, group * Rb, Lk))
         elif sink is not None:
             row_lse = lse[:, :, i0:i1, None]
         share = None  # the learned sink's share of each row
