@@ -133,3 +133,24 @@ def test_merge_equals_one_run_on_exact_ties(model_dir, tmp_path, rng):
     m, one = load(tmp_path / "m"), load(tmp_path / "rab")
     for name in ("mlp.neuron_max", "mlp.ctx_value", "mlp.neuron_argmax", "mlp.ctx_token"):
         assert np.array_equal(m.arrays[name], one.arrays[name]), name
+
+
+def test_topk_fold_skips_only_columns_that_cannot_change():
+    """A fold re-sorts only the columns where a candidate reaches the current k-th value; it must give what one
+    sort of both candidate sets gives, ties (to the earlier token) included, on shapes with leading axes."""
+    rng = np.random.default_rng(7)
+
+    def full_sort(v, t):  # the definition: larger values first, ties to the earlier token, -1 (none) last
+        late = np.where(t < 0, np.iinfo(np.int64).max, t)
+        order = np.lexsort((late, -v), axis=-2)
+        return np.take_along_axis(v, order, -2), np.take_along_axis(t, order, -2)
+
+    for shape, k_new in [((8, 50), 8), ((3, 8, 40), 5), ((2, 4, 30), 4)]:
+        for trial in range(20):
+            v, t = full_sort(rng.integers(0, 6, shape).astype(np.float32), rng.integers(-1, 100, shape))
+            new_shape = (*shape[:-2], k_new, shape[-1])
+            nv = rng.integers(0, 8 if trial % 2 else 3, new_shape).astype(np.float32)  # few or many columns change
+            nv, nt = full_sort(nv, rng.integers(0, 200, new_shape))
+            got = topk_fold(v, t, nv, nt)
+            want = [a[..., : shape[-2], :] for a in full_sort(np.concatenate([v, nv], -2), np.concatenate([t, nt], -2))]
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (shape, trial)

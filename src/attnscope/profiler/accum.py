@@ -28,6 +28,17 @@ def topk_fold(
     of values and global token indices (-1: none). Larger values first, ties to the earlier token, so folding
     batches one by one or merging two runs gives the same result as one pass."""
     k = value.shape[-2]
+    if value.shape[-2] and new_value.shape[-2] and value.size:
+        # only the columns where a candidate reaches the k-th value can change (after the first batches, few)
+        cols = new_value.max(axis=-2) >= value.min(axis=-2)  # [..., F]
+        if not cols.all():
+            v, t = value.copy(), token.copy()
+            sel = np.nonzero(cols)  # the (..., F) indices of the columns that may change
+            if len(sel[0]):
+                part = [np.moveaxis(a, -2, -1)[sel].T for a in (value, token, new_value, new_token)]  # [k, n]
+                pv, pt = topk_fold(*part)
+                np.moveaxis(v, -2, -1)[sel], np.moveaxis(t, -2, -1)[sel] = pv.T, pt.T
+            return v, t
     v = np.concatenate([value, new_value], axis=-2)
     t = np.concatenate([token, new_token], axis=-2)
     late = np.where(t < 0, np.iinfo(np.int64).max, t)
