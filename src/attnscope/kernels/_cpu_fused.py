@@ -495,7 +495,12 @@ def fused_block(
     H = state.vec.shape[2]
     G = H * B // max(len(blocks), 1)  # query heads per key head
     Lk = blocks[0].shape[1] if len(blocks) else 0
-    if len(blocks) * G != H * B or any(y.shape != (G * RB, Lk) or not y.is_contiguous() for y in blocks):
+    one = isinstance(blocks, torch.Tensor)
+    if len(blocks) * G != H * B or (
+        blocks.shape[1:] != (G * RB, Lk)
+        if one
+        else any(y.shape != (G * RB, Lk) or not y.is_contiguous() for y in blocks)
+    ):
         raise ValueError(f"expected B Hkv contiguous [G R_blk, Lk] blocks, got {[tuple(y.shape) for y in blocks]}")
     pairs = B * RB * Lk  # at most this many pairs of one head in this block
     if state.pending + pairs >= 2**31:
@@ -509,7 +514,7 @@ def fused_block(
     try:
         with numba_threads():
             fn(
-                blocks.contiguous().numpy() if isinstance(blocks, torch.Tensor) else List([y.numpy() for y in blocks]),
+                blocks.contiguous().numpy() if one else List([y.numpy() for y in blocks]),
                 lo.contiguous().numpy(),
                 hi.contiguous().numpy(),
                 sink_share.contiguous().numpy(),
