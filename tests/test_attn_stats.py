@@ -91,8 +91,8 @@ def test_model_defined_attention_matches_reference(
 @pytest.mark.parametrize("softcap", [None, 2.5], ids=["plain", "softcap"])
 @pytest.mark.parametrize("B, H, Hkv, L, D, window, padded, block_q", [SHAPES[2], SHAPES[4], SHAPES[5]])
 def test_separate_products_match_reference(monkeypatch, B, H, Hkv, L, D, window, padded, block_q, softcap, with_lse):
-    """Long rows take one score product per (batch row, key head), which the Numba pass reads where it lies (or
-    stacked, when torch still makes the scores log p); forced here for rows of every length."""
+    """Long rows take one score product per (batch row, key head), copied into the block's buffer (the Numba
+    pass reads it as [B Hkv, G R_blk, Lk]); forced here for rows of every length."""
     from attnscope.kernels import torch_path
 
     monkeypatch.setattr(torch_path, "_SEPARATE_PRODUCTS_KEYS", 1)

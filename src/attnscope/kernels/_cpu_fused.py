@@ -1,14 +1,14 @@
 """The post-matmul work of one query block on the CPU in a single Numba pass, parallel over heads.
 
 Before it, torch forms log p over the block (``torch_path._attn_stats_fused``): with the forward's lse,
-log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmuls: for rows of 512 keys or more one
-per (batch row, key head) (``_cpu_gemm.linear``), which the pass reads where they lie (a typed list of arrays: no copy
-into one buffer, 57 ms a layer at 8,192 tokens; the list's first use in a process compiles for ~0.4 s), for shorter
-ones one batched matmul (one array: a batch of short prompts makes hundreds of tiny products); without it, torch
-finds lse (``torch.logsumexp`` over the masked scores) and subtracts it. The Numba pass then takes each row i over its
-allowed keys j in [lo, hi), forms p = exp(log p) in a vectorised float32 exp of its own (Numba has no vector exp), and
-reduces the row to every statistic of the contract, in loops that LLVM vectorises (each over one contiguous run of
-keys, with no store that could alias a load it has to check at run time):
+log p = [scaling q_i, -lse_i] . [k_j, 1] comes straight out of the block's matmuls (for rows of 512 keys or more one
+per (batch row, key head) through ``_cpu_gemm.linear``, copied into one reused buffer: reading the separate products
+where they lay, as a typed list, was slower in a fresh process and raised the peak; for shorter ones one batched
+matmul into it, since a batch of short prompts makes hundreds of tiny products); without it, torch finds lse
+(``torch.logsumexp`` over the masked scores) and subtracts it. The Numba pass then takes each row i over its allowed
+keys j in [lo, hi), forms p = exp(log p) in a vectorised float32 exp of its own (Numba has no vector exp), and reduces
+the row to every statistic of the contract, in loops that LLVM vectorises (each over one contiguous run of keys, with
+no store that could alias a load it has to check at run time):
 
 - per distance bucket (a handful per row): sum p, sum p log p, sum p^2 and the row max (an int32 max over the bits:
   p >= 0 orders like its bits) -> entropy, row max, moments, distance buckets;
@@ -211,9 +211,8 @@ def _flush_cell_py(acc, rsum, thb, cel, rc, lo, hi):  # pragma: no cover - jitte
 
 
 def _fused_block_py(
-    blocks,  # B Hkv arrays [G R_blk, Lk] float32 log p = s - lse of the block's rows per (batch row, key head), the G
-    # query heads of that key head one after the other (garbage outside the allowed keys): a typed list of separate
-    # arrays or one [B Hkv, G R_blk, Lk] array
+    blocks,  # [B Hkv, G R_blk, Lk] float32 log p = s - lse of the block's rows per (batch row, key head), the G query
+    # heads of that key head one after the other (garbage outside the allowed keys)
     lo,  # [B, R_blk] int64 first allowed key (absolute)
     hi,  # [B, R_blk] int64 one past the last allowed key (absolute; hi <= lo: no key)
     sink_share,  # [B, H, R_blk] float32 exp(sink - lse) of each row (0: no learned sink)
@@ -471,8 +470,7 @@ def _kernel():
 
 def fused_block(
     state: FusedState,
-    blocks: list[torch.Tensor] | torch.Tensor,  # B Hkv [G R_blk, Lk] float32 log p (s - lse), batch row major:
-    # separate contiguous tensors, or one [B Hkv, G R_blk, Lk]
+    blocks: torch.Tensor,  # [B Hkv, G R_blk, Lk] float32 log p (s - lse), batch row major
     lo: torch.Tensor,  # [B, R_blk] int64
     hi: torch.Tensor,  # [B, R_blk] int64
     sink_share: torch.Tensor | None,  # [B, H, R_blk] float32 exp(sink - lse) of each row, or None (no sinks)
@@ -489,19 +487,13 @@ def fused_block(
 ) -> None:
     """Reduce one block of log p into ``state`` (see the module docstring)."""
     import numba
-    from numba.typed import List
 
     B, RB = lo.shape
     H = state.vec.shape[2]
     G = H * B // max(len(blocks), 1)  # query heads per key head
     Lk = blocks[0].shape[1] if len(blocks) else 0
-    one = isinstance(blocks, torch.Tensor)
-    if len(blocks) * G != H * B or (
-        blocks.shape[1:] != (G * RB, Lk)
-        if one
-        else any(y.shape != (G * RB, Lk) or not y.is_contiguous() for y in blocks)
-    ):
-        raise ValueError(f"expected B Hkv contiguous [G R_blk, Lk] blocks, got {[tuple(y.shape) for y in blocks]}")
+    if blocks.ndim != 3 or len(blocks) * G != H * B or blocks.shape[1] != G * RB:
+        raise ValueError(f"expected [B Hkv, G R_blk, Lk] scores for {B} x {H} heads, got {tuple(blocks.shape)}")
     pairs = B * RB * Lk  # at most this many pairs of one head in this block
     if state.pending + pairs >= 2**31:
         state.fold()
@@ -514,7 +506,7 @@ def fused_block(
     try:
         with numba_threads():
             fn(
-                blocks.contiguous().numpy() if one else List([y.numpy() for y in blocks]),
+                blocks.contiguous().numpy(),
                 lo.contiguous().numpy(),
                 hi.contiguous().numpy(),
                 sink_share.contiguous().numpy(),

@@ -69,7 +69,7 @@ from .stats import (
 
 __all__ = ["attn_stats_torch"]
 
-_SEPARATE_PRODUCTS_KEYS = 512  # from this many keys a block row's products are made one per (batch row, key head)
+_SEPARATE_PRODUCTS_KEYS = 512  # from this many keys a block's products are made one per (batch row, key head)
 _NEG = -1.0e30  # finite "minus infinity": p = exp(_NEG - lse) == 0 and p * log p == 0, never NaN
 _POW2 = torch.tensor([2**k for k in range(N_DIST_BUCKETS + 1)], dtype=torch.long)  # [33]
 _LN10 = math.log(10.0)
@@ -326,6 +326,7 @@ def _attn_stats_fused(
     kspan = L if W is None else min(L, block_q + W - 1)  # widest key range of a block
     if min(block_q, L) * kspan >= 2**31:  # the Numba pass counts pairs of one head in int32 between folds
         raise ValueError(f"block_q * keys per block must stay under 2^31, got {min(block_q, L)} x {kspan}")
+    buf = torch.empty(B * H * min(block_q, L) * kspan, dtype=torch.float32)  # log p of one block (reused)
     for i0 in range(0, L, block_q):
         i1 = min(L, i0 + block_q)
         kstart = 0 if W is None else max(0, i0 - W + 1)
@@ -335,17 +336,18 @@ def _attn_stats_fused(
         lo = ranges.lo(rows)  # [B, R_blk]
         hi = torch.where(row_ok, rows[None, :] + 1, lo)  # [B, R_blk] exclusive; hi == lo: no key
 
-        # -- scores s = (scaling q) . k (or log p = s - lse) --
+        # -- scores s = (scaling q) . k (or log p = s - lse) into the reused buffer --
         # the G query heads of a key head stacked as the rows of one product (a broadcast over G would make torch
-        # expand the keys G times: ~1/3 slower at 8k); long rows: one oneDNN product per (batch row, key head), which
-        # the Numba pass reads where it lies; short ones (a batch of short prompts): one batched matmul, one call
+        # expand the keys G times: ~1/3 slower at 8k); long rows: one oneDNN product per (batch row, key head), copied
+        # in; short ones (a batch of short prompts makes hundreds of tiny products): one batched matmul
         qb = qs[:, :, i0:i1].reshape(B, Hkv, group * Rb, De)  # [B, Hkv, G R_blk, De]
+        blocks = buf[: B * H * Rb * Lk].view(B * Hkv, group * Rb, Lk)
         if Lk >= _SEPARATE_PRODUCTS_KEYS:
-            blocks = [linear(qb[b, g], kf[b, g, kstart:i1]) for b in range(B) for g in range(Hkv)]  # [G R_blk, Lk]
-            blocks = blocks if fold_lse else torch.stack(blocks)
+            for j in range(B * Hkv):
+                blocks[j].copy_(linear(qb[j // Hkv, j % Hkv], kf[j // Hkv, j % Hkv, kstart:i1]))  # [G R_blk, Lk]
         else:
-            blocks = torch.matmul(qb, kf[:, :, kstart:i1].transpose(-1, -2)).view(B * Hkv, group * Rb, Lk)
-        if not fold_lse:  # the scores become log p in torch, in place, as one [B, H, R_blk, Lk]
+            torch.matmul(qb, kf[:, :, kstart:i1].transpose(-1, -2), out=blocks.view(B, Hkv, group * Rb, Lk))
+        if not fold_lse:  # the scores become log p in torch, in place
             d = blocks.view(B, H, Rb, Lk)
             mod.cap(d)
             if lse is not None:
