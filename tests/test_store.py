@@ -285,3 +285,35 @@ def test_report_and_laminar_views_of_a_run_without_vectors(setup, rng, tmp_path)
     assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
     html = (tmp_path / "r.html").read_text()
     assert "Laminar" in html and "Heads" in html
+
+
+def test_save_arrays_writes_safetensors_own_bytes(tmp_path):
+    """The accumulators and vectors are written straight from the arrays (no in-memory copy of the file): the bytes
+    must be what safetensors itself writes, and the returned digest their sha256."""
+    import hashlib
+
+    from safetensors.numpy import load_file, save
+
+    from attnscope.profiler.store.layout import save_arrays
+
+    rng = np.random.default_rng(3)
+    arrays = {
+        "attn.hist": rng.integers(0, 1 << 40, (3, 2, 7)),
+        "b": rng.standard_normal((3, 5)),
+        "a": rng.integers(0, 9, 7).astype(np.int32),
+        "empty": np.zeros((0, 4), np.float32),
+        "mask": rng.random((2, 3)) > 0.5,
+        "half": rng.standard_normal(5).astype(np.float16),
+        "bytes": np.arange(5, dtype=np.uint8),
+        "strided": rng.standard_normal((4, 3)).T,
+        "scalar": np.array(3.5),
+        "small": np.arange(3, dtype=np.int16),
+    }
+    digest = save_arrays(arrays, tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert data == save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    assert digest == hashlib.sha256(data).hexdigest()
+    back = load_file(tmp_path / "x.safetensors")
+    for k, v in arrays.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k].reshape(v.shape), v), k
+    assert not list(tmp_path.glob("*.tmp"))

@@ -134,12 +134,55 @@ def write_parquet(table, path: Path) -> None:
         raise
 
 
-def save_arrays(arrays: dict[str, np.ndarray], path: Path) -> str:
-    from safetensors.numpy import save
+# numpy dtype -> safetensors dtype, in safetensors' own order of dtypes (its writer lays tensors out by that order,
+# last first, then by name: every offset is aligned to its item size)
+_SAFETENSORS_DTYPES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16", "int32": "I32",
+    "uint32": "U32", "float32": "F32", "float64": "F64", "int64": "I64", "uint64": "U64",
+}  # fmt: skip
+_DTYPE_RANK = {name: i for i, name in enumerate(_SAFETENSORS_DTYPES)}
 
-    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-    write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+
+def save_arrays(arrays: dict[str, np.ndarray], path: Path) -> str:
+    """Write ``arrays`` as one safetensors file (atomically, fsynced); returns its sha256.
+
+    Written straight from the arrays, header then each array's bytes, hashed as they go: building the file in memory
+    first (``safetensors.numpy.save`` and its ``bytes`` copy) touched ~100 MB of fresh pages per shard commit of the
+    50 MB accumulators, 0.2-0.8 s each on a 2-core machine. The bytes are those ``safetensors.numpy.save`` writes.
+    """
+    import struct
+
+    order = sorted(arrays, key=lambda k: (-_DTYPE_RANK[np.dtype(arrays[k].dtype).name], k))
+    data = {k: np.ascontiguousarray(arrays[k]).astype(np.dtype(arrays[k].dtype).newbyteorder("<"), copy=False)
+            for k in order}  # fmt: skip
+    header, offset = {}, 0
+    for k, v in data.items():
+        header[k] = {
+            "dtype": _SAFETENSORS_DTYPES[v.dtype.name],
+            "shape": list(v.shape),
+            "data_offsets": [offset, offset + v.nbytes],
+        }
+        offset += v.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    sha = hashlib.sha256()
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in (
+                struct.pack("<Q", len(head)),
+                head,
+                *(memoryview(v.reshape(-1)).cast("B") for v in data.values()),
+            ):
+                f.write(chunk)
+                sha.update(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return sha.hexdigest()
 
 
 def is_run(path: str | os.PathLike) -> bool:
