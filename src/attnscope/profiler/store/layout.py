@@ -109,16 +109,25 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+    write_chunks(path, [data])
+
+
+def write_chunks(path: Path, chunks) -> str:
+    """Write the bytes-like ``chunks`` one after another as ``path`` (atomically, fsynced); returns their sha256."""
+    sha = hashlib.sha256()
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
+                sha.update(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk leaves no half-written file behind
         tmp.unlink(missing_ok=True)
         raise
+    return sha.hexdigest()
 
 
 def write_parquet(table, path: Path) -> None:
@@ -165,24 +174,8 @@ def save_arrays(arrays: dict[str, np.ndarray], path: Path) -> str:
         offset += v.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    sha = hashlib.sha256()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in (
-                struct.pack("<Q", len(head)),
-                head,
-                *(memoryview(v.reshape(-1)).cast("B") for v in data.values()),
-            ):
-                f.write(chunk)
-                sha.update(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk leaves no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    return sha.hexdigest()
+    body = (memoryview(v.reshape(-1)).cast("B") for v in data.values())
+    return write_chunks(path, (struct.pack("<Q", len(head)), head, *body))
 
 
 def is_run(path: str | os.PathLike) -> bool:
