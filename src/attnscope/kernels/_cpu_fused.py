@@ -164,10 +164,9 @@ class FusedState:
         self.hist = np.zeros((H, 2, bins), np.int64)  # linear, log10, summed over the batch rows
         # the loop counts the 2 bins - 1 cells of both binnings (``union_cells``) into int32 (half the cache
         # footprint of int64), two copies by key parity: neighbouring keys often share a cell and alternating copies
-        # breaks the store-to-load chain on one counter; they are folded into ``hist`` before they can overflow
-        self.hist32 = np.zeros(
-            (H, 2, 2 * bins), np.int32
-        )  # per head, not per (b, h): short prompts come in big batches
+        # breaks the store-to-load chain on one counter; they are folded into ``hist`` before they can overflow.
+        # Per head, not per (b, h): short prompts come in big batches
+        self.hist32 = np.zeros((H, 2, 2 * bins), np.int32)
         lin, log = union_cells(bins, log_min)  # [2 bins - 1] each, nondecreasing, every bin present
         self._lin_starts = np.searchsorted(lin, np.arange(bins))  # the first cell of each linear bin
         self._log_starts = np.searchsorted(log, np.arange(bins))
@@ -490,10 +489,9 @@ def fused_block(
 
     B, RB = lo.shape
     H = state.vec.shape[2]
-    G = H * B // max(len(blocks), 1)  # query heads per key head
-    Lk = blocks[0].shape[1] if len(blocks) else 0
-    if blocks.ndim != 3 or len(blocks) * G != H * B or blocks.shape[1] != G * RB:
+    if blocks.ndim != 3 or len(blocks) == 0 or H * B % len(blocks) or blocks.shape[1] != H * B // len(blocks) * RB:
         raise ValueError(f"expected [B Hkv, G R_blk, Lk] scores for {B} x {H} heads, got {tuple(blocks.shape)}")
+    Lk = blocks.shape[2]
     pairs = B * RB * Lk  # at most this many pairs of one head in this block
     if state.pending + pairs >= 2**31:
         state.fold()

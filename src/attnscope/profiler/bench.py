@@ -70,9 +70,8 @@ def machine_info(device: str = "cpu") -> dict:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
-                    flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "amx")))
-                if flags and cpu:
-                    break
+                    flags = sorted(x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "fma", "amx")))
+                    break  # after the model name
     except OSError:
         pass
     info = {
