@@ -317,6 +317,20 @@ class Engine:
                         r.full[(b, layer, head)] = p[b, 0, :L, :L].float().cpu().numpy()
 
         sel = mask.bool().to(self.device)
+        layer_rows: dict = {}  # (name, shape, dtype) -> [Ly, *shape] array of every layer's result
+
+        def stacked(layer: int, st: dict) -> dict:
+            # each layer's small results copied into arrays allocated once per batch and freed at once: kept as
+            # they come, they would pin the heap between the layers' big freed blocks, and it would grow
+            out = {}
+            for name, t in st.items():
+                a = t.cpu().numpy()
+                k = (name, a.shape, a.dtype)
+                if k not in layer_rows:
+                    layer_rows[k] = np.empty((Ly, *a.shape), a.dtype)
+                out[name] = layer_rows[k][layer]
+                out[name][...] = a
+            return out
 
         def on_mlp(layer, x, y):
             x, y = as_tokens(x, sel), as_tokens(y, sel)
@@ -328,7 +342,7 @@ class Engine:
             st = down_proj_stats(xs, y.detach()[sel], cfg.top_k, cfg.impl, contexts=cfg.neuron_contexts)
             if cfg.neuron_contexts and "ctx_value" not in st:  # this batch's candidates for the top-k per neuron
                 st["ctx_value"], st["ctx_index"] = top_contexts(xs, cfg.neuron_contexts)  # [k, d_ff]
-            r.mlp[layer] = {name: t.cpu().numpy() for name, t in st.items()}
+            r.mlp[layer] = stacked(layer, st)
 
         expert_tokens: dict[int, dict] = {}  # MoE layer -> its tokens' neuron statistics, until its on_mlp
 

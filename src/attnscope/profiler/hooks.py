@@ -45,6 +45,7 @@ import contextlib
 import contextvars
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -111,7 +112,9 @@ class _Session:
     on_attention: Callable[[AttentionCall], None]
     info: CaptureInfo
     masks: dict = field(default_factory=dict)  # id(mask) -> (mask, window, chunk); None: ambiguous
-    calls: dict = field(default_factory=dict)  # layer -> (query, key) of its last call in this forward
+    # layer -> weak references to (query, key) of its last call in this forward: holding the tensors themselves
+    # would keep every layer's q and k alive until the forward ends (~25 MB a layer of SmolLM2 at 8k tokens)
+    calls: dict = field(default_factory=dict)
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("attnscope_capture", default=None)
@@ -292,9 +295,9 @@ def _attnscope_attention(module, query, key, value, attention_mask, **kwargs):
         lse,
     )
     last = session.calls.get(call.layer)
-    if last is not None and last[0] is query and last[1] is key:
+    if last is not None and last[0]() is query and last[1]() is key:
         return out  # the same scores again (DiffLlama's second call, on the other half of V): counted once
-    session.calls[call.layer] = (query, key)
+    session.calls[call.layer] = (weakref.ref(query), weakref.ref(key))
     session.on_attention(call)
     return out
 

@@ -20,6 +20,7 @@ from .data import TOKEN_AXIS, Profile, combine_accum
 from .engine import Engine, call_stats, moe_block_stats
 from .experts import expert_token_stats
 from .hooks import as_tokens, capture
+from .hostmem import keep_freed_memory
 from .store import Shard
 
 __all__ = [
@@ -170,25 +171,26 @@ def run_corpus(
     pool = ThreadPoolExecutor(
         1
     )  # tokenises the next shard while the model runs this one (fast tokenizers release the GIL)
-    try:
-        nxt = next(windows, None)
-        pending = pool.submit(prepare, *nxt) if nxt else None
-        while pending is not None:
-            skipped, todo, token_lists, token_text = pending.result()
+    with keep_freed_memory():  # the batches reuse what the last one freed
+        try:
             nxt = next(windows, None)
             pending = pool.submit(prepare, *nxt) if nxt else None
-            if skipped and not bar.disable:  # done, but not now: the rate and ETA count only new prompts
-                bar.n += skipped
-                bar.initial += skipped
-                bar.last_print_n = bar.n
-                bar.refresh()
-            if todo:
-                sink(eng.run_shard(todo, token_lists, bar, token_text))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        model.train(was_training)
-        set_cpu_threads(threads_before)
+            while pending is not None:
+                skipped, todo, token_lists, token_text = pending.result()
+                nxt = next(windows, None)
+                pending = pool.submit(prepare, *nxt) if nxt else None
+                if skipped and not bar.disable:  # done, but not now: the rate and ETA count only new prompts
+                    bar.n += skipped
+                    bar.initial += skipped
+                    bar.last_print_n = bar.n
+                    bar.refresh()
+                if todo:
+                    sink(eng.run_shard(todo, token_lists, bar, token_text))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+            model.train(was_training)
+            set_cpu_threads(threads_before)
     return eng.meta()
 
 
