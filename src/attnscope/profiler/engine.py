@@ -273,13 +273,13 @@ class Engine:
         spans = spans if spans is not None and any(s is not None for s in spans) else None
         dev_ids = ids.to(self.device)
         # thumbnail cell t of a prompt of L tokens starts at position ceil(t L / r): its relative cell is that * R // L
-        cells = []
-        for b in range(B):
-            L = int(lengths[b])
+        cells = []  # per distinct length: (its prompts, rp, relative cells of rows, of columns)
+        for L in np.unique(lengths).tolist():
             rp = min(R, L)
             rel = np.array([-(-t * L // rp) for t in range(rp)]) * R // L
-            cells.append((rp, rel[:, None], rel[None, :]))
-            r.sums[THUMB_REL_COUNT.key][rel[:, None], rel[None, :]] += 1
+            rows = np.flatnonzero(lengths == L)
+            cells.append((rows, rp, rel[:, None], rel[None, :]))
+            r.sums[THUMB_REL_COUNT.key][rel[:, None], rel[None, :]] += len(rows)
 
         def on_attention(call: AttentionCall):
             layer, q, k = call.layer, call.query, call.key
@@ -294,10 +294,11 @@ class Engine:
                 release_freed_memory()
             th = st[THUMB.name].cpu().numpy()  # [B, H, r, r], r = min(R, L): prompt b fills [:rp, :rp]
             rel_sum = r.sums[THUMB_REL.key][layer]  # [H, R, R]
-            for b, (rp, ra, rc) in enumerate(cells):  # one small numpy op per prompt and layer
-                rel_sum[:, ra, rc] += th[b, :, :rp, :rp]
+            for rows, rp, ra, rc in cells:  # one small numpy op per distinct length and layer
+                rel_sum[:, ra, rc] += th[rows, :, :rp, :rp].sum(0, dtype=np.float64)
                 if cfg.keep_vectors:
-                    r.thumbs[b][layer] = th[b, :, :rp, :rp]
+                    for b in rows.tolist():
+                        r.thumbs[b][layer] = th[b, :, :rp, :rp]
             for lyr, head in cfg.keep_full:
                 if lyr == layer:
                     kv = head // (H // k.shape[1])
@@ -513,10 +514,10 @@ class _ShardBuffers:
                 np.stack([np.full(x.shape[:2], float(x.shape[-1])), x64.sum(-1), (x64 * x64).sum(-1)], -1),
             )
         if self.vectors is not None:
+            where = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in sel.tolist()])
+            for s in VECTORS:  # the batch's real positions in row-major order are the prompts' shard positions
+                self.vectors[s.key][:, :, where] = r.vec[s.slot].transpose(0, 2, 1, 3)[:, :, valid]
             for b, i in enumerate(sel.tolist()):
-                lo, hi = self.offsets[i], self.offsets[i + 1]
-                for s in VECTORS:
-                    self.vectors[s.key][:, :, lo:hi] = r.vec[s.slot][:, b, :, : hi - lo]
                 self.thumbs[i] = r.thumbs[b]
         for (b, layer, head), m in r.full.items():
             self.full[(int(sel[b]), layer, head)] = m
@@ -542,21 +543,25 @@ class _ShardBuffers:
             )
         for layer, st in sorted(r.experts.items()):
             fold_expert_neurons(acc, self.dims, layer, st, where)
-        for layer in sorted(r.mlp):
-            st = r.mlp[layer]
-            for key in MLP_TOKEN_ARRAYS:
-                out[key][layer, where] = st[key.removeprefix("mlp.")]
-            if "neuron_max" not in st:  # a mixture-of-experts block: no neuron statistics
-                continue
-            mx = st["neuron_max"].astype(np.float32)
-            dims = self.dims | {"F": mx.shape[0], "k": self.cfg.neuron_contexts}
-            acc.allocate(dims, NEURON_MAX, NEURON_SUM, NEURON_SUMSQ)
-            acc.fold(NEURON_MAX, mx, where[st["neuron_argmax"]], at=layer)  # ties: the earlier token
-            acc.fold(NEURON_SUM, st["neuron_sum"], at=layer)
-            if "ctx_value" in st:  # FFN memories: fold this batch's top-k tokens per neuron (shard positions)
-                acc.allocate(dims, CTX_VALUE)
-                acc.fold(CTX_VALUE, st["ctx_value"], where[st["ctx_index"]], at=layer)
-            acc.fold(NEURON_SUMSQ, st["neuron_sumsq"], at=layer)
+        if not r.mlp:
+            return
+        # every layer at once: [layers, ...] stacks of the per-layer results, folded at those layers
+        layers = sorted(r.mlp)
+        for key in MLP_TOKEN_ARRAYS:
+            out[key][np.ix_(layers, where)] = np.stack([r.mlp[i][key.removeprefix("mlp.")] for i in layers])
+        dense = [i for i in layers if "neuron_max" in r.mlp[i]]  # a mixture-of-experts block has no neuron statistics
+        if not dense:
+            return
+        st = {name: np.stack([r.mlp[i][name] for i in dense]) for name in r.mlp[dense[0]]}
+        at = np.array(dense)
+        dims = self.dims | {"F": st["neuron_max"].shape[-1], "k": self.cfg.neuron_contexts}
+        acc.allocate(dims, NEURON_MAX, NEURON_SUM, NEURON_SUMSQ)
+        acc.fold(NEURON_MAX, st["neuron_max"].astype(np.float32), where[st["neuron_argmax"]], at=at)  # ties: earlier
+        acc.fold(NEURON_SUM, st["neuron_sum"], at=at)
+        if "ctx_value" in st:  # FFN memories: fold this batch's top-k tokens per neuron (shard positions)
+            acc.allocate(dims, CTX_VALUE)
+            acc.fold(CTX_VALUE, st["ctx_value"], where[st["ctx_index"]], at=at)
+        acc.fold(NEURON_SUMSQ, st["neuron_sumsq"], at=at)
 
 
 # What one more forward pass costs, in padded tokens: on the CPU mostly reading the weights once more (~0.2 s a

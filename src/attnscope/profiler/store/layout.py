@@ -19,6 +19,7 @@ from attnscope.kernels.stats import ACCUMULATORS, ROW_SUMS
 
 from ..columns import TOKEN_IDS
 from ..data import ProfileError
+from .direct import known_sha256, remember, write_file
 
 # the accumulators of shape [Ly, H, ...]
 _PER_HEAD = tuple(a.key for a in ACCUMULATORS if a.shape[:2] == ("Ly", "H"))
@@ -114,34 +115,25 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_chunks(path: Path, chunks: Iterable[bytes | memoryview]) -> str:
-    """Write the bytes-like ``chunks`` one after another as ``path`` (atomically, fsynced); returns their sha256."""
-    sha = hashlib.sha256()
+    """Write the bytes-like ``chunks`` one after another as ``path`` (atomically, fsynced, past the page cache where
+    the file system allows: ``direct.write_file``); returns their sha256."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                sha.update(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        sha = write_file(tmp, chunks)
         os.replace(tmp, path)
     except BaseException:  # a full disk leaves no half-written file behind
         tmp.unlink(missing_ok=True)
         raise
-    return sha.hexdigest()
+    remember(path, sha)
+    return sha
 
 
-def write_parquet(table, path: Path) -> None:
-    _, pq = pyarrow_modules()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_parquet(table, path: Path) -> str:
+    """Write a pyarrow table as a zstd Parquet file at ``path`` (atomically, fsynced); returns its sha256."""
+    pa, pq = pyarrow_modules()
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return write_chunks(path, [sink.getvalue()])
 
 
 # numpy dtype -> safetensors dtype, in safetensors' own order of dtypes (its writer lays tensors out by that order,
@@ -347,7 +339,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def file_checksum(path: Path) -> dict:
-    return {"size": os.path.getsize(path), "sha256": _sha256_file(path)}
+    """Size and sha256 of ``path`` (remembered from writing it, where this process did: not read back)."""
+    return {"size": os.path.getsize(path), "sha256": known_sha256(path) or _sha256_file(path)}
 
 
 def _expected(root: Path, doc: dict, rel: str) -> dict:
