@@ -30,6 +30,7 @@ launches set the OpenMP thread count, so torch's is put back after each call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 
@@ -82,6 +83,7 @@ _A_LOCAL_BUCKETS = A_LOCAL.bit_length() - 1  # distance buckets 0 .. this - 1: k
 assert A_LOCAL == 1 << _A_LOCAL_BUCKETS, "the A-shape window is summed from whole distance buckets"
 _compiled = None
 _close_cells = None
+_fold_counts = None
 _flush_cell = None  # the jitted _flush_cell_py once compiled (the kernels call it by this name)
 
 
@@ -167,9 +169,7 @@ class FusedState:
         # breaks the store-to-load chain on one counter; they are folded into ``hist`` before they can overflow.
         # Per head, not per (b, h): short prompts come in big batches
         self.hist32 = np.zeros((H, 2, 2 * bins), np.int32)
-        lin, log = union_cells(bins, log_min)  # [2 bins - 1] each, nondecreasing, every bin present
-        self._lin_starts = np.searchsorted(lin, np.arange(bins))  # the first cell of each linear bin
-        self._log_starts = np.searchsorted(log, np.arange(bins))
+        self._cells = _cell_bins(bins, log_min)  # [2, 2 bins - 1]: the linear and the log10 bin of each cell
         self.pending = 0  # pairs counted into hist32 of one head since the last fold
 
         self.mom = np.zeros((B, H, 3), np.float64)  # n, sum p, sum p^2
@@ -191,12 +191,29 @@ class FusedState:
         self.fold()
 
     def fold(self) -> None:
-        """Move the int32 counts into the int64 histograms."""
-        h = self.hist32.sum(1, dtype=np.int64)[:, : 2 * self.hist.shape[2] - 1]  # [H, cells]
-        self.hist[:, 0] += np.add.reduceat(h, self._lin_starts, axis=1)  # a bin's cells are contiguous
-        self.hist[:, 1] += np.add.reduceat(h, self._log_starts, axis=1)
-        self.hist32[:] = 0
+        """Move the int32 counts into the int64 histograms (one pass, and they are zero again)."""
+        _kernel()
+        _fold_counts(self.hist32, self.hist, self._cells)
         self.pending = 0
+
+
+@functools.lru_cache(maxsize=8)
+def _cell_bins(bins: int, log_min: float) -> np.ndarray:
+    cells = np.stack(union_cells(bins, log_min)).astype(np.int64)
+    cells.flags.writeable = False  # shared by every state of these bins
+    return cells
+
+
+def _fold_counts_py(hist32, hist, cells):  # pragma: no cover - jitted
+    """hist [H, 2, bins] += the counts of hist32 [H, 2 copies, 2 bins] by cell (``cells``: each one's two bins);
+    hist32 is zeroed."""
+    H = hist32.shape[0]
+    for h in range(H):
+        for c in range(cells.shape[1]):
+            n = np.int64(hist32[h, 0, c]) + np.int64(hist32[h, 1, c])
+            hist[h, 0, cells[0, c]] += n
+            hist[h, 1, cells[1, c]] += n
+        hist32[h] = 0
 
 
 def _flush_cell_py(acc, rsum, thb, cel, rc, lo, hi):  # pragma: no cover - jitted
@@ -453,7 +470,7 @@ def _close_cells_py(vec, thumb, cell, cell_recv, open_cell):  # pragma: no cover
 
 
 def _kernel():
-    global _compiled, _close_cells, _flush_cell, prange
+    global _compiled, _close_cells, _flush_cell, _fold_counts, prange
     if _compiled is None:
         import numba
 
@@ -463,6 +480,7 @@ def _kernel():
         fastmath = {"reassoc", "nsz", "arcp"}
         _flush_cell = numba.njit(**jit)(_flush_cell_py)
         _close_cells = numba.njit(parallel=True, **jit)(_close_cells_py)
+        _fold_counts = numba.njit(**jit)(_fold_counts_py)
         _compiled = numba.njit(parallel=True, fastmath=fastmath, **jit)(_fused_block_py)
     return _compiled
 
